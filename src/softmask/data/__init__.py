@@ -1,0 +1,1 @@
+"""Data: tokenisation (and, with the pretraining engine, annotations, shards and transforms)."""

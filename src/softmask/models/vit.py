@@ -1,0 +1,142 @@
+"""Vision Transformer image encoder (pre-norm ViT, as in DeiT/timm) and position-embedding resizing.
+
+Parameter names follow timm's ViT (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
+``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``), so timm/DeiT and ALBEF
+checkpoints map onto it by prefix alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softmask.config import VisionConfig
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int | tuple[int, int],
+                     num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resample ViT position embeddings to a new patch grid (bicubic), e.g. 224 -> 256 -> 384 px.
+
+    Args:
+        pos_embed: (1, P + H*W, D): ``P`` prefix tokens ([CLS], ...) then a square H x W grid.
+        new_grid: the target grid, ``n`` for n x n or ``(h, w)``.
+        num_prefix_tokens: how many leading tokens are not on the grid; they are kept unchanged.
+
+    Returns:
+        (1, P + h*w, D). The input tensor itself when the grid is already the requested size.
+    """
+    new_h, new_w = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"pos_embed must have shape (1, tokens, dim), got {tuple(pos_embed.shape)}")
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = math.isqrt(grid.shape[1])
+    if old * old != grid.shape[1]:
+        raise ValueError(
+            f"pos_embed has {grid.shape[1]} grid tokens after {num_prefix_tokens} prefix token(s), "
+            "which is not a square grid"
+        )
+    if (old, old) == (new_h, new_w):
+        return pos_embed
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_h, new_w), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens: (B, 3, H, W) -> (B, H/p * W/p, D)."""
+
+    def __init__(self, patch_size: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixels).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection: (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg.width, cfg.num_heads)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg.width, cfg.mlp_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT: (B, 3, S, S) pixels -> (B, 1 + N, D) tokens after the final LayerNorm, N = (S / p)^2."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.grid = cfg.image_size // cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid * self.grid, cfg.width))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.reset_parameters()
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        size = self.cfg.image_size
+        if pixels.dim() != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"image encoder expects pixels of shape (B, 3, {size}, {size}) "
+                f"(model.vision.image_size), got {tuple(pixels.shape)}"
+            )
+        x = self.patch_embed(pixels)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
