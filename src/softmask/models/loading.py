@@ -67,10 +67,7 @@ ALIASES: dict[str, Callable[[], Path]] = {"minilm": _minilm_dir, "all-minilm-l6-
 def resolve_checkpoint(value: str | Path, key: str = "checkpoint") -> Path:
     """A config's checkpoint value (a path or an alias such as ``minilm``) -> an existing path."""
     text = str(value).strip()
-    if text.lower() in ALIASES:
-        path = ALIASES[text.lower()]()
-    else:
-        path = Path(text).expanduser()
+    path = ALIASES[text.lower()]() if text.lower() in ALIASES else Path(text).expanduser()
     if not path.exists():
         raise CheckpointError(f"{key}: checkpoint not found: {path}")
     return path
@@ -418,7 +415,7 @@ class LoadReport:
 
 
 def _mismatch(source: Path | str, setting: str, ours: object, what: str, theirs: object) -> CheckpointError:
-    return CheckpointError(f"{setting} is {ours} but the checkpoint {source} has {what} {theirs}")
+    return CheckpointError(f"{setting} is {ours} but the checkpoint {source} has {theirs} ({what})")
 
 
 def _count(sd: dict, pattern: str) -> int:
@@ -516,7 +513,9 @@ def _apply(model, mapped: dict[str, tuple[torch.Tensor, str]], report: LoadRepor
             )
     loadable = {t: v for t, v in mapped.items() if t in own}
     if not loadable:
-        raise CheckpointError(f"{source}: none of its tensors fit the model ({report.slot}, {FORMAT_NAMES[report.fmt]})")
+        raise CheckpointError(
+            f"{source}: none of its tensors fit the model ({report.slot}, {FORMAT_NAMES[report.fmt]})"
+        )
     with torch.no_grad():
         for target, (tensor, _) in loadable.items():
             own[target].copy_(tensor)

@@ -1,0 +1,50 @@
+"""The command line: clear one-line errors, export, the demo smoke run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from softmask import from_pretrained
+from softmask.cli import main
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml")
+
+
+def test_config_error_is_one_line_without_traceback(capsys):
+    assert main(["info", "--config", TINY, "model.vision.widht=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("softmask: error: ") and "model.vision.widht" in err and "Traceback" not in err
+
+
+def test_missing_checkpoint_is_a_clear_error(capsys, tmp_path):
+    assert main(["info", "--config", TINY, f"model.init={tmp_path}/ALBEF.pth"]) == 2
+    assert "model.init: checkpoint not found" in capsys.readouterr().err
+
+
+def test_info_prints_config_and_sizes(capsys):
+    assert main(["-q", "info", "--config", TINY]) == 0
+    out = capsys.readouterr().out
+    assert "fusion_layer: 2" in out and "parameters:" in out and "fusion_encoder" in out
+
+
+def test_export_writes_a_loadable_folder(tmp_path, capsys):
+    assert main(["-q", "export", "--config", TINY, "--out", str(tmp_path / "m"), "model.embed_dim=32"]) == 0
+    model = from_pretrained(tmp_path / "m")
+    assert model.config.embed_dim == 32
+
+
+def test_demo_smoke_run(tmp_path):
+    assert main(["-q", "demo", "--config", TINY, "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["save_load_max_abs_diff"] == 0.0
+    assert all(torch.isfinite(torch.tensor(summary["smoke_losses"])))
+    assert len(summary["itm_match_probability_before_training"]) == 4
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "softmask", "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in out.stdout and "export" in out.stdout

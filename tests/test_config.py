@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+
+from softmask.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+YAML = """
+model:
+  embed_dim: 32
+  vision: {image_size: 64, patch_size: 8, width: 64, depth: 2, num_heads: 2, mlp_dim: 128}
+  text: {hidden_size: 64, num_layers: 4, fusion_layer: 2, num_heads: 2, intermediate_size: 128}
+seed: 3
+"""
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(YAML)
+    return path
+
+
+def test_load_yaml_and_typed_values(cfg_file):
+    cfg = load_config(cfg_file)
+    assert cfg.model.embed_dim == 32 and cfg.seed == 3
+    assert cfg.model.vision.width == 64 and cfg.model.text.fusion_layer == 2
+    assert cfg.model.text.vocab_size == 30522  # default kept
+    assert cfg.model.text.num_fusion_layers == 2
+
+
+def test_overrides_are_parsed_as_yaml(cfg_file):
+    cfg = load_config(cfg_file, ["model.text.fusion_layer=3", "model.vision.layer_norm_eps=1e-5",
+                                 "model.text.init=minilm", "output_dir=/tmp/x", "model.temp=0.1"])
+    assert cfg.model.text.fusion_layer == 3
+    assert cfg.model.vision.layer_norm_eps == pytest.approx(1e-5)
+    assert cfg.model.text.init == "minilm" and cfg.output_dir == "/tmp/x"
+    assert cfg.model.temp == pytest.approx(0.1)
+
+
+def test_defaults_without_file():
+    cfg = load_config(None)
+    assert cfg.model.vision.image_size == 256 and cfg.model.text.num_layers == 12
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.vision.widht=3", "unknown key 'model.vision.widht'.*did you mean 'model.vision.width'"),
+        ("modle.embed_dim=3", "unknown key 'modle'"),
+        ("model.text.num_layers=abc", "model.text.num_layers must be an integer, got 'abc'"),
+        ("model.text.num_layers=true", "model.text.num_layers must be an integer"),
+        ("model.text.fusion_layer=4", r"model.text.fusion_layer must be in \[0, model.text.num_layers\)"),
+        ("model.vision.patch_size=7", "model.vision.image_size .* must be a multiple of model.vision.patch_size"),
+        ("model.text.num_heads=3", "model.text.hidden_size .* must be divisible by model.text.num_heads"),
+        ("model.vision=3", "model.vision is a section"),
+        ("model.embed_dim.x=1", "'model.embed_dim' is a value, not a section"),
+        ("model.text.dropout=1.5", r"model.text.dropout must be in \[0, 1\)"),
+        ("model.embed_dim", "must look like section.key=value"),
+        ("model.temp=2", r"model.temp must be in \[0.001, 0.5\]"),
+    ],
+)
+def test_bad_values_name_the_key(cfg_file, override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(cfg_file, [override])
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  embed_dim: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml \(line \d+, column \d+\): not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listy)
+
+
+def test_error_from_file_names_file(cfg_file):
+    cfg_file.write_text(YAML + "bogus: 1\n")
+    with pytest.raises(ConfigError, match=f"{cfg_file.name}: unknown key 'bogus'"):
+        load_config(cfg_file)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "4m"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(CONFIGS / "pretrain" / f"{name}.yaml")
+    assert cfg.model.text.fusion_layer < cfg.model.text.num_layers

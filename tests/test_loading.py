@@ -1,0 +1,199 @@
+"""Whole-model checkpoints (ALBEF/TCL format, softmask folders) and the loaders' error handling."""
+
+import pytest
+import torch
+
+from softmask import CheckpointError, create_model
+from softmask.models.loading import (
+    compact_keys,
+    detect_format,
+    load_model_checkpoint,
+    load_text_checkpoint,
+    load_vision_checkpoint,
+    read_state_dict,
+)
+
+from conftest import tiny_model_config
+
+
+def albef_state_dict(cfg, momentum=True, seed=0):
+    """Random tensors under the key names of ALBEF's released checkpoints (ALBEF_4M.pth, TCL too):
+    a timm ViT under visual_encoder, a BertForMaskedLM under text_encoder with ``crossattention`` in
+    the layers from fusion_layer on, projections, ITM head, temperature, momentum copies, queues."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    v, t = cfg.vision, cfg.text
+    n = (v.image_size // v.patch_size) ** 2
+    sd = {"visual_encoder.cls_token": r(1, 1, v.width), "visual_encoder.pos_embed": r(1, 1 + n, v.width),
+          "visual_encoder.patch_embed.proj.weight": r(v.width, 3, v.patch_size, v.patch_size),
+          "visual_encoder.patch_embed.proj.bias": r(v.width),
+          "visual_encoder.norm.weight": r(v.width), "visual_encoder.norm.bias": r(v.width)}
+    for i in range(v.depth):
+        p = f"visual_encoder.blocks.{i}."
+        for name, shape in [("norm1", (v.width,)), ("norm2", (v.width,)), ("attn.qkv", (3 * v.width, v.width)),
+                            ("attn.proj", (v.width, v.width)), ("mlp.fc1", (v.mlp_dim, v.width)),
+                            ("mlp.fc2", (v.width, v.mlp_dim))]:
+            sd[p + name + ".weight"] = r(*shape)
+            sd[p + name + ".bias"] = r(shape[0])
+    h = t.hidden_size
+    b = "text_encoder.bert."
+    sd.update({b + "embeddings.word_embeddings.weight": r(t.vocab_size, h),
+               b + "embeddings.position_embeddings.weight": r(t.max_positions, h),
+               b + "embeddings.token_type_embeddings.weight": r(2, h),
+               b + "embeddings.LayerNorm.weight": r(h), b + "embeddings.LayerNorm.bias": r(h),
+               b + "embeddings.position_ids": torch.arange(t.max_positions)[None]})
+    for i in range(t.num_layers):
+        p = f"{b}encoder.layer.{i}."
+        linears = [("attention.self.query", h, h), ("attention.self.key", h, h), ("attention.self.value", h, h),
+                   ("attention.output.dense", h, h), ("intermediate.dense", t.intermediate_size, h),
+                   ("output.dense", h, t.intermediate_size)]
+        norms = ["attention.output.LayerNorm", "output.LayerNorm"]
+        if i >= t.fusion_layer:
+            linears += [("crossattention.self.query", h, h), ("crossattention.self.key", h, v.width),
+                        ("crossattention.self.value", h, v.width), ("crossattention.output.dense", h, h)]
+            norms.append("crossattention.output.LayerNorm")
+        for name, out_dim, in_dim in linears:
+            sd[p + name + ".weight"], sd[p + name + ".bias"] = r(out_dim, in_dim), r(out_dim)
+        for name in norms:
+            sd[p + name + ".weight"], sd[p + name + ".bias"] = r(h), r(h)
+    c = "text_encoder.cls.predictions."
+    bias = r(t.vocab_size)
+    sd.update({c + "bias": bias, c + "decoder.bias": bias,
+               c + "decoder.weight": sd[b + "embeddings.word_embeddings.weight"],
+               c + "transform.dense.weight": r(h, h), c + "transform.dense.bias": r(h),
+               c + "transform.LayerNorm.weight": r(h), c + "transform.LayerNorm.bias": r(h),
+               "vision_proj.weight": r(cfg.embed_dim, v.width), "vision_proj.bias": r(cfg.embed_dim),
+               "text_proj.weight": r(cfg.embed_dim, h), "text_proj.bias": r(cfg.embed_dim),
+               "itm_head.weight": r(2, h), "itm_head.bias": r(2), "temp": torch.tensor(0.05)})
+    if momentum:
+        for key in [k for k in sd if k.split(".")[0] in ("visual_encoder", "text_encoder", "vision_proj", "text_proj")]:
+            head, _, rest = key.partition(".")
+            sd[f"{head}_m.{rest}"] = sd[key].clone()
+        sd.update({"image_queue": r(cfg.embed_dim, 64), "text_queue": r(cfg.embed_dim, 64),
+                   "queue_ptr": torch.zeros(1, dtype=torch.long)})
+    return sd
+
+
+@pytest.fixture
+def albef_file(tmp_path, tiny_cfg):
+    sd = albef_state_dict(tiny_cfg)
+    path = tmp_path / "ALBEF_tiny.pth"
+    torch.save({"model": sd, "epoch": 29, "config": {"batch_size": 64}, "optimizer": {"state": {}}}, path)
+    return path, sd
+
+
+def test_albef_checkpoint_imports(albef_file, tiny_cfg):
+    path, sd = albef_file
+    assert detect_format(sd) == "albef"
+    model = create_model(tiny_cfg)
+    report = load_model_checkpoint(model, path)
+    assert report.missing == [] and report.unexpected == []
+    own = model.state_dict()
+    b = "text_encoder.bert.encoder.layer."
+    qkv = torch.cat([sd[b + f"1.attention.self.{n}.weight"] for n in ("query", "key", "value")])
+    assert torch.equal(own["text_encoder.layers.1.attn.qkv.weight"], qkv)
+    kv = torch.cat([sd[b + f"3.crossattention.self.{n}.bias"] for n in ("key", "value")])
+    assert torch.equal(own["fusion_encoder.layers.1.cross_attn.kv.bias"], kv)
+    q = sd[b + "2.crossattention.self.query.weight"]
+    assert torch.equal(own["fusion_encoder.layers.0.cross_attn.q.weight"], q)
+    assert torch.equal(own["fusion_encoder.layers.0.ffn.fc2.weight"], sd[b + "2.output.dense.weight"])
+    assert torch.equal(own["visual_encoder.blocks.1.attn.qkv.weight"], sd["visual_encoder.blocks.1.attn.qkv.weight"])
+    assert torch.equal(own["mlm_head.bias"], sd["text_encoder.cls.predictions.bias"])
+    assert torch.equal(own["itm_head.weight"], sd["itm_head.weight"])
+    assert float(model.temp.detach()) == pytest.approx(0.05)
+    reasons = set(report.ignored.values())
+    assert any("momentum" in r for r in reasons) and "image_queue" in report.ignored
+    assert "visual_encoder_m.blocks.{0-1}" in report.summary()
+
+
+def test_albef_import_through_config_and_forward(albef_file, tiny_cfg):
+    path, _ = albef_file
+    model = create_model(tiny_model_config(init=str(path))).eval()
+    pixels, ids = torch.randn(2, 3, 32, 32), torch.randint(5, 120, (2, 6))
+    mask = torch.ones_like(ids)
+    assert torch.isfinite(model.itm_logits(model.fuse(model.encode_text(ids, mask), mask,
+                                                       model.encode_image(pixels)))).all()
+
+
+def test_albef_with_other_fusion_layer_is_refused(albef_file):
+    path, _ = albef_file
+    model = create_model(tiny_model_config(text__fusion_layer=1))
+    expected = r"model.text.fusion_layer is 1 but .* has 2 \(cross-attention from layer\)"
+    with pytest.raises(CheckpointError, match=expected):
+        load_model_checkpoint(model, path)
+
+
+def test_albef_at_higher_resolution_interpolates(albef_file):
+    path, sd = albef_file
+    model = create_model(tiny_model_config(vision__image_size=48))
+    report = load_model_checkpoint(model, path)
+    assert model.visual_encoder.pos_embed.shape == (1, 37, 48)
+    assert any("4x4 to a 6x6" in note for note in report.notes)
+
+
+def test_softmask_folder_as_model_init(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "pre")
+    model = create_model(tiny_model_config(init=str(tmp_path / "pre")))
+    for (k, a), b in zip(tiny_model.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize(
+    ("loader", "expected"),
+    [(load_vision_checkpoint, "looks like a Hugging Face BERT checkpoint; expected a ViT/DeiT"),
+     (load_model_checkpoint, "looks like a Hugging Face BERT checkpoint; expected an ALBEF/TCL")],
+)
+def test_wrong_architecture_is_a_clear_error(tmp_path, tiny_model, loader, expected):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(CheckpointError, match=expected):
+        loader(tiny_model, tmp_path / "bert")
+
+
+def test_vit_given_as_text_init(tmp_path, tiny_model):
+    sd = {k[len("visual_encoder."):]: v for k, v in tiny_model.state_dict().items() if k.startswith("visual_encoder.")}
+    torch.save(sd, tmp_path / "vit.pth")
+    with pytest.raises(CheckpointError, match="model.text.init: .* looks like a timm/DeiT ViT state dict"):
+        load_text_checkpoint(tiny_model, tmp_path / "vit.pth")
+
+
+def test_shape_mismatch_names_key_and_both_shapes(tmp_path, tiny_cfg):
+    sd = albef_state_dict(tiny_cfg, momentum=False)
+    sd["itm_head.weight"] = torch.randn(3, tiny_cfg.text.hidden_size)
+    torch.save(sd, tmp_path / "bad.pth")
+    expected = r"shape mismatch for 'itm_head.weight' .*checkpoint \(3, 32\), model \(2, 32\)"
+    with pytest.raises(CheckpointError, match=expected):
+        load_model_checkpoint(create_model(tiny_cfg), tmp_path / "bad.pth")
+
+
+class NotATensor:  # pickled as a class reference: weights_only loading must refuse it
+    pass
+
+
+def test_pickled_code_is_never_executed(tmp_path, tiny_model):
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": NotATensor()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="never executes pickled code"):
+        read_state_dict(tmp_path / "evil.pth")
+
+
+def test_unreadable_and_missing_files(tmp_path, tiny_model):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        read_state_dict(tmp_path / "junk.pth")
+    with pytest.raises(CheckpointError, match="model.init: checkpoint not found"):
+        load_model_checkpoint(tiny_model, tmp_path / "nope.pth")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no weights file"):
+        read_state_dict(tmp_path / "empty")
+
+
+def test_ddp_prefix_and_nesting_are_unwrapped(tmp_path):
+    torch.save({"state_dict": {"module.a.weight": torch.ones(2)}}, tmp_path / "ddp.pth")
+    assert list(read_state_dict(tmp_path / "ddp.pth")) == ["a.weight"]
+
+
+def test_compact_keys():
+    keys = [f"blocks.{i}.attn.{p}" for i in range(3) for p in ("weight", "bias")] + ["norm.weight", "head.5.x.w"]
+    assert compact_keys(keys) == "blocks.{0-2}.attn.{bias,weight}, head.5.x.w, norm.weight"
