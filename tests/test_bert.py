@@ -89,3 +89,19 @@ def test_too_long_text_is_a_clear_error(tiny_model):
     ids = torch.ones(1, 41, dtype=torch.long)
     with pytest.raises(ValueError, match=r"41 tokens, more than model.text.max_positions \(40\)"):
         tiny_model.encode_text(ids, torch.ones_like(ids))
+
+
+def test_pytorch_model_bin_folder(tmp_path):
+    # Older Hugging Face folders hold pytorch_model.bin (a pickled state dict) instead of safetensors.
+    hf, path = _tiny_hf_bert(tmp_path, cls=BertForMaskedLM)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((path / "config.json").read_text())
+    torch.save({"bert." + k: v for k, v in hf.bert.state_dict().items()}
+               | {"cls." + k: v for k, v in hf.cls.state_dict().items()}, legacy / "pytorch_model.bin")
+    model = create_model(tiny_model_config(text__init=str(legacy))).eval()
+    assert torch.equal(model.mlm_head.bias, hf.cls.predictions.bias)
+    ids, mask = text_batch()
+    with torch.no_grad():
+        ref = hf.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[2]
+        assert (model.encode_text(ids, mask) - ref)[mask.bool()].abs().max() <= 1e-4

@@ -128,3 +128,24 @@ def test_vit_size_mismatch_names_both(tmp_path):
 def test_wrong_image_size_is_a_clear_error(tiny_model):
     with pytest.raises(ValueError, match=r"expects pixels of shape \(B, 3, 32, 32\)"):
         tiny_model.encode_image(torch.randn(1, 3, 48, 48))
+
+
+def test_hf_deit_folder_matches(tmp_path):
+    # Hugging Face DeiT keeps a distillation token; its [CLS]-path without that token is our ViT, so
+    # check the loaded weights rather than outputs, and that the distillation slot is dropped.
+    from transformers import DeiTConfig, DeiTModel
+
+    torch.manual_seed(0)
+    hf = DeiTModel(DeiTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                              image_size=32, patch_size=8)).eval()
+    hf.save_pretrained(tmp_path / "deit")
+    model = create_model(tiny_model_config())
+    report = load_vision_checkpoint(model, tmp_path / "deit")
+    assert not report.missing and not report.unexpected
+    pos = hf.embeddings.position_embeddings.detach()
+    assert torch.equal(model.visual_encoder.pos_embed, torch.cat([pos[:, :1], pos[:, 2:]], dim=1))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "deit" / "model.safetensors"))  # the on-disk (legacy) names
+    q = saved["encoder.layer.1.attention.attention.query.weight"]
+    assert torch.equal(model.visual_encoder.blocks[1].attn.qkv.weight[:48], q)
