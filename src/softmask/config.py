@@ -118,15 +118,150 @@ class ModelConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Image augmentation, applied batched on the training device with kornia (ALBEF's recipe)."""
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random resized crop area range
+    hflip: bool = True
+    randaug_ops: int = 2  # RandAugment: operations per image (0 = off)
+    randaug_magnitude: int = 7  # RandAugment magnitude, 0-30 scale
+
+    def validate(self, key: str) -> None:
+        lo_hi = self.crop_scale
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise ConfigError(f"{key}.crop_scale must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
+        if self.randaug_ops < 0 or not 0 <= self.randaug_magnitude <= 30:
+            raise ConfigError(f"{key}.randaug_ops must be >= 0 and {key}.randaug_magnitude in [0, 30]")
+
+
+@dataclass
+class DataConfig:
+    """Training data. ``train``: ALBEF-format JSON annotation files and/or webdataset ``.tar`` shards
+    (brace patterns such as ``shards/cc3m-{000000..000331}.tar`` allowed)."""
+
+    train: list[str] = field(default_factory=list)
+    image_root: str = ""  # folder that relative image paths in the JSON files start from
+    max_words: int = 30  # ALBEF's pre_caption word limit
+    max_tokens: int = 30  # WordPiece tokens, [CLS] and [SEP] included
+    tokenizer: str = ""  # vocab.txt, a folder holding one, or an alias; empty = the bert-base-uncased vocab
+    on_bad_sample: str = "skip"  # skip (count and log) | raise
+    num_workers: int = 2
+    max_image_pixels: int = 100_000_000  # decoded-size cap against decompression bombs
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self, key: str) -> None:
+        if self.on_bad_sample not in ("skip", "raise"):
+            raise ConfigError(f"{key}.on_bad_sample must be 'skip' or 'raise', got '{self.on_bad_sample}'")
+        _positive(self, key, "max_words", "max_tokens", "max_image_pixels")
+        if self.max_tokens < 3:
+            raise ConfigError(f"{key}.max_tokens must be at least 3 ([CLS], a word, [SEP]), got {self.max_tokens}")
+        if self.num_workers < 0:
+            raise ConfigError(f"{key}.num_workers must be >= 0, got {self.num_workers}")
+        self.augment.validate(f"{key}.augment")
+
+
+@dataclass
+class TrainConfig:
+    """The shared training loop. ``batch_size`` is per process; the global batch is
+    ``batch_size * world_size * grad_accum``. ``max_steps`` > 0 overrides ``epochs``."""
+
+    batch_size: int = 64
+    epochs: int = 30
+    max_steps: int = 0
+    lr_start: float = 2e-5
+    lr_peak: float = 2e-4
+    lr_end: float = 2e-5
+    warmup_steps: int = 1000
+    weight_decay: float = 0.02
+    grad_accum: int = 1
+    clip_grad: float = 0.0  # max global gradient norm; 0 = no clipping
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    log_every: int = 50
+    save_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
+    keep_last: int = 3
+    max_nonfinite: int = 10  # consecutive non-finite losses that stop the run
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "batch_size", "grad_accum", "log_every", "save_every", "keep_last", "max_nonfinite")
+        if self.epochs < 0 or self.max_steps < 0 or (self.epochs == 0 and self.max_steps == 0):
+            raise ConfigError(f"{key}: set {key}.epochs or {key}.max_steps to a positive number")
+        for name in ("lr_start", "lr_peak", "lr_end"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.clip_grad < 0:
+            raise ConfigError(f"{key}.warmup_steps, {key}.weight_decay and {key}.clip_grad must be >= 0")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"{key}.precision must be fp32, bf16 or fp16, got '{self.precision}'")
+
+
+@dataclass
+class DistillConfig:
+    """Momentum encoders and momentum distillation (ALBEF)."""
+
+    momentum: float = 0.995  # EMA factor of the momentum encoders
+    alpha: float = 0.4  # weight of the momentum model's soft targets
+    alpha_warmup_steps: int = 0  # alpha ramps linearly from 0 over these steps; 0 = over the first epoch
+
+    def validate(self, key: str) -> None:
+        if not 0 <= self.momentum < 1 or not 0 <= self.alpha <= 1 or self.alpha_warmup_steps < 0:
+            raise ConfigError(f"{key}: momentum must be in [0, 1), alpha in [0, 1], alpha_warmup_steps >= 0")
+
+
+@dataclass
+class ITCConfig:
+    queue_size: int = 65536  # momentum features kept per modality; any positive integer
+    weight: float = 1.0
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "queue_size")
+
+
+@dataclass
+class ITMConfig:
+    weight: float = 1.0
+
+    def validate(self, key: str) -> None:
+        pass
+
+
+@dataclass
+class MLMConfig:
+    probability: float = 0.15  # share of tokens chosen; of those 80% [MASK], 10% random, 10% unchanged
+    weight: float = 1.0
+
+    def validate(self, key: str) -> None:
+        if not 0 < self.probability < 1:
+            raise ConfigError(f"{key}.probability must be in (0, 1), got {self.probability}")
+
+
+@dataclass
 class Config:
-    """A whole run's configuration. Sections are added beside ``model`` as features land."""
+    """A whole run's configuration."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     output_dir: str = "runs/default"
     seed: int = 0
+    method: str = "albef"
+    resume: str = ""  # "" = start fresh, "auto" = latest checkpoint in output_dir if any, or a path
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    itc: ITCConfig = field(default_factory=ITCConfig)
+    itm: ITMConfig = field(default_factory=ITMConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if self.data.max_tokens > self.model.text.max_positions:
+            raise ConfigError(f"data.max_tokens ({self.data.max_tokens}) exceeds model.text.max_positions "
+                              f"({self.model.text.max_positions})")
+        for name in ("data", "train", "distill", "itc", "itm", "mlm"):
+            getattr(self, name).validate(name)
+
+
+METHODS = ("albef",)
 
 
 # --------------------------------------------------------------------------------------------------
