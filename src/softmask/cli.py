@@ -2,6 +2,7 @@
 
     softmask info   --config FILE [key=value ...]            resolved config, sizes, checkpoint loading
     softmask export --config FILE --out DIR [key=value ...]  build (loading init checkpoints), save_pretrained
+    softmask pretrain --config FILE [key=value ...]          pretrain into output_dir (torchrun for many GPUs)
     softmask demo   [--config FILE] [--out DIR]              a short tiny-model smoke run
 
 Errors in configs or checkpoints print one line naming the file and key, and exit with status 2.
@@ -18,6 +19,7 @@ import yaml
 
 from softmask.config import ConfigError, load_config, to_dict
 from softmask.models.loading import CheckpointError
+from softmask.train.loop import TrainingError
 
 log = logging.getLogger("softmask")
 
@@ -51,6 +53,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from softmask.tasks.pretrain import pretrain
+
+    state = pretrain(load_config(args.config, args.overrides))
+    print(f"done: {state.step} steps, {state.skipped_samples} bad samples skipped")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from softmask.demo import run_smoke
 
@@ -72,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder")
     export.set_defaults(func=cmd_export)
 
+    pretrain = sub.add_parser("pretrain", help="pretrain (ALBEF objectives) on JSON annotations or shards")
+    _add_config_args(pretrain)
+    pretrain.set_defaults(func=cmd_pretrain)
+
     demo = sub.add_parser("demo", help="a short tiny-model smoke run")
     _add_config_args(demo, default="configs/pretrain/tiny.yaml")
     demo.add_argument("--out", default="runs/demo", help="output folder")
@@ -84,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, FileNotFoundError, TrainingError) as exc:
         print(f"softmask: error: {exc}", file=sys.stderr)
         return 2
 

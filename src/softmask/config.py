@@ -121,17 +121,18 @@ class ModelConfig:
 class AugmentConfig:
     """Image augmentation, applied batched on the training device with kornia (ALBEF's recipe)."""
 
+    enabled: bool = True  # false: resize and normalise only (for exact comparisons and debugging)
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random resized crop area range
     hflip: bool = True
     randaug_ops: int = 2  # RandAugment: operations per image (0 = off)
-    randaug_magnitude: int = 7  # RandAugment magnitude, 0-30 scale
+    randaug_magnitude: int = 7  # RandAugment magnitude on ALBEF's 0-10 scale
 
     def validate(self, key: str) -> None:
         lo_hi = self.crop_scale
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
             raise ConfigError(f"{key}.crop_scale must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
-        if self.randaug_ops < 0 or not 0 <= self.randaug_magnitude <= 30:
-            raise ConfigError(f"{key}.randaug_ops must be >= 0 and {key}.randaug_magnitude in [0, 30]")
+        if self.randaug_ops < 0 or not 0 <= self.randaug_magnitude <= 10:
+            raise ConfigError(f"{key}.randaug_ops must be >= 0 and {key}.randaug_magnitude in [0, 10]")
 
 
 @dataclass
@@ -219,9 +220,13 @@ class ITCConfig:
 @dataclass
 class ITMConfig:
     weight: float = 1.0
+    # Where hard negatives come from: "global" = the whole batch across ranks (a multi-GPU run equals a
+    # single process with the same global batch); "local" = each process's own batch (ALBEF's code).
+    negatives: str = "global"
 
     def validate(self, key: str) -> None:
-        pass
+        if self.negatives not in ("global", "local"):
+            raise ConfigError(f"{key}.negatives must be 'global' or 'local', got '{self.negatives}'")
 
 
 @dataclass

@@ -36,3 +36,31 @@ def tokenize(tokenizer: BertWordPieceTokenizer, captions: list[str]) -> tuple[to
     ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
     mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
     return ids, mask
+
+
+# Punctuation that ALBEF's caption cleaning deletes outright; '-' and '/' become spaces instead.
+_DELETED_CHARS = str.maketrans("", "", ",.'!?\"()*#:;~")
+_SPACED_CHARS = str.maketrans({"-": " ", "/": " "})
+
+
+def pre_caption(caption: str, max_words: int) -> str:
+    """ALBEF-style caption cleaning: lower-case, delete ``, . ' ! ? " ( ) * # : ; ~``, turn ``-`` and
+    ``/`` into spaces, ``<person>`` -> ``person``, collapse whitespace, strip, and keep at most
+    ``max_words`` words. Returns ``""`` when nothing is left."""
+    text = caption.lower().translate(_DELETED_CHARS).translate(_SPACED_CHARS)
+    text = text.replace("<person>", "person")
+    words = text.split()  # splits on any whitespace run and drops leading/trailing whitespace
+    return " ".join(words[:max_words])
+
+
+SPECIAL_TOKENS = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"}
+
+
+def special_token_ids(tokenizer: BertWordPieceTokenizer) -> dict[str, int]:
+    """The ids of [CLS], [SEP], [PAD], [MASK] and [UNK] as ``{"cls": ..., "sep": ..., "pad": ...,
+    "mask": ..., "unk": ...}``; a ValueError names any token the vocabulary lacks."""
+    ids = {name: tokenizer.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}
+    missing = [SPECIAL_TOKENS[name] for name, value in ids.items() if value is None]
+    if missing:
+        raise ValueError(f"tokenizer vocabulary lacks the special token(s) {', '.join(missing)}")
+    return ids

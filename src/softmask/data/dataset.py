@@ -1,0 +1,200 @@
+"""Image-caption samples, batch collation, and the DataLoader for ALBEF JSON annotations.
+
+A sample is decoded on the CPU (in DataLoader workers) into a uint8 ``(3, S, S)`` tensor and a
+cleaned caption; random augmentation happens later, batched on the training device
+(:mod:`softmask.data.transforms`). Bad samples (unreadable images, captions empty after cleaning)
+do not stop training: they become ``{"bad": "path: reason"}`` items, which the :class:`Collator`
+drops and counts, so every batch reports how many samples it lost and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import BertWordPieceTokenizer
+from torch.utils.data import DataLoader, Dataset
+
+from softmask.config import Config, ConfigError
+from softmask.data.annotations import Record, load_annotations
+from softmask.data.images import BadSample, load_image, to_tensor
+from softmask.data.sampler import ResumableSampler
+from softmask.data.text import load_tokenizer, pre_caption, tokenize
+
+ON_BAD_SAMPLE = ("skip", "raise")
+
+
+def is_shard_entry(entry: str) -> bool:
+    """Whether a ``data.train`` entry names webdataset tar shards (rather than a JSON annotation file)."""
+    return entry.endswith(".tar")
+
+
+def choose_caption(captions: Sequence[str], seed: int, epoch: int, index: int) -> str:
+    """One of ``captions``, chosen deterministically from ``(seed, epoch, index)`` (all >= 0)."""
+    if len(captions) == 1:
+        return captions[0]
+    rng = np.random.default_rng([seed, epoch, index])
+    return captions[int(rng.integers(len(captions)))]
+
+
+def make_item(
+    name: str, read_image: Callable[[], Image.Image], captions: Sequence[str], index: int, epoch: int, *,
+    seed: int, image_size: int, max_words: int, on_bad_sample: str,
+) -> dict:
+    """Build one sample: clean the captions, choose one, read and resize the image.
+
+    Captions that are empty after :func:`pre_caption` are dropped before the choice; a sample none of
+    whose captions survives is bad. The caption is checked first, so such a sample costs no decoding.
+
+    Returns:
+        ``{"image": uint8 (3, image_size, image_size), "caption": str, "index": int}``, or
+        ``{"bad": "name: reason"}`` for a bad sample when ``on_bad_sample == "skip"``.
+
+    Raises:
+        BadSample: for a bad sample when ``on_bad_sample == "raise"``.
+    """
+    try:
+        cleaned = [text for text in (pre_caption(c, max_words) for c in captions) if text]
+        if not cleaned:
+            raise BadSample(f"{name}: caption empty after cleaning ({captions[0][:60]!r})")
+        caption = choose_caption(cleaned, seed, epoch, index)
+        image = to_tensor(read_image(), image_size)
+    except BadSample as exc:
+        if on_bad_sample == "raise":
+            raise
+        return {"bad": str(exc)}
+    return {"image": image, "caption": caption, "index": index}
+
+
+class CaptionDataset(Dataset):
+    """Map-style dataset over :class:`Record` s, indexed by ``(index, epoch)`` (from
+    :class:`ResumableSampler`) or a plain ``index`` (epoch 0).
+
+    Args:
+        records: from :func:`load_annotations`.
+        image_size: side of the square uint8 images returned.
+        max_words: caption word limit of :func:`pre_caption`.
+        max_pixels: decoded-size cap (width * height) against decompression bombs.
+        seed: with the epoch and index, picks one caption of a multi-caption record.
+        on_bad_sample: "skip" returns ``{"bad": "path: reason"}``; "raise" raises :class:`BadSample`.
+    """
+
+    def __init__(
+        self, records: Sequence[Record], image_size: int, max_words: int, max_pixels: int, seed: int = 0,
+        on_bad_sample: str = "skip",
+    ) -> None:
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be 'skip' or 'raise', got {on_bad_sample!r}")
+        self.records = list(records)
+        self.image_size = image_size
+        self.max_words = max_words
+        self.max_pixels = max_pixels
+        self.seed = seed
+        self.on_bad_sample = on_bad_sample
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``{"image": uint8 (3, S, S), "caption": str, "index": int}`` or ``{"bad": "path: reason"}``."""
+        index, epoch = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
+        record = self.records[index]
+
+        def read() -> Image.Image:
+            return load_image(record.image, self.max_pixels, draft_size=self.image_size)
+
+        return make_item(
+            record.image, read, record.captions, index, epoch, seed=self.seed, image_size=self.image_size,
+            max_words=self.max_words, on_bad_sample=self.on_bad_sample,
+        )
+
+
+class Collator:
+    """Items from :class:`CaptionDataset` (or the shard stream) -> one batch dict.
+
+    Args:
+        tokenizer: from :func:`softmask.data.text.load_tokenizer`; truncation to ``max_tokens`` (with
+            [SEP] kept last) and padding to the longest caption are (re)enabled on it.
+        max_tokens: WordPiece tokens per caption, [CLS] and [SEP] included.
+        image_size: side of the images, used only for the shape of an all-bad (empty) batch; None
+            gives ``(0, 3, 0, 0)`` images then.
+
+    Returns (``__call__``):
+        ``images`` uint8 (B, 3, S, S); ``input_ids`` long (B, T) and ``attention_mask`` long (B, T)
+        with T = the longest caption in the batch (at most ``max_tokens``); ``indices`` long (B,);
+        ``captions`` list[str] (B); ``skipped`` int; ``skipped_samples`` list[str] ("path: reason").
+        B counts the good samples only; when every sample is bad, B = 0 and T = ``max_tokens``.
+    """
+
+    def __init__(self, tokenizer: BertWordPieceTokenizer, max_tokens: int, image_size: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.image_size = image_size
+        tokenizer.enable_truncation(max_length=max_tokens)
+        if tokenizer.padding is None:
+            tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        good = [item for item in items if "bad" not in item]
+        skipped = [item["bad"] for item in items if "bad" in item]
+        captions = [item["caption"] for item in good]
+        if good:
+            images = torch.stack([item["image"] for item in good])
+            input_ids, attention_mask = tokenize(self.tokenizer, captions)
+        else:
+            size = self.image_size or 0
+            images = torch.empty(0, 3, size, size, dtype=torch.uint8)
+            input_ids = torch.empty(0, self.max_tokens, dtype=torch.long)
+            attention_mask = torch.empty(0, self.max_tokens, dtype=torch.long)
+        return {
+            "images": images,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "indices": torch.tensor([item["index"] for item in good], dtype=torch.long),
+            "captions": captions,
+            "skipped": len(skipped),
+            "skipped_samples": skipped,
+        }
+
+
+def build_pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoader, ResumableSampler]:
+    """The training DataLoader over ``cfg.data.train``'s JSON annotation files.
+
+    Images are decoded at ``cfg.model.vision.image_size``; batches of ``cfg.train.batch_size`` per
+    rank follow :class:`ResumableSampler` (call ``sampler.set_epoch(e)`` before each epoch and
+    ``sampler.set_start_batch(k)`` to resume). ``cfg.data.num_workers`` workers, persistent when > 0;
+    memory is pinned only when CUDA is available.
+
+    Raises:
+        ConfigError: ``data.train`` has no JSON file or contains tar shards (use
+            :func:`softmask.data.shards.build_shard_loader`); AnnotationError for a bad file.
+        ValueError: the data is smaller than one global batch.
+    """
+    files = list(cfg.data.train)
+    if not files:
+        raise ConfigError("data.train is empty: list ALBEF JSON annotation files or .tar shards")
+    shards = [entry for entry in files if is_shard_entry(entry)]
+    if shards:
+        raise ConfigError(
+            f"data.train lists tar shards ({shards[0]}); build_pretrain_loader reads JSON annotation files "
+            "only (shards go through softmask.data.shards.build_shard_loader; mixing both is not supported)"
+        )
+    records = load_annotations(files, cfg.data.image_root)
+    image_size = cfg.model.vision.image_size
+    dataset = CaptionDataset(
+        records, image_size, cfg.data.max_words, cfg.data.max_image_pixels, seed=cfg.seed,
+        on_bad_sample=cfg.data.on_bad_sample,
+    )
+    sampler = ResumableSampler(len(dataset), cfg.train.batch_size, rank, world_size, seed=cfg.seed)
+    collator = Collator(load_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens), cfg.data.max_tokens, image_size)
+    workers = cfg.data.num_workers
+    loader = DataLoader(
+        dataset, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collator, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), drop_last=False,
+        # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run
+        # (which creates one mid-epoch) would diverge from an uninterrupted one.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    return loader, sampler

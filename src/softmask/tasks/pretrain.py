@@ -1,0 +1,268 @@
+"""Pretraining (ALBEF): ITC with momentum distillation and feature queues, ITM with hard negatives,
+MLM with distillation.
+
+:class:`PretrainTask` holds the online model, its momentum copy, the two feature queues and the
+device-side augmentation; its ``forward(batch, step)`` returns the losses of one micro-batch.
+
+Distributed runs use the global batch: momentum features and the queues are all-gathered, hard
+negatives (``itm.negatives: global``) are drawn from the whole batch with one random stream shared
+by every rank, and MLM masks are drawn for the whole batch too, each rank taking its rows. With
+dropout and augmentation off, N processes reproduce one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softmask.config import Config
+from softmask.data.transforms import EvalTransform, TrainAugment
+from softmask.models.vlp import VisionLanguageModel
+from softmask.objectives.itc import itc_loss, itc_targets, similarities
+from softmask.objectives.itm import itm_loss, sample_hard_negatives
+from softmask.objectives.mlm import mask_tokens, mlm_loss
+from softmask.objectives.queue import FeatureQueue
+from softmask.train import dist
+
+LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm")
+
+
+def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, T) -> (B, length) with zeros on the right."""
+    return F.pad(x, (0, length - x.shape[1])) if x.shape[1] < length else x
+
+
+def step_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """A random stream that depends only on (seed, step, micro-batch): identical on every rank."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 97 + micro)
+
+
+def identical_rows(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids and mask -> (B, B) bool: captions with the same tokens (duplicates are not negatives)."""
+    ids = ids * mask
+    return (ids[:, None, :] == ids[None, :, :]).all(-1)
+
+
+class PretrainTask(nn.Module):
+    """The ALBEF pretraining objectives around a :class:`VisionLanguageModel`."""
+
+    def __init__(self, cfg: Config, model: VisionLanguageModel, special_ids: dict[str, int],
+                 alpha_warmup_steps: int):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.momentum_model = copy.deepcopy(model)
+        for param in self.momentum_model.parameters():
+            param.requires_grad_(False)
+        dim = cfg.model.embed_dim
+        self.image_queue = FeatureQueue(dim, cfg.itc.queue_size)
+        self.text_queue = FeatureQueue(dim, cfg.itc.queue_size)
+        size = cfg.model.vision.image_size
+        self.augment = TrainAugment(size, cfg.data.augment) if cfg.data.augment.enabled else EvalTransform(size)
+        self.special_ids = sorted({special_ids["cls"], special_ids["sep"], special_ids["pad"]})
+        self.mask_id = special_ids["mask"]
+        self.alpha_warmup_steps = max(1, alpha_warmup_steps)
+
+    def alpha(self, step: int) -> float:
+        """Distillation weight, ramped linearly from 0 over the first epoch (or alpha_warmup_steps)."""
+        return self.cfg.distill.alpha * min(1.0, step / self.alpha_warmup_steps)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        m = self.cfg.distill.momentum
+        for online, target in zip(self.model.parameters(), self.momentum_model.parameters(), strict=True):
+            target.mul_(m).add_(online.detach(), alpha=1.0 - m)
+
+    def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
+        """One micro-batch: ``images`` uint8 (B, 3, S, S), ``input_ids``/``attention_mask`` (B, T).
+        Returns the weighted total ``loss`` (with gradient) and the detached parts."""
+        cfg, model, mm = self.cfg, self.model, self.momentum_model
+        device = model.temp.device
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        mask = batch["attention_mask"].to(device, non_blocking=True)
+        length = dist.all_reduce_max_int(ids.shape[1], device)  # one text length across ranks
+        ids, mask = _pad_to(ids, length), _pad_to(mask, length)
+        images = self.augment(batch["images"].to(device, non_blocking=True))
+        b, rank, world = ids.shape[0], dist.rank(), dist.world_size()
+        rows = torch.arange(b, device=device) + rank * b
+        gen = step_generator(self.cfg.seed, step, micro, device)
+        alpha = self.alpha(step)
+
+        with torch.no_grad():
+            model.temp.clamp_(0.001, 0.5)
+        temp = model.temp
+
+        # ---- unimodal encoders and ITC ----------------------------------------------------------
+        image_embeds = model.encode_image(images)
+        text_embeds = model.encode_text(ids, mask)
+        image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds)
+        with torch.no_grad():
+            self.momentum_update()
+            image_embeds_m = mm.encode_image(images)
+            image_feat_m = mm.image_feat(image_embeds_m)
+            text_feat_m = mm.text_feat(mm.encode_text(ids, mask))
+            image_feat_m_all, text_feat_m_all = dist.all_gather(image_feat_m), dist.all_gather(text_feat_m)
+            image_bank = torch.cat([image_feat_m_all, self.image_queue.all()])  # (B_global + Q, E)
+            text_bank = torch.cat([text_feat_m_all, self.text_queue.all()])
+            sim_i2t_m, sim_t2i_m = similarities(image_feat_m, text_feat_m, image_bank, text_bank, temp)
+            positives = torch.zeros_like(sim_i2t_m)
+            positives[torch.arange(b, device=device), rows] = 1.0
+            targets_i2t, targets_t2i = itc_targets(sim_i2t_m, sim_t2i_m, positives, alpha)
+        sim_i2t, sim_t2i = similarities(image_feat, text_feat, image_bank, text_bank, temp)
+        loss_itc = itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
+
+        # ---- ITM: positives and hard negatives in one fusion pass ------------------------------
+        text_neg, mask_neg, image_neg, valid = self._hard_negatives(
+            image_feat, text_feat, image_feat_m_all, text_feat_m_all, image_embeds, text_embeds, ids, mask,
+            temp, gen, rows)
+        fused = model.fuse(
+            torch.cat([text_embeds, text_embeds[valid], text_neg[valid]]),
+            torch.cat([mask, mask[valid], mask_neg[valid]]),
+            torch.cat([image_embeds, image_neg[valid], image_embeds[valid]]),
+        )
+        num_neg = 2 * int(valid.sum())
+        labels = torch.cat([torch.ones(b, dtype=torch.long, device=device),
+                            torch.zeros(num_neg, dtype=torch.long, device=device)])
+        loss_itm = self._global_mean(itm_loss(model.itm_logits(fused), labels), b + num_neg, device, world)
+
+        # ---- MLM with distillation --------------------------------------------------------------
+        ids_all, mask_all = dist.all_gather(ids), dist.all_gather(mask)
+        masked_all, targets_all = mask_tokens(ids_all, mask_all, cfg.model.text.vocab_size, self.special_ids,
+                                              cfg.mlm.probability, gen, self.mask_id)
+        masked_ids, mlm_targets = masked_all[rows], targets_all[rows]
+        chosen = mlm_targets != -100
+        fused_mlm = model.fuse(model.encode_text(masked_ids, mask), mask, image_embeds)
+        logits = model.mlm_logits(fused_mlm[chosen])  # (M, vocab): only the masked positions
+        with torch.no_grad():
+            fused_mlm_m = mm.fuse(mm.encode_text(masked_ids, mask), mask, image_embeds_m)
+            teacher = mm.mlm_logits(fused_mlm_m[chosen])
+        loss_mlm = self._global_mean(mlm_loss(logits, mlm_targets[chosen], teacher, alpha),
+                                     int(chosen.sum()), device, world)
+
+        with torch.no_grad():
+            if torch.isfinite(image_feat_m_all).all() and torch.isfinite(text_feat_m_all).all():
+                self.image_queue.enqueue(image_feat_m_all)
+                self.text_queue.enqueue(text_feat_m_all)
+
+        loss = cfg.itc.weight * loss_itc + cfg.itm.weight * loss_itm + cfg.mlm.weight * loss_mlm
+        return {"loss": loss, "loss_itc": loss_itc.detach(), "loss_itm": loss_itm.detach(),
+                "loss_mlm": loss_mlm.detach(), "alpha": torch.tensor(alpha), "temp": temp.detach(),
+                "itm_missing_negatives": (~valid).sum().detach().float()}
+
+    @staticmethod
+    def _global_mean(local_mean: torch.Tensor, count: int, device: torch.device, world: int) -> torch.Tensor:
+        """Turn a mean over this rank's ``count`` items into this rank's share of the mean over all
+        ranks' items (DDP averages gradients over ranks, hence the factor ``world``)."""
+        if world == 1:
+            return local_mean
+        total = dist.all_reduce_sum(torch.tensor(float(count), device=device))
+        if total.item() == 0:
+            return local_mean * 0.0
+        return local_mean * (count * world / total)
+
+    def _hard_negatives(self, image_feat, text_feat, image_feat_m_all, text_feat_m_all, image_embeds,
+                        text_embeds, ids, mask, temp, gen, rows):
+        """For each image a hard negative text, for each text a hard negative image, sampled from
+        softmax(similarity) over the batch with positives and duplicate captions excluded.
+
+        Returns text_neg (B, T, D), mask_neg (B, T), image_neg (B, 1 + N, Dv), valid (B,) bool."""
+        b = ids.shape[0]
+        local = self.cfg.itm.negatives == "local" or dist.world_size() == 1
+        with torch.no_grad():
+            if local:
+                feats = image_feat, text_feat, image_feat_m_all[rows], text_feat_m_all[rows]
+                ids_all, mask_all, pick = ids, mask, slice(None)
+            else:
+                feats = dist.all_gather(image_feat), dist.all_gather(text_feat), image_feat_m_all, text_feat_m_all
+                ids_all, mask_all, pick = dist.all_gather(ids), dist.all_gather(mask), rows
+            img, txt, img_m, txt_m = feats
+            # As ALBEF: online features against the momentum features of the batch.
+            neg_text, neg_image, valid = sample_hard_negatives(
+                img @ txt_m.T / temp, txt @ img_m.T / temp, gen, exclude=identical_rows(ids_all, mask_all))
+            neg_text, neg_image, valid = neg_text[pick], neg_image[pick], valid[pick]
+        if local:
+            image_pool, text_pool, mask_pool = image_embeds, text_embeds, mask
+        else:
+            image_pool = dist.all_gather_with_grad(image_embeds)
+            text_pool = dist.all_gather_with_grad(text_embeds)
+            mask_pool = mask_all
+        assert neg_text.shape[0] == b
+        return text_pool[neg_text], mask_pool[neg_text], image_pool[neg_image], valid
+
+
+# --------------------------------------------------------------------------------------------------
+# The `softmask pretrain` entry point
+# --------------------------------------------------------------------------------------------------
+
+
+class LoaderSource:
+    """ALBEF JSON annotations through a DataLoader with a resumable distributed sampler."""
+
+    def __init__(self, loader, sampler):
+        self.loader, self.sampler = loader, sampler
+        self.batches_per_epoch = sampler.batches_per_epoch
+
+    def batches(self, epoch: int, start_batch: int):
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start_batch(start_batch)
+        return iter(self.loader)
+
+
+class ShardSource:
+    """webdataset shards: a stream of unknown length (``train.max_steps`` is required)."""
+
+    batches_per_epoch = None
+
+    def __init__(self, cfg: Config, rank: int, world_size: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+
+    def batches(self, epoch: int, start_batch: int):
+        from softmask.data.shards import build_shard_loader
+
+        return iter(build_shard_loader(self.cfg, self.rank, self.world_size, epoch, skip_batches=start_batch))
+
+
+def build_data(cfg: Config, rank: int, world_size: int):
+    """Validate ``data.train`` (every annotation file, before any model is built) and return a DataSource."""
+    from softmask.config import ConfigError
+
+    files = cfg.data.train
+    if not files:
+        raise ConfigError("data.train is empty: give ALBEF JSON annotation files or .tar shards, "
+                          "e.g. data.train=[coco.json,vg.json]")
+    shards = [f for f in files if f.endswith(".tar") or "{" in f]
+    if shards and len(shards) != len(files):
+        raise ConfigError("data.train mixes JSON annotation files and .tar shards; use one kind per run")
+    if shards:
+        if cfg.train.max_steps <= 0:
+            raise ConfigError("train.max_steps must be set when training on webdataset shards")
+        return ShardSource(cfg, rank, world_size)
+    from softmask.data.dataset import build_pretrain_loader
+
+    loader, sampler = build_pretrain_loader(cfg, rank, world_size)
+    return LoaderSource(loader, sampler)
+
+
+def pretrain(cfg: Config):
+    """Pretrain ``cfg.method`` on ``cfg.data.train`` into ``cfg.output_dir`` (one process or torchrun)."""
+    from softmask.data.text import load_tokenizer, special_token_ids
+    from softmask.models.vlp import create_model
+    from softmask.train.loop import total_steps_for, train
+
+    info = dist.init_distributed()
+    try:
+        torch.manual_seed(cfg.seed)  # the same initial weights and queues on every rank
+        data = build_data(cfg, info.rank, info.world_size)
+        special = special_token_ids(load_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens))
+        model = create_model(cfg)
+        per_epoch = data.batches_per_epoch
+        warmup = cfg.distill.alpha_warmup_steps or (
+            per_epoch // cfg.train.grad_accum if per_epoch else total_steps_for(cfg, per_epoch))
+        task = PretrainTask(cfg, model, special, warmup)  # queues start equal on every rank
+        torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout and augmentation differ across ranks
+        return train(cfg, task, data, info)
+    finally:
+        dist.cleanup()

@@ -1,0 +1,96 @@
+"""Training checkpoints: atomic writes, keep-last-K, ``resume: auto|PATH``, RNG state capture.
+
+A checkpoint is one ``torch.save`` file ``checkpoints/step_{N:08d}.pt`` holding only tensors and
+plain containers, so it loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from softmask.config import ConfigError
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"step_(\d{8})\.pt$")
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINT_DIR
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoints of a run, oldest first."""
+    folder = checkpoint_dir(output_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _NAME.search(p.name))
+
+
+def save_checkpoint(state: dict, output_dir: str | Path, step: int, keep_last: int) -> Path:
+    """Write ``state`` atomically (temporary file, fsync, rename) and delete all but the newest
+    ``keep_last`` checkpoints."""
+    folder = checkpoint_dir(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:08d}.pt"
+    tmp = folder / f".{path.name}.tmp"
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """``""`` -> None; ``auto`` -> the newest checkpoint of ``output_dir`` or None; else the given
+    file, or the newest checkpoint of the given run folder."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise ConfigError(f"resume: no checkpoints under {checkpoint_dir(path)}")
+        return found[-1]
+    if not path.is_file():
+        raise ConfigError(f"resume: checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    """Every RNG the training step may touch, as tensors and plain values."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]) + [random.getstate()[2]],
+        "python_version": random.getstate()[0],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    internal = state["python"]
+    random.setstate((state["python_version"], tuple(internal[:-1]), internal[-1]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,35 @@
+"""Learning-rate schedule and optimiser parameter groups."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from softmask.config import TrainConfig
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "temp")
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up from ``lr_start`` to ``lr_peak`` over ``warmup_steps``, then cosine decay to
+    ``lr_end`` at ``total_steps`` (the paper: 2e-5 -> 2e-4 over 1,000 iterations -> 2e-5)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr_start + (cfg.lr_peak - cfg.lr_start) * step / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr_end + (cfg.lr_peak - cfg.lr_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices only; none on biases, norms, embeddings of
+    position/[CLS] and the temperature."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

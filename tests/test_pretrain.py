@@ -1,0 +1,164 @@
+"""The pretraining engine end to end on a tiny model and data the tests draw themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from softmask.cli import main
+from softmask.config import load_config
+from softmask.tasks.pretrain import pretrain
+from softmask.train.checkpoint import list_checkpoints, load_checkpoint
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
+SHAPES = ("square", "disc")
+
+
+def make_world(root: Path, n: int = 16, seed: int = 0) -> Path:
+    """``n`` 64 px images of one coloured shape each and an ALBEF pretrain JSON describing them."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        colour, shape = list(COLOURS)[i % 4], SHAPES[(i // 4) % 2]
+        img = np.full((64, 64, 3), rng.integers(90, 160), dtype=np.uint8)
+        yy, xx = np.mgrid[0:64, 0:64]
+        cx, cy = rng.integers(18, 46, size=2)
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 < 144
+        inside = (abs(xx - cx) < 12) & (abs(yy - cy) < 12) if shape == "square" else disc
+        img[inside] = COLOURS[colour]
+        Image.fromarray(img).save(root / "images" / f"{i}.png")
+        records.append({"image": f"images/{i}.png", "caption": [f"a {colour} {shape}", f"the {shape} is {colour}"]})
+    ann = root / "pretrain.json"
+    ann.write_text(json.dumps(records))
+    return ann
+
+
+def overrides(root: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.train=[{root / 'pretrain.json'}]", f"data.image_root={root}", f"output_dir={out}",
+            "data.num_workers=0", "itc.queue_size=20", "train.log_every=1", "train.warmup_steps=2", *extra]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    make_world(root)
+    return root
+
+
+def test_loss_falls(world, tmp_path):
+    # Distillation off: against a random momentum teacher the soft targets' entropy (about log(vocab)
+    # for MLM) is a floor the loss cannot go under in a few dozen steps from random initialisation.
+    cfg = load_config(TINY, overrides(world, tmp_path, "train.batch_size=8", "train.max_steps=40",
+                                      "train.lr_peak=1e-3", "distill.alpha=0", "train.save_every=100"))
+    state = pretrain(cfg)
+    assert state.step == 40
+    losses = [m["loss"] for m in metrics(tmp_path)]
+    assert len(losses) == 40 and all(np.isfinite(losses))
+    assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.3
+    first = metrics(tmp_path)[0]
+    for key in ("step", "loss", "loss_itc", "loss_itm", "loss_mlm", "lr", "temp", "pairs_per_s",
+                "skipped_samples"):
+        assert key in first
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "model" / "model.safetensors").is_file()
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_equals_uninterrupted(world, tmp_path):
+    common = ("train.batch_size=4", "train.max_steps=6", "train.save_every=3", "train.keep_last=5")
+    full = tmp_path / "full"
+    pretrain(load_config(TINY, overrides(world, full, *common)))
+    # Same run, "stopped" after step 3: remove what came later, then resume.
+    part = tmp_path / "part"
+    pretrain(load_config(TINY, overrides(world, part, *common)))
+    for ckpt in list_checkpoints(part):
+        if not ckpt.name.endswith("00000003.pt"):
+            ckpt.unlink()
+    pretrain(load_config(TINY, overrides(world, part, *common, "resume=auto")))
+    assert [m["loss"] for m in metrics(part)] == [m["loss"] for m in metrics(full)]
+    a = load_checkpoint(list_checkpoints(full)[-1])["task"]
+    b = load_checkpoint(list_checkpoints(part)[-1])["task"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_bad_samples_are_skipped_and_counted(world, tmp_path):
+    root = tmp_path / "data"
+    make_world(root, n=8)
+    records = json.loads((root / "pretrain.json").read_text())
+    (root / "images" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    records[5]["image"] = "images/missing.png"
+    records[6]["caption"] = "?!..."  # empty after cleaning
+    (root / "pretrain.json").write_text(json.dumps(records))
+    out = tmp_path / "run"
+    state = pretrain(load_config(TINY, overrides(root, out, "train.batch_size=4", "train.max_steps=2")))
+    assert state.skipped_samples == 3
+    assert metrics(out)[-1]["skipped_samples"] == 3
+    log = (out / "train.log").read_text()
+    assert "missing.png" in log and "3.png" in log
+    with pytest.raises(Exception, match="missing.png|3.png|empty"):
+        pretrain(load_config(TINY, overrides(root, tmp_path / "raise", "train.batch_size=4", "train.max_steps=2",
+                                             "data.on_bad_sample=raise")))
+
+
+def test_malformed_annotations_fail_before_training(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image": "a.jpg", "caption": "fine"}, {"image": "b.jpg", "caption": 7}]))
+    out = tmp_path / "run"
+    code = main(["pretrain", "--config", str(TINY), f"data.train=[{bad}]", f"output_dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.json" in err and "record 1" in err and "caption" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("extra", [
+    ("train.batch_size=1",),  # no other pair to be a hard negative
+    ("train.batch_size=3", "itc.queue_size=7"),  # queue not a multiple of the batch
+])
+def test_edge_case_batches_train(world, tmp_path, extra):
+    state = pretrain(load_config(TINY, overrides(world, tmp_path, "train.max_steps=3", *extra)))
+    assert state.step == 3 and all(np.isfinite(m["loss"]) for m in metrics(tmp_path))
+
+
+def test_duplicate_captions_do_not_crash(tmp_path):
+    root = tmp_path / "dup"
+    make_world(root, n=4)
+    records = [{"image": f"images/{i % 4}.png", "caption": "the same caption"} for i in range(8)]
+    (root / "pretrain.json").write_text(json.dumps(records))
+    state = pretrain(load_config(TINY, overrides(root, tmp_path / "run", "train.batch_size=8", "train.max_steps=2")))
+    assert state.step == 2
+
+
+def _torchrun(nproc: int, args: list[str], cwd: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(29500 + nproc + os.getpid() % 1000), "-m", "softmask", "-q", "pretrain", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(world, tmp_path):
+    exact = ("model.text.dropout=0", "model.text.attention_dropout=0", "data.augment.enabled=false",
+             "train.max_steps=4")
+    single, double = tmp_path / "one", tmp_path / "two"
+    _torchrun(1, ["--config", str(TINY), *overrides(world, single, "train.batch_size=8", *exact)], tmp_path)
+    _torchrun(2, ["--config", str(TINY), *overrides(world, double, "train.batch_size=4", *exact)], tmp_path)
+    one, two = metrics(single), metrics(double)
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
+            assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
