@@ -89,3 +89,11 @@ def test_error_from_file_names_file(cfg_file):
 def test_shipped_configs_validate(name):
     cfg = load_config(CONFIGS / "pretrain" / f"{name}.yaml")
     assert cfg.model.text.fusion_layer < cfg.model.text.num_layers
+
+
+def test_list_overrides_keep_brace_patterns_and_quotes(cfg_file):
+    cfg = load_config(cfg_file, ["data.train=[/d/cc3m-{000000..000331}.tar, /d/sbu-{0..9}.tar]"])
+    assert cfg.data.train == ["/d/cc3m-{000000..000331}.tar", "/d/sbu-{0..9}.tar"]
+    cfg = load_config(cfg_file, ["data.train=[a.json,'b,c.json']", "data.augment.crop_scale=[0.5, 1]"])
+    assert cfg.data.train == ["a.json", "b,c.json"] and cfg.data.augment.crop_scale == [0.5, 1.0]
+    assert load_config(cfg_file, ["data.train=one.json"]).data.train == ["one.json"]

@@ -162,3 +162,53 @@ def test_two_processes_equal_one_with_the_same_global_batch(world, tmp_path):
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
             assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeypatch):
+    from softmask.tasks.pretrain import PretrainTask
+    from softmask.train.loop import TrainingError
+
+    real_forward = PretrainTask.forward
+    bad_steps = {2, 4, 5, 6}  # one isolated non-finite step, then three in a row
+
+    def forward(self, batch, step, micro=0):
+        out = real_forward(self, batch, step, micro)
+        if self.calls in bad_steps:
+            out["loss"] = out["loss"] * float("nan")
+        self.calls += 1
+        return out
+
+    monkeypatch.setattr(PretrainTask, "calls", 0, raising=False)
+    monkeypatch.setattr(PretrainTask, "forward", forward)
+    out = tmp_path / "run"
+    cfg = load_config(TINY, overrides(world, out, "train.batch_size=4", "train.max_steps=10",
+                                      "train.max_nonfinite=3", "train.save_every=100"))
+    with pytest.raises(TrainingError, match="3 consecutive non-finite losses"):
+        pretrain(cfg)
+    (ckpt,) = list_checkpoints(out)
+    state = load_checkpoint(ckpt)["state"]
+    assert state["step"] == 3 and state["nonfinite_steps"] == 4  # calls 0, 1, 3 were good steps
+    assert all(np.isfinite(m["loss"]) for m in metrics(out))
+
+
+def test_pretrain_on_webdataset_shards(tmp_path):
+    from softmask.data.annotations import load_annotations
+    from softmask.data.shards import write_shards
+
+    root = tmp_path / "w"
+    ann = make_world(root, n=12)
+    shards = write_shards(load_annotations([str(ann)], str(root)), str(tmp_path / "shards"), samples_per_shard=4)
+    assert len(shards) == 3
+    pattern = str(tmp_path / "shards" / "shard-{000000..000002}.tar")
+    out = tmp_path / "run"
+    cfg = load_config(TINY, [f"data.train=[{pattern}]", f"output_dir={out}", "data.num_workers=0",
+                             "train.batch_size=4", "train.max_steps=4", "itc.queue_size=8", "train.log_every=1"])
+    state = pretrain(cfg)
+    assert state.step == 4 and len(metrics(out)) == 4
+
+
+def test_bf16_autocast_and_grad_accumulation_run(world, tmp_path):
+    state = pretrain(load_config(TINY, overrides(world, tmp_path, "train.batch_size=2", "train.grad_accum=2",
+                                                 "train.max_steps=2", "train.precision=bf16",
+                                                 "train.clip_grad=1.0")))
+    assert state.step == 2 and all(np.isfinite(m["loss"]) for m in metrics(tmp_path))

@@ -3,6 +3,7 @@
     softmask info   --config FILE [key=value ...]            resolved config, sizes, checkpoint loading
     softmask export --config FILE --out DIR [key=value ...]  build (loading init checkpoints), save_pretrained
     softmask pretrain --config FILE [key=value ...]          pretrain into output_dir (torchrun for many GPUs)
+    softmask bench step --config FILE [--methods albef] [--steps N] [--json]   step speed, memory, MFU
     softmask demo   [--config FILE] [--out DIR]              a short tiny-model smoke run
 
 Errors in configs or checkpoints print one line naming the file and key, and exit with status 2.
@@ -61,6 +62,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from softmask.bench import main_step
+
+    return main_step(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from softmask.demo import run_smoke
 
@@ -85,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = sub.add_parser("pretrain", help="pretrain (ALBEF objectives) on JSON annotations or shards")
     _add_config_args(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    step = bench_sub.add_parser("step", help="training-step time, pairs/s, peak memory and MFU per method")
+    _add_config_args(step)
+    step.add_argument("--methods", default="albef", help="comma-separated methods, e.g. albef,softmask")
+    step.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    step.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    step.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    step.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    step.add_argument("--json", action="store_true", help="print one JSON object")
+    step.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="a short tiny-model smoke run")
     _add_config_args(demo, default="configs/pretrain/tiny.yaml")

@@ -399,6 +399,41 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def _split_list(body: str) -> list[str]:
+    """Split ``a, b{1,2}, 'c,d'`` on the commas outside braces and quotes."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(body):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(body[start:i])
+            start = i + 1
+    items.append(body[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def parse_override_value(raw: str):
+    """A command-line value as YAML, except that ``[a, b]`` lists are split by hand so that brace
+    patterns such as ``shards/cc3m-{000000..000331}.tar`` stay strings."""
+    text = raw.strip()
+    if not text:
+        return ""
+    if text.startswith("[") and text.endswith("]"):
+        return [parse_override_value(item) for item in _split_list(text[1:-1])]
+    if "{" in text and not text.startswith("{"):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def apply_override(data: dict, override: str) -> None:
     """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML."""
     if "=" not in override:
@@ -407,10 +442,7 @@ def apply_override(data: dict, override: str) -> None:
     parts = dotted.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override '{override}': empty key segment in '{dotted}'")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    value = parse_override_value(raw)
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)

@@ -1,0 +1,165 @@
+"""``softmask bench step``: the training step's speed, memory and model-FLOP utilisation.
+
+For each method, in a fresh subprocess (so that peak memory is its own): build the pretraining task
+from the config, feed it a synthetic batch (uint8 images, captions of ``data.max_tokens`` tokens),
+run warm-up steps, then time ``steps`` full steps (forward, backward, optimiser) and report the
+median. Model FLOPs of one step are counted with ``torch.utils.flop_counter.FlopCounterMode``
+(matrix multiplies, convolutions and attention, forward and backward, momentum passes included).
+MFU = FLOPs per step / median step time / the machine's matrix-multiply rate, measured in the same
+run on square matmuls (fp32 on CPU, the run's precision on GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from softmask.config import Config, load_config
+
+MATMUL_N = 2048
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Sustained FLOP/s of an N x N matrix multiply (N = 2048) on ``device``."""
+    a = torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=dtype)
+    b = torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    _sync(device)
+    return 2 * MATMUL_N**3 * runs / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_batch(cfg: Config, batch_size: int, seed: int = 0) -> dict:
+    """Images (B, 3, S, S) uint8 and captions of ``data.max_tokens`` tokens (no padding)."""
+    g = torch.Generator().manual_seed(seed)
+    size, length = cfg.model.vision.image_size, cfg.data.max_tokens
+    ids = torch.randint(1000, cfg.model.text.vocab_size, (batch_size, length), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP] of the bert-base-uncased vocabulary
+    return {"images": torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=g),
+            "input_ids": ids, "attention_mask": torch.ones_like(ids), "skipped": 0}
+
+
+def _measure(cfg: Config, batch_size: int, steps: int, warmup: int, device: torch.device) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from softmask.data.text import load_tokenizer, special_token_ids
+    from softmask.models.vlp import create_model
+    from softmask.tasks.pretrain import PretrainTask
+    from softmask.train.loop import _autocast
+    from softmask.train.schedule import param_groups
+
+    torch.manual_seed(cfg.seed)
+    special = special_token_ids(load_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens))
+    task = PretrainTask(cfg, create_model(cfg), special, alpha_warmup_steps=1).to(device).train()
+    optimizer = torch.optim.AdamW(param_groups(task, cfg.train.weight_decay), lr=1e-5)
+    batch = synthetic_batch(cfg, batch_size)
+
+    def step(i: int) -> None:
+        with _autocast(cfg.train.precision, device):
+            loss = task(batch, i)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(warmup):
+        step(i)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(warmup)
+    flops = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        step(warmup + 1 + i)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # the whole process's peak resident set (this subprocess measures one method only)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_s": median, "step_s_all": times, "pairs_per_s": batch_size / median,
+            "peak_mem_mb": peak_mb, "flops_per_step": flops}
+
+
+def _worker(args: tuple, queue) -> None:
+    config, overrides, method, batch_size, steps, warmup, device = args
+    try:
+        cfg = load_config(config, [*overrides, f"method={method}"])
+        queue.put(_measure(cfg, batch_size, steps, warmup, torch.device(device)))
+    except BaseException as exc:  # report to the parent instead of dying silently
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def bench_step(config: str, overrides: list[str], methods: list[str], batch_size: int, steps: int,
+               warmup: int, device: str | None = None) -> dict:
+    """Measure every method (each in its own subprocess); returns the JSON-able result."""
+    cfg = load_config(config, overrides)  # validate before any compute
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+    if device == "cpu":
+        dtype = torch.float32  # bf16 matmuls on this kind of CPU are not what training uses
+    rate = matmul_flops(torch.device(device), dtype)
+    ctx = mp.get_context("spawn")
+    result: dict = {}
+    for method in methods:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_worker, args=((config, overrides, method, batch_size, steps, warmup, device),
+                                                 queue))
+        proc.start()
+        out = queue.get()
+        proc.join()
+        if "error" in out:
+            raise RuntimeError(f"bench step failed for method {method}: {out['error']}")
+        out["mfu"] = out["flops_per_step"] / out["step_s"] / rate
+        result[method] = out
+    result["matmul_flops"] = rate
+    result["setup"] = {"config": config, "overrides": overrides, "batch_size": batch_size, "steps": steps,
+                       "device": device, "precision": cfg.train.precision, "torch": torch.__version__,
+                       "threads": torch.get_num_threads()}
+    return result
+
+
+def print_table(result: dict, file=sys.stdout) -> None:
+    setup = result["setup"]
+    print(f"config {setup['config']} {' '.join(setup['overrides'])} | batch {setup['batch_size']} | "
+          f"{setup['device']} {setup['precision']} | matmul {result['matmul_flops'] / 1e9:.1f} GFLOP/s", file=file)
+    print(f"{'method':10s} {'step_s':>8s} {'pairs/s':>8s} {'peak MB':>9s} {'GFLOP/step':>11s} {'MFU':>6s}", file=file)
+    for method, r in result.items():
+        if method in ("matmul_flops", "setup"):
+            continue
+        print(f"{method:10s} {r['step_s']:8.3f} {r['pairs_per_s']:8.1f} {r['peak_mem_mb']:9.0f} "
+              f"{r['flops_per_step'] / 1e9:11.1f} {r['mfu']:6.1%}", file=file)
+
+
+def main_step(args) -> int:
+    result = bench_step(args.config, args.overrides, args.methods.split(","), args.batch_size, args.steps,
+                        args.warmup, args.device)
+    if args.json:
+        with contextlib.suppress(KeyError):
+            for method in args.methods.split(","):
+                result[method].pop("step_s_all")
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return 0
