@@ -228,21 +228,16 @@ class ShardSource:
 def build_data(cfg: Config, rank: int, world_size: int):
     """Validate ``data.train`` (every annotation file, before any model is built) and return a DataSource."""
     from softmask.config import ConfigError
+    from softmask.data.dataset import build_pretrain_loader, is_shard_entry
 
-    files = cfg.data.train
-    if not files:
-        raise ConfigError("data.train is empty: give ALBEF JSON annotation files or .tar shards, "
-                          "e.g. data.train=[coco.json,vg.json]")
-    shards = [f for f in files if f.endswith(".tar") or "{" in f]
-    if shards and len(shards) != len(files):
-        raise ConfigError("data.train mixes JSON annotation files and .tar shards; use one kind per run")
-    if shards:
+    if cfg.data.train and all(is_shard_entry(entry) for entry in cfg.data.train):
         if cfg.train.max_steps <= 0:
             raise ConfigError("train.max_steps must be set when training on webdataset shards")
         return ShardSource(cfg, rank, world_size)
-    from softmask.data.dataset import build_pretrain_loader
-
-    loader, sampler = build_pretrain_loader(cfg, rank, world_size)
+    try:
+        loader, sampler = build_pretrain_loader(cfg, rank, world_size)  # raises on empty or mixed data.train
+    except ValueError as exc:  # e.g. less data than one global batch: a setting to change, not a crash
+        raise ConfigError(str(exc)) from None
     return LoaderSource(loader, sampler)
 
 
