@@ -59,15 +59,13 @@ def synthetic_batch(cfg: Config, batch_size: int, seed: int = 0) -> dict:
 def _measure(cfg: Config, batch_size: int, steps: int, warmup: int, device: torch.device) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from softmask.data.text import load_tokenizer, special_token_ids
     from softmask.models.vlp import create_model
-    from softmask.tasks.pretrain import PretrainTask
+    from softmask.tasks.pretrain import build_task
     from softmask.train.loop import _autocast
     from softmask.train.schedule import param_groups
 
     torch.manual_seed(cfg.seed)
-    special = special_token_ids(load_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens))
-    task = PretrainTask(cfg, create_model(cfg), special, alpha_warmup_steps=1).to(device).train()
+    task = build_task(cfg, create_model(cfg), alpha_warmup_steps=1).to(device).train()
     optimizer = torch.optim.AdamW(param_groups(task, cfg.train.weight_decay), lr=1e-5)
     batch = synthetic_batch(cfg, batch_size)
 

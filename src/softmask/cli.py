@@ -5,6 +5,8 @@
     softmask pretrain --config FILE [key=value ...]          pretrain into output_dir (torchrun for many GPUs)
     softmask bench step --config FILE [--methods albef] [--steps N] [--json]   step speed, memory, MFU
     softmask demo   [--config FILE] [--out DIR]              a short tiny-model smoke run
+    softmask gradcam --checkpoint PATH --image FILE --text "..." --out DIR [--layer L]
+                     [--source gradcam|attention] [--compare PATH2]   word Grad-CAM figures
 
 Errors in configs or checkpoints print one line naming the file and key, and exit with status 2.
 """
@@ -75,6 +77,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gradcam(args: argparse.Namespace) -> int:
+    from softmask.data.images import BadSample
+    from softmask.viz.gradcam import gradcam_figures
+
+    checkpoints = [args.checkpoint] + ([args.compare] if args.compare else [])
+    try:
+        results, written = gradcam_figures(checkpoints, args.image, args.text, args.out, args.layer, args.source)
+    except BadSample as exc:  # an unreadable image: one line, like the other errors
+        print(f"softmask: error: {exc}", file=sys.stderr)
+        return 2
+    for label, result in results:
+        print(f"ITM match probability {result['itm_prob']:.4f}  {label}  "
+              f"({result['source']}, fusion layer {result['layer']})")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softmask", description=__doc__.split("\n\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -109,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(demo, default="configs/pretrain/tiny.yaml")
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.set_defaults(func=cmd_demo)
+
+    gradcam = sub.add_parser("gradcam", help="word-level Grad-CAM of the ITM match logit: one overlay per word")
+    gradcam.add_argument("--checkpoint", required=True,
+                         help="a run folder, a checkpoint file in its checkpoints/, or a save_pretrained folder")
+    gradcam.add_argument("--image", required=True, help="image file")
+    gradcam.add_argument("--text", required=True, help="the caption")
+    gradcam.add_argument("--out", required=True, help="output folder for the PNGs")
+    gradcam.add_argument("--layer", type=int, default=None,
+                         help="fusion layer, 0-based (default: the run's softmask.layer, else the 3rd fusion layer)")
+    gradcam.add_argument("--source", choices=("gradcam", "attention"), default="gradcam",
+                         help="Grad-CAM of the ITM match logit, or the plain cross-attention")
+    gradcam.add_argument("--compare", default=None, metavar="PATH2",
+                         help="a second model: also write compare.png with a row per model")
+    gradcam.set_defaults(func=cmd_gradcam)
     return parser
 
 

@@ -212,9 +212,17 @@ class DistillConfig:
 class ITCConfig:
     queue_size: int = 65536  # momentum features kept per modality; any positive integer
     weight: float = 1.0
+    # Focal ITC: L = -sum_j y_j (1 - p_j)^gamma log p_j. None = the method's default (albef 0, softmask 2);
+    # gamma = 0 is exactly ALBEF's ITC.
+    gamma: float | None = None
+    focal: str = "all"  # which terms get the (1 - p_j)^gamma factor: "all" j, or only the "positive" ones
 
     def validate(self, key: str) -> None:
         _positive(self, key, "queue_size")
+        if self.gamma is not None and self.gamma < 0:
+            raise ConfigError(f"{key}.gamma must be >= 0, got {self.gamma}")
+        if self.focal not in ("all", "positive"):
+            raise ConfigError(f"{key}.focal must be 'all' or 'positive', got '{self.focal}'")
 
 
 @dataclass
@@ -240,6 +248,40 @@ class MLMConfig:
 
 
 @dataclass
+class SoftMaskConfig:
+    """The paper's text-driven soft masks and multi-modal augmentation. Switches left at None follow
+    ``method`` (albef: all off; softmask: all on); a value given here wins."""
+
+    soft_masks: bool | None = None  # soft-masked images of each pair as extra ITM positives
+    layer: int | None = None  # fusion layer (0-based) whose cross-attention makes the maps; None = the 3rd
+    mask_source: str = "gradcam"  # gradcam | attention (the supplement's Table 9 ablation)
+    apply_to: str = "features"  # features (image encoder output) | patch_embeddings (re-encode)
+    ratio: float = 0.5  # compensation: the masked weights of a map sum to ratio * N patches
+    text_masking: bool | None = None  # online encoders see the MLM-masked caption for ITC, ITM and MLM
+    image_distortion: bool | None = None  # online encoders see a more distorted image than the momentum ones
+    distortion_ops: int = 2  # extra RandAugment operations of the distorted view
+    distortion_magnitude: int = 9  # their magnitude, ALBEF's 0-10 scale
+
+    def validate(self, key: str) -> None:
+        if self.mask_source not in ("gradcam", "attention"):
+            raise ConfigError(f"{key}.mask_source must be 'gradcam' or 'attention', got '{self.mask_source}'")
+        if self.apply_to not in ("features", "patch_embeddings"):
+            raise ConfigError(f"{key}.apply_to must be 'features' or 'patch_embeddings', got '{self.apply_to}'")
+        if not 0 < self.ratio < 1:
+            raise ConfigError(f"{key}.ratio must be in (0, 1), got {self.ratio}")
+        if self.distortion_ops < 0 or not 0 <= self.distortion_magnitude <= 10:
+            raise ConfigError(f"{key}.distortion_ops must be >= 0 and {key}.distortion_magnitude in [0, 10]")
+
+
+# What `method` sets; any switch given explicitly in the config wins.
+METHOD_DEFAULTS = {
+    "albef": {"soft_masks": False, "text_masking": False, "image_distortion": False, "gamma": 0.0},
+    "softmask": {"soft_masks": True, "text_masking": True, "image_distortion": True, "gamma": 2.0},
+}
+METHODS = tuple(METHOD_DEFAULTS)
+
+
+@dataclass
 class Config:
     """A whole run's configuration."""
 
@@ -254,19 +296,46 @@ class Config:
     itc: ITCConfig = field(default_factory=ITCConfig)
     itm: ITMConfig = field(default_factory=ITMConfig)
     mlm: MLMConfig = field(default_factory=MLMConfig)
+    softmask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        self._resolve_method_switches()
         if self.data.max_tokens > self.model.text.max_positions:
             raise ConfigError(f"data.max_tokens ({self.data.max_tokens}) exceeds model.text.max_positions "
                               f"({self.model.text.max_positions})")
-        for name in ("data", "train", "distill", "itc", "itm", "mlm"):
+        for name in ("data", "train", "distill", "itc", "itm", "mlm", "softmask"):
             getattr(self, name).validate(name)
 
+    def _resolve_method_switches(self) -> None:
+        """Fill the switches left at None from ``method``; choose the Grad-CAM layer."""
+        defaults = METHOD_DEFAULTS[self.method]
+        for name in ("soft_masks", "text_masking", "image_distortion"):
+            if getattr(self.softmask, name) is None:
+                setattr(self.softmask, name, defaults[name])
+        if self.itc.gamma is None:
+            self.itc.gamma = defaults["gamma"]
+        fusion = self.model.text.num_fusion_layers
+        if self.softmask.layer is None:
+            self.softmask.layer = default_gradcam_layer(fusion)
+        if not 0 <= self.softmask.layer < fusion:
+            raise ConfigError(f"softmask.layer must be a fusion-layer index in [0, {fusion}), "
+                              f"got {self.softmask.layer}")
+        if (self.softmask.soft_masks and self.softmask.mask_source == "gradcam"
+                and self.softmask.layer == fusion - 1):
+            raise ConfigError(
+                f"softmask.layer {self.softmask.layer} is the last fusion layer: only its [CLS] row reaches the "
+                f"ITM head, so every word's Grad-CAM there is zero; choose a layer in [0, {fusion - 1}) "
+                "(a model needs at least 2 fusion layers for Grad-CAM soft masks)")
 
-METHODS = ("albef",)
+
+def default_gradcam_layer(num_fusion_layers: int) -> int:
+    """The fusion layer (0-based) whose cross-attention makes the word Grad-CAM maps: the 3rd (BERT
+    layer 8 of a 6/6 split, ALBEF's Grad-CAM layer), or the last but one in a shallower fusion encoder
+    (in the last layer only [CLS] reaches the ITM head, so word maps there are zero)."""
+    return max(0, min(2, num_fusion_layers - 2))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -115,7 +115,26 @@ def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
     return (images - mean.to(images)) / std.to(images)
 
 
-class TrainAugment(nn.Module):
+class _CpuRandomness(nn.Module):
+    """Keeps kornia's random samplers on the CPU generator when the module moves to a device, and
+    freezes kornia's learnable operation probabilities (augmentation is not trained; an unused
+    parameter would also break DDP)."""
+
+    def freeze(self) -> None:
+        for param in self.parameters():
+            param.requires_grad_(False)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Module.to()/.cuda() would move kornia's samplers to the device (its CUDA generator); keep them
+        # on the CPU generator, so torch.get_rng_state() alone reproduces the draws on any device
+        out = super()._apply(fn, *args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, _BasicAugmentationBase):
+                module.set_rng_device_and_dtype(torch.device("cpu"), torch.float32)
+        return out
+
+
+class TrainAugment(_CpuRandomness):
     """ALBEF's training augmentation, batched: uint8 (B, 3, S, S) -> float (B, 3, size, size), normalised.
 
     Random resized crop (``augment.crop_scale`` of the area, aspect ratio 3/4-4/3, bicubic) to
@@ -138,15 +157,7 @@ class TrainAugment(nn.Module):
         )
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
-
-    def _apply(self, fn, *args, **kwargs):
-        # Module.to()/.cuda() would move kornia's samplers to the device (its CUDA generator); keep them
-        # on the CPU generator, so torch.get_rng_state() alone reproduces the draws on any device
-        out = super()._apply(fn, *args, **kwargs)
-        for module in self.modules():
-            if isinstance(module, _BasicAugmentationBase):
-                module.set_rng_device_and_dtype(torch.device("cpu"), torch.float32)
-        return out
+        self.freeze()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -181,3 +192,23 @@ class EvalTransform(nn.Module):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
                               antialias=True).clamp_(0.0, 1.0)
         return _normalise(x, self.mean, self.std)
+
+
+class Distort(_CpuRandomness):
+    """A further distorted view of already normalised images (SoftMask's multi-modal augmentation):
+    float (B, 3, S, S) normalised -> the same shape, after ``ops`` more RandAugment operations of
+    ``magnitude`` (ALBEF's 0-10 scale) applied in pixel space. Randomness from torch's global CPU RNG."""
+
+    def __init__(self, ops: int, magnitude: int) -> None:
+        super().__init__()
+        self.randaug = AlbefRandAugment(ops, 3 * magnitude) if ops > 0 else None
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.randaug is None or images.shape[0] == 0:
+            return images
+        x = (images * self.std + self.mean).clamp_(0.0, 1.0)
+        return _normalise(self.randaug(x).clamp_(0.0, 1.0), self.mean, self.std)

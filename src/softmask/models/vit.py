@@ -128,7 +128,9 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, patch_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``patch_scale`` (B, N), optional: multiplies each patch embedding before the position
+        embeddings are added (SoftMask's ``apply_to: patch_embeddings``)."""
         size = self.cfg.image_size
         if pixels.dim() != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[-2:]) != (size, size):
             raise ValueError(
@@ -136,6 +138,8 @@ class VisionTransformer(nn.Module):
                 f"(model.vision.image_size), got {tuple(pixels.shape)}"
             )
         x = self.patch_embed(pixels)
+        if patch_scale is not None:
+            x = x * patch_scale[..., None].to(x.dtype)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)

@@ -42,9 +42,10 @@ class VisionLanguageModel(nn.Module):
 
     # ---- encoders ---------------------------------------------------------------------------
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) normalised pixels -> (B, 1 + N, Dv) tokens after the final LayerNorm."""
-        return self.visual_encoder(pixels)
+    def encode_image(self, pixels: torch.Tensor, patch_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, S, S) normalised pixels -> (B, 1 + N, Dv) tokens after the final LayerNorm.
+        ``patch_scale`` (B, N), optional, multiplies the patch embeddings at the input."""
+        return self.visual_encoder(pixels, patch_scale)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids and (B, T) mask (1 = token, 0 = padding) -> (B, T, D), the output of the

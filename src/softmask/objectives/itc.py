@@ -16,9 +16,11 @@ Usage in a training step (momentum features ``*_m``, queues of momentum features
 
 The temperature is clamped to [0.001, 0.5] by the caller (ALBEF clamps the parameter in place).
 
-Room for the focal variant (SoftMask): a later ``gamma`` keyword of :func:`itc_loss` /
-:func:`soft_cross_entropy` computing ``-sum_j y_j (1 - p_j)^gamma log p_j`` must take the plain
-path below when ``gamma == 0`` so that it equals this loss exactly.
+The focal variant (SoftMask) is :func:`focal_itc_loss` / :func:`focal_soft_cross_entropy`, computing
+``-sum_j y_j (1 - p_j)^gamma log p_j``; with ``gamma == 0`` they call :func:`itc_loss` /
+:func:`soft_cross_entropy` themselves, so they equal ALBEF's loss bit for bit::
+
+    loss = focal_itc_loss(sim_i2t, sim_t2i, t_i2t, t_t2i, cfg.itc.gamma, cfg.itc.focal, positives=pos)
 """
 
 from __future__ import annotations
@@ -136,3 +138,78 @@ def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, targets_i2t: torch.Te
         A float32 scalar; ``CE = mean over rows of -sum_j target_j * log_softmax(sim)_j``.
     """
     return (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
+
+
+FOCAL_MODES = ("all", "positive")
+
+
+def _check_focal(gamma: float, mode: str) -> float:
+    """``gamma`` as a float after checking it and ``mode``; a ValueError names the bad argument."""
+    gamma = float(gamma)
+    if not gamma >= 0:
+        raise ValueError(f"focal loss: gamma must be >= 0, got {gamma}")
+    if mode not in FOCAL_MODES:
+        raise ValueError(f"focal loss: mode must be one of {', '.join(FOCAL_MODES)}, got '{mode}'")
+    return gamma
+
+
+def focal_soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, gamma: float, mode: str = "all",
+                             positives: torch.Tensor | None = None) -> torch.Tensor:
+    """Focal cross-entropy against soft targets: mean over rows of ``-sum_j y_j f_j log p_j``.
+
+    ``p = softmax(logits)`` in float32 (autocast disabled). The focal factor is
+    ``f_j = (1 - p_j)^gamma`` at every column with ``mode="all"``; with ``mode="positive"`` it applies
+    only where ``positives`` is non-zero and ``f_j = 1`` elsewhere (so the distillation mass on the
+    negatives keeps its plain cross-entropy). The factor is *not* detached: as in the focal loss of
+    Lin et al. (2017), the gradient flows through ``(1 - p_j)^gamma`` too. ``1 - p_j`` is computed as
+    ``-expm1(log p_j)`` and floored at 1e-12, so the gradient stays finite for any ``gamma >= 0``
+    even when a row is saturated.
+
+    Args:
+        logits: (N, C) scores (any float dtype).
+        targets: (N, C) target distributions (e.g. from :func:`itc_targets`).
+        gamma: focusing parameter >= 0; ``gamma == 0`` returns :func:`soft_cross_entropy` exactly
+            (``positives`` is then not needed).
+        mode: ``"all"`` or ``"positive"`` (the config's ``itc.focal``).
+        positives: (N, C) bool or float, non-zero at each row's positives (the matrix given to
+            :func:`itc_targets`); required with ``mode="positive"``, ignored with ``mode="all"``.
+
+    Returns:
+        A float32 scalar.
+    """
+    gamma = _check_focal(gamma, mode)
+    if gamma == 0.0:
+        return soft_cross_entropy(logits, targets)
+    if mode == "positive" and positives is None:
+        raise ValueError("focal loss: mode='positive' needs the positives matrix")
+    log_p = float32_log_softmax(logits, dim=-1)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        factor = (-torch.expm1(log_p)).clamp_min(1e-12).pow(gamma)
+        if mode == "positive":
+            factor = torch.where(positives.to(device=factor.device) != 0, factor, torch.ones_like(factor))
+        return -(targets.float() * factor * log_p).sum(dim=-1).mean()
+
+
+def focal_itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, targets_i2t: torch.Tensor,
+                   targets_t2i: torch.Tensor, gamma: float, mode: str = "all",
+                   positives: torch.Tensor | None = None) -> torch.Tensor:
+    """Focal ITC ``-1/2 E[sum_j y_j (1 - p_j)^gamma log p_j]`` over both directions (SoftMask).
+
+    Args:
+        sim_i2t: (B, K) image-to-text similarities of the online model.
+        sim_t2i: (B, K) text-to-image similarities.
+        targets_i2t: (B, K) targets from :func:`itc_targets`.
+        targets_t2i: (B, K).
+        gamma: focusing parameter >= 0 (``itc.gamma``); ``gamma == 0`` returns :func:`itc_loss`
+            exactly.
+        mode: ``"all"`` (the factor on every column) or ``"positive"`` (only on the positives).
+        positives: (B, K) non-zero at the positives, the same matrix for both directions (as in
+            :func:`itc_targets`); required with ``mode="positive"``.
+
+    Returns:
+        A float32 scalar; see :func:`focal_soft_cross_entropy` for the details.
+    """
+    if _check_focal(gamma, mode) == 0.0:
+        return itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
+    return (focal_soft_cross_entropy(sim_i2t, targets_i2t, gamma, mode, positives)
+            + focal_soft_cross_entropy(sim_t2i, targets_t2i, gamma, mode, positives)) / 2

@@ -19,12 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from softmask.config import Config
-from softmask.data.transforms import EvalTransform, TrainAugment
+from softmask.data.transforms import Distort, EvalTransform, TrainAugment
 from softmask.models.vlp import VisionLanguageModel
-from softmask.objectives.itc import itc_loss, itc_targets, similarities
+from softmask.objectives.itc import focal_itc_loss, itc_targets, similarities
 from softmask.objectives.itm import itm_loss, sample_hard_negatives
 from softmask.objectives.mlm import mask_tokens, mlm_loss
 from softmask.objectives.queue import FeatureQueue
+from softmask.objectives.softmask import (
+    apply_soft_mask,
+    attention_maps,
+    choose_words,
+    gradcam_maps,
+    make_soft_mask,
+)
 from softmask.train import dist
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm")
@@ -50,7 +57,7 @@ class PretrainTask(nn.Module):
     """The ALBEF pretraining objectives around a :class:`VisionLanguageModel`."""
 
     def __init__(self, cfg: Config, model: VisionLanguageModel, special_ids: dict[str, int],
-                 alpha_warmup_steps: int):
+                 alpha_warmup_steps: int, continuation: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.model = model
@@ -62,6 +69,13 @@ class PretrainTask(nn.Module):
         self.text_queue = FeatureQueue(dim, cfg.itc.queue_size)
         size = cfg.model.vision.image_size
         self.augment = TrainAugment(size, cfg.data.augment) if cfg.data.augment.enabled else EvalTransform(size)
+        self.distort = Distort(cfg.softmask.distortion_ops, cfg.softmask.distortion_magnitude)
+        if cfg.softmask.soft_masks and continuation is None:
+            raise ValueError("soft masks need the tokenizer's WordPiece continuation table")
+        # (V,) bool: which vocabulary entries continue a word ("##..."); a buffer so it follows the device.
+        self.register_buffer("continuation", continuation if continuation is not None
+                             else torch.zeros(0, dtype=torch.bool), persistent=False)
+        self._last_weight_fraction = torch.zeros(())
         self.special_ids = sorted({special_ids["cls"], special_ids["sep"], special_ids["pad"]})
         self.mask_id = special_ids["mask"]
         self.alpha_warmup_steps = max(1, alpha_warmup_steps)
@@ -79,17 +93,26 @@ class PretrainTask(nn.Module):
     def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """One micro-batch: ``images`` uint8 (B, 3, S, S), ``input_ids``/``attention_mask`` (B, T).
         Returns the weighted total ``loss`` (with gradient) and the detached parts."""
-        cfg, model, mm = self.cfg, self.model, self.momentum_model
+        cfg, sm, model, mm = self.cfg, self.cfg.softmask, self.model, self.momentum_model
         device = model.temp.device
         ids = batch["input_ids"].to(device, non_blocking=True)
         mask = batch["attention_mask"].to(device, non_blocking=True)
         length = dist.all_reduce_max_int(ids.shape[1], device)  # one text length across ranks
         ids, mask = _pad_to(ids, length), _pad_to(mask, length)
-        images = self.augment(batch["images"].to(device, non_blocking=True))
+        images_m = self.augment(batch["images"].to(device, non_blocking=True))  # ALBEF's augmentation
+        images = self.distort(images_m) if sm.image_distortion else images_m  # the online encoders' view
         b, rank, world = ids.shape[0], dist.rank(), dist.world_size()
         rows = torch.arange(b, device=device) + rank * b
         gen = step_generator(self.cfg.seed, step, micro, device)
         alpha = self.alpha(step)
+
+        # MLM masks, drawn for the whole global batch so that every rank draws the same stream.
+        ids_all, mask_all = dist.all_gather(ids), dist.all_gather(mask)
+        masked_all, targets_all = mask_tokens(ids_all, mask_all, cfg.model.text.vocab_size, self.special_ids,
+                                              cfg.mlm.probability, gen, self.mask_id)
+        masked_ids, mlm_targets = masked_all[rows], targets_all[rows]
+        chosen = mlm_targets != -100
+        online_ids = masked_ids if sm.text_masking else ids  # multi-modal augmentation: the masked caption
 
         with torch.no_grad():
             model.temp.clamp_(0.001, 0.5)
@@ -97,13 +120,13 @@ class PretrainTask(nn.Module):
 
         # ---- unimodal encoders and ITC ----------------------------------------------------------
         image_embeds = model.encode_image(images)
-        text_embeds = model.encode_text(ids, mask)
+        text_embeds = model.encode_text(online_ids, mask)
         image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds)
         with torch.no_grad():
             self.momentum_update()
-            image_embeds_m = mm.encode_image(images)
+            image_embeds_m = mm.encode_image(images_m)
             image_feat_m = mm.image_feat(image_embeds_m)
-            text_feat_m = mm.text_feat(mm.encode_text(ids, mask))
+            text_feat_m = mm.text_feat(mm.encode_text(ids, mask))  # targets from the clean caption
             image_feat_m_all, text_feat_m_all = dist.all_gather(image_feat_m), dist.all_gather(text_feat_m)
             image_bank = torch.cat([image_feat_m_all, self.image_queue.all()])  # (B_global + Q, E)
             text_bank = torch.cat([text_feat_m_all, self.text_queue.all()])
@@ -112,34 +135,51 @@ class PretrainTask(nn.Module):
             positives[torch.arange(b, device=device), rows] = 1.0
             targets_i2t, targets_t2i = itc_targets(sim_i2t_m, sim_t2i_m, positives, alpha)
         sim_i2t, sim_t2i = similarities(image_feat, text_feat, image_bank, text_bank, temp)
-        loss_itc = itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
+        loss_itc = focal_itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i, cfg.itc.gamma, cfg.itc.focal,
+                                  positives=positives.bool())
 
-        # ---- ITM: positives and hard negatives in one fusion pass ------------------------------
+        # ---- fusion of the positive pairs: ITM positives (and MLM, Grad-CAM) ------------------
+        layer = sm.layer if sm.soft_masks else None
+        fused_pos = model.fuse(text_embeds, mask, image_embeds, attention_layer=layer)
+        fused_pos, attn = fused_pos if layer is not None else (fused_pos, None)
+        logits_pos = model.itm_logits(fused_pos)
+        soft_images, soft_rows = None, torch.zeros(b, dtype=torch.bool, device=device)
+        if sm.soft_masks:
+            # Word choice draws from its own per-rank stream, so that the shared stream (hard negatives)
+            # stays identical on every rank.
+            gen_words = step_generator(self.cfg.seed + 7919 * (rank + 1), step, micro, device)
+            soft_images, soft_rows = self._soft_masked_images(logits_pos, attn, images, image_embeds, ids,
+                                                              online_ids, mask, gen_words)
+
+        # ---- ITM: hard negatives and soft-masked positives in one fusion pass ------------------
         text_neg, mask_neg, image_neg, valid = self._hard_negatives(
             image_feat, text_feat, image_feat_m_all, text_feat_m_all, image_embeds, text_embeds, ids, mask,
             temp, gen, rows)
-        fused = model.fuse(
-            torch.cat([text_embeds, text_embeds[valid], text_neg[valid]]),
-            torch.cat([mask, mask[valid], mask_neg[valid]]),
-            torch.cat([image_embeds, image_neg[valid], image_embeds[valid]]),
-        )
-        num_neg = 2 * int(valid.sum())
+        texts = [text_embeds[valid], text_neg[valid]]
+        masks = [mask[valid], mask_neg[valid]]
+        images_fused = [image_neg[valid], image_embeds[valid]]
+        if soft_images is not None:
+            texts.append(text_embeds[soft_rows])
+            masks.append(mask[soft_rows])
+            images_fused.append(soft_images)
+        logits_rest = model.itm_logits(model.fuse(torch.cat(texts), torch.cat(masks), torch.cat(images_fused)))
+        num_neg, num_soft = 2 * int(valid.sum()), int(soft_rows.sum())
         labels = torch.cat([torch.ones(b, dtype=torch.long, device=device),
-                            torch.zeros(num_neg, dtype=torch.long, device=device)])
-        loss_itm = self._global_mean(itm_loss(model.itm_logits(fused), labels), b + num_neg, device, world)
+                            torch.zeros(num_neg, dtype=torch.long, device=device),
+                            torch.ones(num_soft, dtype=torch.long, device=device)])
+        logits_itm = torch.cat([logits_pos, logits_rest])
+        loss_itm = self._global_mean(itm_loss(logits_itm, labels), b + num_neg + num_soft, device, world)
 
         # ---- MLM with distillation --------------------------------------------------------------
-        ids_all, mask_all = dist.all_gather(ids), dist.all_gather(mask)
-        masked_all, targets_all = mask_tokens(ids_all, mask_all, cfg.model.text.vocab_size, self.special_ids,
-                                              cfg.mlm.probability, gen, self.mask_id)
-        masked_ids, mlm_targets = masked_all[rows], targets_all[rows]
-        chosen = mlm_targets != -100
-        fused_mlm = model.fuse(model.encode_text(masked_ids, mask), mask, image_embeds)
-        logits = model.mlm_logits(fused_mlm[chosen])  # (M, vocab): only the masked positions
-        with torch.no_grad():
+        if sm.text_masking:  # the positive pass already saw the masked caption
+            fused_mlm = fused_pos
+        else:  # ALBEF: a separate pass of the masked caption
+            fused_mlm = model.fuse(model.encode_text(masked_ids, mask), mask, image_embeds)
+        logits_mlm = model.mlm_logits(fused_mlm[chosen])  # (M, vocab): only the masked positions
+        with torch.no_grad():  # the teacher sees the same masked caption as the student (ALBEF)
             fused_mlm_m = mm.fuse(mm.encode_text(masked_ids, mask), mask, image_embeds_m)
             teacher = mm.mlm_logits(fused_mlm_m[chosen])
-        loss_mlm = self._global_mean(mlm_loss(logits, mlm_targets[chosen], teacher, alpha),
+        loss_mlm = self._global_mean(mlm_loss(logits_mlm, mlm_targets[chosen], teacher, alpha),
                                      int(chosen.sum()), device, world)
 
         with torch.no_grad():
@@ -148,9 +188,40 @@ class PretrainTask(nn.Module):
                 self.text_queue.enqueue(text_feat_m_all)
 
         loss = cfg.itc.weight * loss_itc + cfg.itm.weight * loss_itm + cfg.mlm.weight * loss_mlm
-        return {"loss": loss, "loss_itc": loss_itc.detach(), "loss_itm": loss_itm.detach(),
-                "loss_mlm": loss_mlm.detach(), "alpha": torch.tensor(alpha), "temp": temp.detach(),
-                "itm_missing_negatives": (~valid).sum().detach().float()}
+        out = {"loss": loss, "loss_itc": loss_itc.detach(), "loss_itm": loss_itm.detach(),
+               "loss_mlm": loss_mlm.detach(), "alpha": torch.tensor(alpha), "temp": temp.detach(),
+               "itm_missing_negatives": (~valid).sum().detach().float()}
+        if sm.soft_masks:
+            soft_logits = logits_itm[b + num_neg:].detach()
+            out["loss_itm_soft"] = (F.cross_entropy(soft_logits.float(), labels[b + num_neg:]) if num_soft
+                                    else torch.zeros((), device=device))
+            out["soft_mask_share"] = soft_rows.float().mean()
+            out["mask_weight_fraction"] = self._last_weight_fraction
+        return out
+
+    def _soft_masked_images(self, logits_pos, attn, images, image_embeds, clean_ids, online_ids, mask,
+                            gen_words):
+        """Word-conditional Grad-CAM of the ITM match logit w.r.t. the kept cross-attention (a partial
+        backward to that attention only), one word per pair, normalised and half-compensated soft masks,
+        applied to the image tokens (or patch embeddings, re-encoded).
+
+        Returns soft-masked image tokens (S, 1 + N, Dv) for the S pairs that had an eligible word, and
+        the (B,) bool of those pairs."""
+        sm = self.cfg.softmask
+        if sm.mask_source == "gradcam":
+            (grad,) = torch.autograd.grad(logits_pos[:, 1].sum(), attn, retain_graph=True)
+            token_maps = gradcam_maps(attn.detach(), grad)
+        else:
+            token_maps = attention_maps(attn.detach())
+        with torch.no_grad():
+            word_maps, has_word, _ = choose_words(token_maps.float(), clean_ids, online_ids, mask,
+                                                  self.continuation, self.special_ids, self.mask_id, gen_words)
+            soft = make_soft_mask(word_maps, sm.ratio)  # (B, N), detached
+            self._last_weight_fraction = (1.0 - soft[has_word]).mean() if has_word.any() \
+                else torch.zeros((), device=soft.device)
+        if sm.apply_to == "features":
+            return apply_soft_mask(image_embeds[has_word], soft[has_word]), has_word
+        return self.model.encode_image(images[has_word], patch_scale=soft[has_word]), has_word
 
     @staticmethod
     def _global_mean(local_mean: torch.Tensor, count: int, device: torch.device, world: int) -> torch.Tensor:
@@ -241,9 +312,25 @@ def build_data(cfg: Config, rank: int, world_size: int):
     return LoaderSource(loader, sampler)
 
 
+def build_task(cfg: Config, model: VisionLanguageModel, alpha_warmup_steps: int) -> PretrainTask:
+    """The pretraining task with the tokenizer's special ids and WordPiece continuation table."""
+    from softmask.config import ConfigError
+    from softmask.data.text import load_tokenizer, special_token_ids
+    from softmask.objectives.softmask import continuation_table
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens)
+    if tokenizer.get_vocab_size() > cfg.model.text.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but model.text.vocab_size is "
+                          f"{cfg.model.text.vocab_size}")
+    vocab = tokenizer.get_vocab()
+    continuation = continuation_table(vocab)
+    if continuation.numel() < cfg.model.text.vocab_size:  # ids the tokenizer never produces
+        continuation = F.pad(continuation, (0, cfg.model.text.vocab_size - continuation.numel()))
+    return PretrainTask(cfg, model, special_token_ids(tokenizer), alpha_warmup_steps, continuation)
+
+
 def pretrain(cfg: Config):
     """Pretrain ``cfg.method`` on ``cfg.data.train`` into ``cfg.output_dir`` (one process or torchrun)."""
-    from softmask.data.text import load_tokenizer, special_token_ids
     from softmask.models.vlp import create_model
     from softmask.train.loop import total_steps_for, train
 
@@ -251,12 +338,11 @@ def pretrain(cfg: Config):
     try:
         torch.manual_seed(cfg.seed)  # the same initial weights and queues on every rank
         data = build_data(cfg, info.rank, info.world_size)
-        special = special_token_ids(load_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens))
         model = create_model(cfg)
         per_epoch = data.batches_per_epoch
         warmup = cfg.distill.alpha_warmup_steps or (
             per_epoch // cfg.train.grad_accum if per_epoch else total_steps_for(cfg, per_epoch))
-        task = PretrainTask(cfg, model, special, warmup)  # queues start equal on every rank
+        task = build_task(cfg, model, warmup)  # queues start equal on every rank
         torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout and augmentation differ across ranks
         return train(cfg, task, data, info)
     finally:

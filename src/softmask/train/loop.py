@@ -102,6 +102,16 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _no_buffer_sync() -> dict:
+    """DDP keyword for "sync buffers (queues) at construction, not at every forward"; newer PyTorch
+    renamed it."""
+    import inspect
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
@@ -132,7 +142,7 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
     module = task
     if info.world_size > 1:
         ids = [info.device.index] if info.device.type == "cuda" else None
-        module = DistributedDataParallel(task, device_ids=ids, broadcast_buffers=False)
+        module = DistributedDataParallel(task, device_ids=ids, **_no_buffer_sync())
 
     logger = RunLogger(out, info.is_main, total_steps, state.step)
 

@@ -1,0 +1,138 @@
+"""Loading a trained model for inference, visualisation and evaluation.
+
+:func:`load_model` accepts the three things a user is likely to hold after training:
+
+* a training run's ``output_dir`` (``config.yaml`` plus ``checkpoints/step_*.pt`` and/or ``model/``):
+  the newest checkpoint is used, else the ``model/`` folder written at the end of the run;
+* one checkpoint file inside a run's ``checkpoints/`` folder (the run's ``config.yaml`` is two levels up);
+* a ``save_pretrained`` folder (``config.yaml`` with a ``model`` section + ``model.safetensors``).
+
+Training checkpoints hold the :class:`~softmask.tasks.pretrain.PretrainTask` state dict under
+``"task"``; the online model's tensors are the ones under the ``model.`` prefix (the momentum copy,
+queues and optimiser state are not needed here).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from softmask.config import Config, load_config
+from softmask.models.loading import CheckpointError
+from softmask.models.vlp import CONFIG_FILE, WEIGHTS_FILE, VisionLanguageModel, create_model, from_pretrained
+from softmask.train.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
+
+RUN_CONFIG = "config.yaml"
+RUN_MODEL_DIR = "model"
+MODEL_PREFIX = "model."
+
+
+def _is_pretrained_folder(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def _is_run_folder(path: Path) -> bool:
+    if not (path / RUN_CONFIG).is_file():
+        return False
+    return bool(list_checkpoints(path)) or _is_pretrained_folder(path / RUN_MODEL_DIR)
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The resolved config of a training run (``run_dir/config.yaml``) with every ``init`` field
+    cleared, so that building a model from it never loads the initial checkpoints again."""
+    cfg = load_config(Path(run_dir) / RUN_CONFIG)
+    cfg.model.init = cfg.model.vision.init = cfg.model.text.init = ""
+    return cfg
+
+
+def model_state_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The online model's state dict from a training checkpoint: the ``model.``-prefixed tensors of
+    its ``"task"`` entry, prefix removed. Read with ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refuses to load: holds pickled objects other than tensors "
+                              f"({str(exc).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    task = ckpt.get("task") if isinstance(ckpt, dict) else None
+    if not isinstance(task, dict):
+        raise CheckpointError(f"{path}: not a softmask training checkpoint (no 'task' state dict)")
+    state = {k[len(MODEL_PREFIX):]: v for k, v in task.items() if k.startswith(MODEL_PREFIX)}
+    if not state:
+        raise CheckpointError(f"{path}: the 'task' state dict has no '{MODEL_PREFIX}*' tensors")
+    return state
+
+
+def _load_strict(model: VisionLanguageModel, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load every tensor of ``model`` from ``state``, with a CheckpointError listing what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+            if keys:
+                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+                parts.append(f"{label}: {', '.join(keys[:5])}{more}")
+        raise CheckpointError(f"{source}: does not match the run's config.yaml; " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def _from_checkpoint(ckpt: Path, run_dir: Path) -> tuple[VisionLanguageModel, Config]:
+    cfg = load_run_config(run_dir)
+    model = create_model(cfg, load_weights=False)
+    _load_strict(model, model_state_from_checkpoint(ckpt), ckpt)
+    return model, cfg
+
+
+def load_model(path: str | Path, *, device: str | torch.device | None = None
+               ) -> tuple[VisionLanguageModel, Config | None]:
+    """Load a trained model for inference.
+
+    Args:
+        path: a training run's ``output_dir`` (newest ``checkpoints/step_*.pt``, else ``model/``), a
+            checkpoint file inside a run's ``checkpoints/`` folder, or a ``save_pretrained`` folder.
+        device: where to put the model (default: stays on the CPU).
+
+    Returns:
+        (model in eval mode, the run's config with the ``init`` fields cleared); the config is None
+        for a ``save_pretrained`` folder, which only holds the model section.
+
+    Raises:
+        CheckpointError: ``path`` is missing, is none of the three, or its tensors do not fit its config.
+        ConfigError: the run's ``config.yaml`` is invalid.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    cfg: Config | None = None
+    if path.is_file():
+        run_dir = path.parent.parent
+        if path.parent.name != CHECKPOINT_DIR or not (run_dir / RUN_CONFIG).is_file():
+            raise CheckpointError(
+                f"{path}: a checkpoint file must lie in a training run's {CHECKPOINT_DIR}/ folder, next to "
+                f"the run's {RUN_CONFIG} ({run_dir / RUN_CONFIG} not found)")
+        model, cfg = _from_checkpoint(path, run_dir)
+    elif _is_pretrained_folder(path):
+        model = from_pretrained(path)
+    elif _is_run_folder(path):
+        found = list_checkpoints(path)
+        if found:
+            model, cfg = _from_checkpoint(found[-1], path)
+        else:
+            cfg = load_run_config(path)
+            model = from_pretrained(path / RUN_MODEL_DIR)
+    else:
+        raise CheckpointError(
+            f"{path}: not a training run folder ({RUN_CONFIG} + {CHECKPOINT_DIR}/step_*.pt or "
+            f"{RUN_MODEL_DIR}/), a checkpoint file in a run's {CHECKPOINT_DIR}/ folder, or a save_pretrained "
+            f"folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    if device is not None:
+        model.to(device)
+    return model.eval(), cfg

@@ -1,0 +1,402 @@
+"""Word-level Grad-CAM of the ITM match logit, and figures of it.
+
+:func:`word_gradcam` computes, for one image-caption pair, one map over the image patches per word
+of the caption (the same maps that make the paper's soft masks, see
+:mod:`softmask.objectives.softmask`), the sentence map (their mean) and the ITM match probability.
+:func:`save_overlays` and :func:`save_comparison` draw them with matplotlib's object-oriented API
+(``matplotlib.figure.Figure`` rendered by Agg; pyplot and its global backend are not touched).
+
+Shapes: T text tokens, N = g * g image patches, W words, S image side in pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from softmask.objectives.softmask import attention_maps, continuation_table, gradcam_maps, word_ids
+
+log = logging.getLogger("softmask")
+
+SOURCES = ("gradcam", "attention")
+CONTINUATION_PREFIX = "##"
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokens -> words
+# --------------------------------------------------------------------------------------------------
+
+
+def vocab_strings(tokenizer) -> list[str]:
+    """The WordPiece vocabulary as a list: ``strings[id]`` is the piece of token ``id`` (V entries)."""
+    vocab = tokenizer.get_vocab()
+    strings = [""] * (max(vocab.values()) + 1)
+    for piece, index in vocab.items():
+        strings[index] = piece
+    return strings
+
+
+def group_words(input_ids: torch.Tensor, attention_mask: torch.Tensor, continuation: torch.Tensor,
+                special_ids: Collection[int], vocab: Sequence[str]) -> tuple[list[str], list[list[int]]]:
+    """Merge the WordPiece pieces of one caption back into words, with the segmentation the soft masks
+    use in training (:func:`softmask.objectives.softmask.word_ids`).
+
+    Args:
+        input_ids: (T,) token ids; attention_mask: (T,), 1 = token, 0 = padding.
+        continuation: (V,) bool from :func:`softmask.objectives.softmask.continuation_table`.
+        special_ids: ids that are never words ([CLS], [SEP], [PAD]).
+        vocab: V piece strings, ``vocab[id]`` (see :func:`vocab_strings`).
+
+    Returns:
+        (words, positions): W words (pieces joined, ``##`` removed), and each word's token positions.
+    """
+    numbers = word_ids(input_ids.cpu()[None], attention_mask.cpu()[None], continuation.cpu(), special_ids)[0]
+    words: list[str] = []
+    positions: list[list[int]] = []
+    for t, (token, number) in enumerate(zip(input_ids.tolist(), numbers.tolist(), strict=True)):
+        if number < 0:
+            continue
+        piece = vocab[token] if 0 <= token < len(vocab) else "[UNK]"
+        piece = piece[len(CONTINUATION_PREFIX):] if piece.startswith(CONTINUATION_PREFIX) else piece
+        if number == len(words):
+            words.append(piece)
+            positions.append([t])
+        else:
+            words[number] += piece
+            positions[number].append(t)
+    return words, positions
+
+
+# --------------------------------------------------------------------------------------------------
+# Maps
+# --------------------------------------------------------------------------------------------------
+
+
+def word_gradcam(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int,
+                 source: str = "gradcam", *, special_ids: Collection[int], continuation: torch.Tensor,
+                 vocab: Sequence[str]) -> dict:
+    """Per-word maps of one image-caption pair.
+
+    Grad-CAM (``source="gradcam"``): the fusion encoder's cross-attention ``attn`` of fusion layer
+    ``layer`` and the gradient of the ITM match logit with respect to it (``torch.autograd.grad``; no
+    parameter gradient is computed or stored) give :func:`~softmask.objectives.softmask.gradcam_maps`.
+    In the last fusion layer only the [CLS] row reaches the ITM head, so there every word's Grad-CAM
+    map is zero. ``source="attention"`` uses the cross-attention itself
+    (:func:`~softmask.objectives.softmask.attention_maps`). A word's map is the mean of its pieces' maps.
+
+    Args:
+        model: a :class:`~softmask.models.vlp.VisionLanguageModel`, on any device; run in eval mode
+            (its training/eval mode is restored afterwards).
+        pixels: (1, 3, S, S) normalised image.
+        input_ids: (1, T) token ids; attention_mask: (1, T), 1 = token, 0 = padding.
+        layer: fusion-layer index (0-based within the fusion encoder).
+        source: ``"gradcam"`` or ``"attention"``.
+        special_ids: ids that are not caption words ([CLS], [SEP], [PAD]).
+        continuation: (V,) bool, True for WordPiece continuation pieces (``##...``), from
+            :func:`softmask.objectives.softmask.continuation_table`.
+        vocab: V piece strings, ``vocab[id]`` (see :func:`vocab_strings`).
+
+    Returns:
+        ``{"words": list of W str, "maps": (W, g, g) float32 CPU tensor, >= 0, "sentence_map": (g, g)
+        mean of the word maps, "itm_prob": float, softmax of the ITM logits for the match class,
+        "layer": int, "source": str}``.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got '{source}'")
+    if pixels.dim() != 4 or pixels.shape[0] != 1 or input_ids.shape[0] != 1:
+        raise ValueError(f"word_gradcam takes one pair: pixels (1, 3, S, S) and input_ids (1, T), got "
+                         f"{tuple(pixels.shape)} and {tuple(input_ids.shape)}")
+    words, positions = group_words(input_ids[0], attention_mask[0], continuation, special_ids, vocab)
+    if not words:
+        raise ValueError("the caption has no words (only special tokens)")
+
+    device = next(model.parameters()).device
+    pixels, input_ids, attention_mask = pixels.to(device), input_ids.to(device), attention_mask.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            image_embeds = model.encode_image(pixels)
+            text_embeds = model.encode_text(input_ids, attention_mask)
+        with torch.enable_grad():
+            # The fusion input requires grad, so the attention is in a graph even for frozen parameters;
+            # autograd.grad below differentiates only with respect to the attention.
+            text_embeds = text_embeds.detach().requires_grad_(True)
+            fused, attn = model.fuse(text_embeds, attention_mask, image_embeds.detach(), attention_layer=layer)
+            logits = model.itm_logits(fused)  # (1, 2)
+            if source == "gradcam":
+                (grad,) = torch.autograd.grad(logits[:, 1].sum(), attn)
+                token_maps = gradcam_maps(attn.detach(), grad)  # (1, T, N)
+            else:
+                token_maps = attention_maps(attn.detach())
+    finally:
+        model.train(was_training)
+
+    token_maps = token_maps[0].float().cpu()  # (T, N)
+    side = math.isqrt(token_maps.shape[1])
+    if side * side != token_maps.shape[1]:
+        raise ValueError(f"{token_maps.shape[1]} image patches do not form a square grid")
+    maps = torch.stack([token_maps[p].mean(0) for p in positions]).view(len(words), side, side)
+    return {
+        "words": words,
+        "maps": maps,
+        "sentence_map": maps.mean(0),
+        "itm_prob": float(logits.detach().float().softmax(-1)[0, 1]),
+        "layer": layer,
+        "source": source,
+    }
+
+
+def upsample_map(grid_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(g, g) map -> (H, W) float array in [0, 1]: bicubic upsampling, then min-max normalisation
+    (a constant map gives zeros)."""
+    x = F.interpolate(grid_map.detach().float().cpu()[None, None], size=size, mode="bicubic", align_corners=False)
+    x = x[0, 0]
+    low, high = x.min(), x.max()
+    x = (x - low) / (high - low) if high > low else torch.zeros_like(x)
+    return x.numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------
+
+ALPHA = 0.5
+PANEL_INCHES = 2.2
+MAX_COLUMNS = 6
+
+
+def safe_name(word: str) -> str:
+    """A file-name-safe version of a word: [a-z0-9_-] kept, runs of anything else become ``_``."""
+    name = re.sub(r"[^a-z0-9_-]+", "_", word.lower()).strip("_")
+    return name or "word"
+
+
+def word_file_names(words: Sequence[str]) -> list[str]:
+    """``01_a.png``, ``02_brown.png``, ``03_dog.png``, ...: 1-based position, then the safe word."""
+    width = max(2, len(str(len(words))))
+    return [f"{i:0{width}d}_{safe_name(w)}.png" for i, w in enumerate(words, start=1)]
+
+
+def _figure(rows: int, cols: int, extra_height: float = 0.0):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(PANEL_INCHES * cols, PANEL_INCHES * rows + extra_height), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    return fig, axes
+
+
+def _draw(ax, image: np.ndarray, grid_map: torch.Tensor | None, title: str) -> None:
+    """The image, with the map as a jet overlay when one is given, titled."""
+    ax.imshow(image)
+    if grid_map is not None:
+        heat = upsample_map(grid_map, image.shape[:2])
+        ax.imshow(heat, cmap="jet", alpha=ALPHA, vmin=0.0, vmax=1.0)
+    ax.set_title(title, fontsize=9)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, format="png", bbox_inches="tight")
+    return path
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (S, S, 3), got {image.dtype} {image.shape}")
+    return image
+
+
+def _title(result: dict) -> str:
+    return f"ITM match probability {result['itm_prob']:.3f}  ({result['source']}, fusion layer {result['layer']})"
+
+
+def save_overlays(image: np.ndarray, result: dict, out_dir: str | Path) -> list[Path]:
+    """Write one overlay per word (``01_a.png``, ...), ``sentence.png`` and ``grid.png`` into ``out_dir``.
+
+    Args:
+        image: uint8 (S, S, 3), the image the model saw.
+        result: the dict of :func:`word_gradcam` (``words``, ``maps`` (W, g, g), ``sentence_map``
+            (g, g), ``itm_prob``).
+        out_dir: created if needed.
+
+    Returns:
+        The paths written: the W word figures, then ``sentence.png``, then ``grid.png``.
+    """
+    image = _check_image(image)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    words, maps = result["words"], result["maps"]
+    written = []
+    for word, grid_map, name in zip(words, maps, word_file_names(words), strict=True):
+        fig, axes = _figure(1, 1)
+        _draw(axes[0, 0], image, grid_map, word)
+        written.append(_save(fig, out / name))
+    fig, axes = _figure(1, 1)
+    _draw(axes[0, 0], image, result["sentence_map"], "sentence: " + " ".join(words))
+    written.append(_save(fig, out / "sentence.png"))
+
+    panels = [("image", None), ("sentence", result["sentence_map"])] + list(zip(words, maps, strict=True))
+    cols = min(MAX_COLUMNS, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = _figure(rows, cols, extra_height=0.4)
+    for ax, (title, grid_map) in zip(axes.flat, panels, strict=False):
+        _draw(ax, image, grid_map, title)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{' '.join(words)}\n{_title(result)}", fontsize=10)
+    written.append(_save(fig, out / "grid.png"))
+    return written
+
+
+def save_comparison(image: np.ndarray, results: Sequence[tuple[str, dict]], out_path: str | Path) -> Path:
+    """One grid, a row per model: the image, the sentence map and every word map.
+
+    Args:
+        image: uint8 (S, S, 3).
+        results: (label, :func:`word_gradcam` result) per model; every result must have the same words.
+        out_path: the PNG to write (its folder is created if needed).
+
+    Returns:
+        ``out_path``.
+    """
+    image = _check_image(image)
+    if not results:
+        raise ValueError("save_comparison needs at least one result")
+    words = results[0][1]["words"]
+    for label, result in results[1:]:
+        if result["words"] != words:
+            raise ValueError(f"{label}: words {result['words']} differ from {results[0][0]}'s {words}")
+    cols = 2 + len(words)
+    fig, axes = _figure(len(results), cols, extra_height=0.4)
+    for row, (label, result) in enumerate(results):
+        panels = [("image", None), ("sentence", result["sentence_map"])] + list(zip(words, result["maps"],
+                                                                                  strict=True))
+        for ax, (title, grid_map) in zip(axes[row], panels, strict=True):
+            _draw(ax, image, grid_map, title)
+        axes[row, 0].set_ylabel(f"{label}\nITM {result['itm_prob']:.3f}", fontsize=9)
+    fig.suptitle(f"{' '.join(words)}  ({results[0][1]['source']})", fontsize=10)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, out)
+
+
+# --------------------------------------------------------------------------------------------------
+# From files to figures (the ``softmask gradcam`` command)
+# --------------------------------------------------------------------------------------------------
+
+MAX_TOKENS = 64  # caption tokens, [CLS] and [SEP] included (capped by the model's max_positions)
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+def default_layer(model, cfg=None) -> int:
+    """The run config's ``softmask.layer`` when there is one, else
+    :func:`softmask.config.default_gradcam_layer` (the third fusion layer, ALBEF's Grad-CAM layer)."""
+    from softmask.config import default_gradcam_layer
+
+    layer = getattr(getattr(cfg, "softmask", None), "layer", None)
+    if layer is not None:
+        return int(layer)
+    return default_gradcam_layer(model.config.text.num_fusion_layers)
+
+
+def prepare_image(path: str | Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+                  ) -> tuple[torch.Tensor, np.ndarray]:
+    """An image file (any Pillow mode) -> ((1, 3, S, S) normalised pixels, uint8 (S, S, 3) image),
+    squashed to the model's side S with Pillow's bicubic filter, normalised as in evaluation.
+
+    Raises:
+        FileNotFoundError: no such file. BadSample: not a readable image (the message names it).
+    """
+    from softmask.data.images import load_image, to_tensor
+    from softmask.data.transforms import EvalTransform
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    uint8 = to_tensor(load_image(str(path), max_pixels), image_size)  # (3, S, S)
+    pixels = EvalTransform(image_size)(uint8[None])
+    return pixels, uint8.permute(1, 2, 0).numpy()
+
+
+def gradcam_figures(checkpoints: Sequence[str | Path], image_path: str | Path, text: str, out_dir: str | Path,
+                    layer: int | None = None, source: str = "gradcam") -> tuple[list[tuple[str, dict]], list[Path]]:
+    """Load each model with :func:`softmask.inference.load_model`, compute :func:`word_gradcam` for the
+    image and the cleaned caption, and draw the figures of the first model into ``out_dir``; with more
+    than one model also ``out_dir/compare.png`` (a row per model).
+
+    Args:
+        checkpoints: run folders, checkpoint files or save_pretrained folders; the first is the main one.
+        image_path: the image file.
+        text: the caption (cleaned with ``pre_caption``, tokenised with the run's tokenizer or the
+            default bert-base-uncased vocabulary, at most ``min(max_positions, 64)`` tokens).
+        out_dir: where the PNGs go.
+        layer: fusion-layer index; None = :func:`default_layer` of each model.
+        source: ``"gradcam"`` or ``"attention"``.
+
+    Returns:
+        ((label, result) per model, the paths written).
+
+    Raises:
+        CheckpointError, ConfigError, FileNotFoundError: bad checkpoint, layer, caption or image path.
+    """
+    from softmask.config import ConfigError
+    from softmask.data.text import load_tokenizer, pre_caption, special_token_ids, tokenize
+    from softmask.inference import load_model
+
+    if source not in SOURCES:
+        raise ConfigError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
+    image_path = Path(image_path)
+    if not image_path.is_file():
+        raise FileNotFoundError(f"image not found: {image_path}")
+    loaded = [(str(path), *load_model(path)) for path in checkpoints]
+    max_tokens = min(min(m.config.text.max_positions for _, m, _ in loaded), MAX_TOKENS)
+    caption = pre_caption(text, max_words=max_tokens)
+    if not caption:
+        raise ConfigError(f"--text: nothing is left of {text!r} after cleaning (lower case, punctuation removed)")
+
+    results: list[tuple[str, dict]] = []
+    image = None
+    for label, model, cfg in loaded:
+        tokenizer = load_tokenizer(cfg.data.tokenizer if cfg is not None else "", max_tokens)
+        ids, mask = tokenize(tokenizer, [caption])
+        vocab_size = model.config.text.vocab_size
+        if int(ids.max()) >= vocab_size:
+            raise ConfigError(f"{label}: the tokenizer's ids reach {int(ids.max())} but the model's "
+                              f"text.vocab_size is {vocab_size}")
+        fusion = model.config.text.num_fusion_layers
+        chosen = default_layer(model, cfg) if layer is None else layer
+        if not 0 <= chosen < fusion:
+            raise ConfigError(f"{label}: --layer must be a fusion-layer index in [0, {fusion}), got {chosen}")
+        if source == "gradcam" and chosen == fusion - 1:
+            log.warning(f"{label}: fusion layer {chosen} is the last one: only its [CLS] row reaches the ITM head, "
+                        f"so every word's Grad-CAM map is zero; pass --layer below {chosen}")
+        max_pixels = cfg.data.max_image_pixels if cfg is not None else DEFAULT_MAX_PIXELS
+        pixels, model_image = prepare_image(image_path, model.config.vision.image_size, max_pixels)
+        image = model_image if image is None else image
+        special = special_token_ids(tokenizer)
+        result = word_gradcam(model, pixels, ids, mask, chosen, source,
+                              special_ids=(special["cls"], special["sep"], special["pad"]),
+                              continuation=continuation_table(tokenizer.get_vocab()),
+                              vocab=vocab_strings(tokenizer))
+        if results and result["words"] != results[0][1]["words"]:
+            raise ConfigError(f"{label} splits the caption into the words {result['words']}, "
+                              f"{results[0][0]} into {results[0][1]['words']}: their tokenizers differ")
+        results.append((label, result))
+
+    written = save_overlays(image, results[0][1], out_dir)
+    if len(results) > 1:
+        written.append(save_comparison(image, results, Path(out_dir) / "compare.png"))
+    return results, written

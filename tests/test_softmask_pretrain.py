@@ -1,0 +1,178 @@
+"""The SoftMask method inside the pretraining step: switches, Grad-CAM correctness, no gradient
+through the mask, and end-to-end runs (one process and torchrun)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from softmask.config import load_config
+from softmask.models.vlp import create_model
+from softmask.objectives.softmask import gradcam_maps
+from softmask.tasks.pretrain import build_task, pretrain
+from test_pretrain import _torchrun, make_world, metrics, overrides
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
+ALL_OFF = ("softmask.soft_masks=false", "softmask.text_masking=false", "softmask.image_distortion=false",
+           "itc.gamma=0")
+
+
+def _batch(b: int = 6, seed: int = 0) -> dict:
+    from softmask.data.text import load_tokenizer, tokenize
+
+    g = torch.Generator().manual_seed(seed)
+    captions = ["a red square on the left", "a skateboarding dog", "two blue discs", "the yellow square",
+                "an unbelievable green disc", "a small red disc above a square"][:b]
+    ids, mask = tokenize(load_tokenizer(max_tokens=30), captions)
+    return {"images": torch.randint(0, 256, (b, 3, 64, 64), dtype=torch.uint8, generator=g),
+            "input_ids": ids, "attention_mask": mask, "skipped": 0}
+
+
+def _losses(*extra: str, steps: int = 2) -> list[dict]:
+    cfg = load_config(TINY, ["itc.queue_size=16", *extra])
+    torch.manual_seed(0)
+    task = build_task(cfg, create_model(cfg), alpha_warmup_steps=2).train()
+    out = []
+    for step in range(steps):
+        torch.manual_seed(100 + step)  # dropout and augmentation draws
+        result = task(_batch(), step)
+        result["loss"].backward()
+        out.append({k: float(v.detach()) for k, v in result.items()})
+    return out
+
+
+def test_albef_and_softmask_with_every_part_off_are_identical():
+    albef = _losses("method=albef")
+    off = _losses("method=softmask", *ALL_OFF)
+    assert albef == off
+    assert "loss_itm_soft" not in albef[0]
+
+
+def test_softmask_logs_its_parts():
+    out = _losses("method=softmask")
+    for row in out:
+        assert np.isfinite(row["loss"]) and np.isfinite(row["loss_itm_soft"])
+        assert row["soft_mask_share"] == 1.0  # every caption of the batch has an eligible word
+        assert row["mask_weight_fraction"] == pytest.approx(0.5, abs=1e-5)
+
+
+@pytest.mark.parametrize("switch", [
+    ("softmask.soft_masks=true",), ("softmask.text_masking=true",), ("softmask.image_distortion=true",),
+    ("itc.gamma=2",), ("softmask.soft_masks=true", "softmask.mask_source=attention"),
+    ("softmask.soft_masks=true", "softmask.apply_to=patch_embeddings"), ("itc.gamma=1", "itc.focal=positive"),
+])
+def test_each_switch_alone_changes_the_losses_and_runs(switch):
+    base = _losses("method=albef", steps=1)[0]
+    alone = _losses("method=albef", *switch, steps=1)[0]
+    assert np.isfinite(alone["loss"]) and alone["loss"] != base["loss"]
+
+
+def _reference_gradcam(model, pixels, ids, mask, layer):
+    """Grad-CAM from a full forward and a full backward, with the attention's .grad retained."""
+    model.zero_grad()
+    image = model.encode_image(pixels)
+    fused, attn = model.fuse(model.encode_text(ids, mask), mask, image, attention_layer=layer)
+    attn.retain_grad()
+    model.itm_logits(fused)[:, 1].sum().backward()
+    return (attn * attn.grad.clamp(min=0))[..., 1:].mean(dim=1).detach(), attn.detach(), attn.grad.detach()
+
+
+def test_gradcam_equals_full_backward_and_finite_differences():
+    cfg = load_config(TINY, ["model.text.dropout=0", "model.text.attention_dropout=0"])
+    torch.manual_seed(0)
+    model = create_model(cfg).eval()
+    batch = _batch(3)
+    pixels = torch.randn(3, 3, 64, 64)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ref, attn_ref, grad_ref = _reference_gradcam(model, pixels, ids, mask, layer=0)
+    assert ref.abs().sum() > 0
+    # The training step's path: a partial backward to the attention only.
+    fused, attn = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(pixels), attention_layer=0)
+    (grad,) = torch.autograd.grad(model.itm_logits(fused)[:, 1].sum(), attn)
+    assert torch.allclose(gradcam_maps(attn.detach(), grad), ref, atol=1e-6)
+
+    # Finite differences: nudge one attention probability of the kept layer and watch the logit.
+    cross = model.fusion_encoder.layers[0].cross_attn
+    original = type(cross).forward
+    nudge = {}
+
+    def forward(self, x, image, return_probs=False):
+        out, probs = original(self, x, image, True)
+        if "delta" in nudge:  # recompute the output with the nudged probabilities
+            q = self.kv(image)
+            v = q.chunk(2, dim=-1)[1]
+            v = v.view(v.shape[0], v.shape[1], self.num_heads, -1).transpose(1, 2)
+            p = probs + nudge["delta"]
+            merged = torch.matmul(p, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+            out = self.out(merged)
+        return out, (probs if return_probs else None)
+
+    cross.forward = forward.__get__(cross)
+    with torch.no_grad():
+        image, text = model.encode_image(pixels), model.encode_text(ids, mask)
+        base = model.itm_logits(model.fuse(text, mask, image))[:, 1].sum()
+        eps = 1e-3
+        for index in [(0, 0, 1, 5), (1, 1, 2, 17), (2, 0, 3, 40)]:
+            assert grad_ref[index] != 0
+            delta = torch.zeros_like(attn_ref)
+            delta[index] = eps
+            nudge["delta"] = delta
+            moved = model.itm_logits(model.fuse(text, mask, image))[:, 1].sum()
+            assert (moved - base) / eps == pytest.approx(float(grad_ref[index]), rel=2e-2, abs=1e-4)
+
+
+def test_last_fusion_layer_is_refused_for_gradcam_masks():
+    from softmask.config import ConfigError
+
+    assert load_config(TINY, ["method=softmask"]).softmask.layer == 0  # 2 fusion layers: the first
+    assert load_config(TINY, ["method=softmask", "model.text.num_layers=8", "model.text.fusion_layer=2"]
+                       ).softmask.layer == 2  # the 3rd fusion layer, as ALBEF's BERT layer 8
+    with pytest.raises(ConfigError, match="last fusion layer.*zero"):
+        load_config(TINY, ["method=softmask", "softmask.layer=1"])
+    load_config(TINY, ["method=softmask", "softmask.layer=1", "softmask.mask_source=attention"])
+
+
+def test_no_gradient_reaches_the_model_through_the_mask():
+    cfg = load_config(TINY, ["method=softmask", "itc.queue_size=16"])
+    torch.manual_seed(0)
+    task = build_task(cfg, create_model(cfg), alpha_warmup_steps=2).train()
+    model = task.model
+    batch = _batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pixels = task.augment(batch["images"])
+    image_embeds = model.encode_image(pixels)
+    fused, attn = model.fuse(model.encode_text(ids, mask), mask, image_embeds, attention_layer=cfg.softmask.layer)
+    logits = model.itm_logits(fused)
+    gen = torch.Generator().manual_seed(0)
+    soft, rows = task._soft_masked_images(logits, attn, pixels, image_embeds, ids, ids, mask, gen)
+    assert rows.all()
+    # The soft-masked tokens depend on the attention only through the (detached) mask: no path.
+    (through_attn,) = torch.autograd.grad(soft.sum(), attn, retain_graph=True, allow_unused=True)
+    assert through_attn is None
+    # ... while the image tokens themselves still get a gradient.
+    (through_image,) = torch.autograd.grad(soft.sum(), image_embeds, retain_graph=True)
+    assert through_image.abs().sum() > 0
+
+
+def test_softmask_pretrains_end_to_end(tmp_path):
+    root = tmp_path / "w"
+    make_world(root, n=8)
+    out = tmp_path / "run"
+    state = pretrain(load_config(TINY, overrides(root, out, "method=softmask", "train.batch_size=4",
+                                                 "train.max_steps=3")))
+    assert state.step == 3
+    rows = metrics(out)
+    assert all(np.isfinite(r["loss_itm_soft"]) for r in rows)
+    assert {"soft_mask_share", "mask_weight_fraction"} <= set(rows[0])
+
+
+def test_softmask_under_torchrun_two_processes(tmp_path):
+    root = tmp_path / "w"
+    make_world(root, n=8)
+    out = tmp_path / "run"
+    _torchrun(2, ["--config", str(TINY), *overrides(root, out, "method=softmask", "train.batch_size=2",
+                                                     "train.max_steps=2")], tmp_path)
+    assert len(metrics(out)) == 2 and all(np.isfinite(r["loss"]) for r in metrics(out))
