@@ -131,6 +131,11 @@ def bench_step(config: str, overrides: list[str], methods: list[str], batch_size
             raise RuntimeError(f"bench step failed for method {method}: {out['error']}")
         out["mfu"] = out["flops_per_step"] / out["step_s"] / rate
         result[method] = out
+    if "albef" in result and len(result) > 1:
+        base = result["albef"]
+        result["ratios_to_albef"] = {m: {"step_s": r["step_s"] / base["step_s"],
+                                         "peak_mem_mb": r["peak_mem_mb"] / base["peak_mem_mb"]}
+                                     for m, r in result.items() if m != "albef"}
     result["matmul_flops"] = rate
     result["setup"] = {"config": config, "overrides": overrides, "batch_size": batch_size, "steps": steps,
                        "device": device, "precision": cfg.train.precision, "torch": torch.__version__,
@@ -144,10 +149,12 @@ def print_table(result: dict, file=sys.stdout) -> None:
           f"{setup['device']} {setup['precision']} | matmul {result['matmul_flops'] / 1e9:.1f} GFLOP/s", file=file)
     print(f"{'method':10s} {'step_s':>8s} {'pairs/s':>8s} {'peak MB':>9s} {'GFLOP/step':>11s} {'MFU':>6s}", file=file)
     for method, r in result.items():
-        if method in ("matmul_flops", "setup"):
+        if method in ("matmul_flops", "setup", "ratios_to_albef"):
             continue
         print(f"{method:10s} {r['step_s']:8.3f} {r['pairs_per_s']:8.1f} {r['peak_mem_mb']:9.0f} "
               f"{r['flops_per_step'] / 1e9:11.1f} {r['mfu']:6.1%}", file=file)
+    for method, r in result.get("ratios_to_albef", {}).items():
+        print(f"{method} / albef: step time x{r['step_s']:.3f}, peak memory x{r['peak_mem_mb']:.3f}", file=file)
 
 
 def main_step(args) -> int:
