@@ -7,6 +7,7 @@
     softmask demo   [--config FILE] [--out DIR]              a short tiny-model smoke run
     softmask gradcam --checkpoint PATH --image FILE --text "..." --out DIR [--layer L]
                      [--source gradcam|attention] [--compare PATH2]   word Grad-CAM figures
+    softmask world  --out DIR [--images N] [--size PX] [--seed S] [--shards]   the synthetic world
 
 Errors in configs or checkpoints print one line naming the file and key, and exit with status 2.
 """
@@ -95,6 +96,27 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world(args: argparse.Namespace) -> int:
+    import time
+
+    from softmask.world import generate_world
+
+    start = time.perf_counter()
+    try:
+        summary = generate_world(args.out, images=args.images, size=args.size, seed=args.seed, shards=args.shards,
+                                 workers=args.workers)
+    except ValueError as exc:  # a bad argument: one line, like the other errors
+        print(f"softmask: error: {exc}", file=sys.stderr)
+        return 2
+    splits = ", ".join(f"{n} {name}" for name, n in summary["splits"].items())
+    pairs = ", ".join(" ".join(pair) for pair in summary["heldout_pairs"])
+    print(f"wrote {summary['images']} images ({splits}) at {summary['size']} px to {args.out} "
+          f"in {time.perf_counter() - start:.1f} s; held out of train/val: {pairs}")
+    if summary["shards"]:
+        print(f"wrote {len(summary['shards'])} shard(s) under {Path(args.out) / 'shards'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softmask", description=__doc__.split("\n\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -143,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     gradcam.add_argument("--compare", default=None, metavar="PATH2",
                          help="a second model: also write compare.png with a row per model")
     gradcam.set_defaults(func=cmd_gradcam)
+
+    world = sub.add_parser("world", help="generate the synthetic image-caption world (images and annotations)")
+    world.add_argument("--out", required=True, help="output folder (images/, annotations/, world.json)")
+    world.add_argument("--images", type=int, default=10000, help="number of images (80/10/10 train/val/test)")
+    world.add_argument("--size", type=int, default=128, help="image side in pixels")
+    world.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
+    world.add_argument("--shards", action="store_true", help="also write webdataset shards of the pretraining pairs")
+    world.add_argument("--workers", type=int, default=None, help="drawing processes (default: up to 2)")
+    world.set_defaults(func=cmd_world)
     return parser
 
 
