@@ -4,7 +4,7 @@
     softmask export --config FILE --out DIR [key=value ...]  build (loading init checkpoints), save_pretrained
     softmask pretrain --config FILE [key=value ...]          pretrain into output_dir (torchrun for many GPUs)
     softmask bench step --config FILE [--methods albef] [--steps N] [--json]   step speed, memory, MFU
-    softmask demo   [--config FILE] [--out DIR]              a short tiny-model smoke run
+    softmask demo   [--out DIR] [--images N] [--steps N]    world, albef vs softmask, evaluation, report
     softmask gradcam --checkpoint PATH --image FILE --text "..." --out DIR [--layer L]
                      [--source gradcam|attention] [--compare PATH2]   word Grad-CAM figures
     softmask world  --out DIR [--images N] [--size PX] [--seed S] [--shards]   the synthetic world
@@ -71,49 +71,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return main_step(args)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from softmask.eval.world import evaluate_world
+    from softmask.inference import load_model
+
+    if args.task != "world":
+        raise ConfigError(f"evaluate: unknown task '{args.task}' (available: world)")
+    if not args.world:
+        raise ConfigError("evaluate world needs --world DIR (a folder written by `softmask world`)")
+    model, _ = load_model(args.checkpoint)
+    metrics = evaluate_world(model, args.world, k=args.k, layer=args.layer)
+    for key, value in metrics.items():
+        print(f"{key:24s} {value:8.2f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from softmask.demo import run_smoke
+    from softmask.demo import run_demo
 
-    run_smoke(args.config, Path(args.out), args.overrides)
-    return 0
-
-
-def cmd_gradcam(args: argparse.Namespace) -> int:
-    from softmask.data.images import BadSample
-    from softmask.viz.gradcam import gradcam_figures
-
-    checkpoints = [args.checkpoint] + ([args.compare] if args.compare else [])
-    try:
-        results, written = gradcam_figures(checkpoints, args.image, args.text, args.out, args.layer, args.source)
-    except BadSample as exc:  # an unreadable image: one line, like the other errors
-        print(f"softmask: error: {exc}", file=sys.stderr)
-        return 2
-    for label, result in results:
-        print(f"ITM match probability {result['itm_prob']:.4f}  {label}  "
-              f"({result['source']}, fusion layer {result['layer']})")
-    for path in written:
-        print(f"wrote {path}")
-    return 0
-
-
-def cmd_world(args: argparse.Namespace) -> int:
-    import time
-
-    from softmask.world import generate_world
-
-    start = time.perf_counter()
-    try:
-        summary = generate_world(args.out, images=args.images, size=args.size, seed=args.seed, shards=args.shards,
-                                 workers=args.workers)
-    except ValueError as exc:  # a bad argument: one line, like the other errors
-        print(f"softmask: error: {exc}", file=sys.stderr)
-        return 2
-    splits = ", ".join(f"{n} {name}" for name, n in summary["splits"].items())
-    pairs = ", ".join(" ".join(pair) for pair in summary["heldout_pairs"])
-    print(f"wrote {summary['images']} images ({splits}) at {summary['size']} px to {args.out} "
-          f"in {time.perf_counter() - start:.1f} s; held out of train/val: {pairs}")
-    if summary["shards"]:
-        print(f"wrote {len(summary['shards'])} shard(s) under {Path(args.out) / 'shards'}")
+    report = run_demo(Path(args.out), images=args.images, size=args.size, steps=args.steps,
+                      batch_size=args.batch_size, seed=args.seed, overrides=args.overrides)
+    print(f"report: {report}")
     return 0
 
 
@@ -147,33 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--json", action="store_true", help="print one JSON object")
     step.set_defaults(func=cmd_bench)
 
-    demo = sub.add_parser("demo", help="a short tiny-model smoke run")
-    _add_config_args(demo, default="configs/pretrain/tiny.yaml")
+    evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint (world: retrieval, minimal edits, grounding)")
+    evaluate.add_argument("task", help="world")
+    evaluate.add_argument("--checkpoint", required=True, help="run folder, checkpoint file or save_pretrained folder")
+    evaluate.add_argument("--world", default="", help="a folder written by `softmask world`")
+    evaluate.add_argument("--k", type=int, default=16, help="retrieval candidates re-ranked by ITM per query")
+    evaluate.add_argument("--layer", type=int, default=None, help="Grad-CAM fusion layer for grounding")
+    evaluate.add_argument("--json", default="", help="also write the metrics to this JSON file")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="world -> pretrain albef and softmask -> evaluate -> report.md")
     demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.add_argument("--images", type=int, default=1200, help="world size")
+    demo.add_argument("--size", type=int, default=64, help="image side in pixels")
+    demo.add_argument("--steps", type=int, default=600, help="training steps per method")
+    demo.add_argument("--batch-size", type=int, default=16, help="pairs per step")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both runs")
     demo.set_defaults(func=cmd_demo)
-
-    gradcam = sub.add_parser("gradcam", help="word-level Grad-CAM of the ITM match logit: one overlay per word")
-    gradcam.add_argument("--checkpoint", required=True,
-                         help="a run folder, a checkpoint file in its checkpoints/, or a save_pretrained folder")
-    gradcam.add_argument("--image", required=True, help="image file")
-    gradcam.add_argument("--text", required=True, help="the caption")
-    gradcam.add_argument("--out", required=True, help="output folder for the PNGs")
-    gradcam.add_argument("--layer", type=int, default=None,
-                         help="fusion layer, 0-based (default: the run's softmask.layer, else the 3rd fusion layer)")
-    gradcam.add_argument("--source", choices=("gradcam", "attention"), default="gradcam",
-                         help="Grad-CAM of the ITM match logit, or the plain cross-attention")
-    gradcam.add_argument("--compare", default=None, metavar="PATH2",
-                         help="a second model: also write compare.png with a row per model")
-    gradcam.set_defaults(func=cmd_gradcam)
-
-    world = sub.add_parser("world", help="generate the synthetic image-caption world (images and annotations)")
-    world.add_argument("--out", required=True, help="output folder (images/, annotations/, world.json)")
-    world.add_argument("--images", type=int, default=10000, help="number of images (80/10/10 train/val/test)")
-    world.add_argument("--size", type=int, default=128, help="image side in pixels")
-    world.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
-    world.add_argument("--shards", action="store_true", help="also write webdataset shards of the pretraining pairs")
-    world.add_argument("--workers", type=int, default=None, help="drawing processes (default: up to 2)")
-    world.set_defaults(func=cmd_world)
     return parser
 
 
