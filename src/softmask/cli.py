@@ -101,6 +101,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gradcam(args: argparse.Namespace) -> int:
+    from softmask.data.images import BadSample
+    from softmask.viz.gradcam import gradcam_figures
+
+    checkpoints = [args.checkpoint] + ([args.compare] if args.compare else [])
+    try:
+        results, written = gradcam_figures(checkpoints, args.image, args.text, args.out, args.layer, args.source)
+    except BadSample as exc:  # an unreadable image: one line, like the other errors
+        print(f"softmask: error: {exc}", file=sys.stderr)
+        return 2
+    for label, result in results:
+        print(f"ITM match probability {result['itm_prob']:.4f}  {label}  "
+              f"({result['source']}, fusion layer {result['layer']})")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    import time
+
+    from softmask.world import generate_world
+
+    start = time.perf_counter()
+    try:
+        summary = generate_world(args.out, images=args.images, size=args.size, seed=args.seed, shards=args.shards,
+                                 workers=args.workers)
+    except ValueError as exc:  # a bad argument: one line, like the other errors
+        print(f"softmask: error: {exc}", file=sys.stderr)
+        return 2
+    splits = ", ".join(f"{n} {name}" for name, n in summary["splits"].items())
+    pairs = ", ".join(" ".join(pair) for pair in summary["heldout_pairs"])
+    print(f"wrote {summary['images']} images ({splits}) at {summary['size']} px to {args.out} "
+          f"in {time.perf_counter() - start:.1f} s; held out of train/val: {pairs}")
+    if summary["shards"]:
+        print(f"wrote {len(summary['shards'])} shard(s) under {Path(args.out) / 'shards'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softmask", description=__doc__.split("\n\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -149,6 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both runs")
     demo.set_defaults(func=cmd_demo)
+    gradcam = sub.add_parser("gradcam", help="word-level Grad-CAM of the ITM match logit: one overlay per word")
+    gradcam.add_argument("--checkpoint", required=True,
+                         help="a run folder, a checkpoint file in its checkpoints/, or a save_pretrained folder")
+    gradcam.add_argument("--image", required=True, help="image file")
+    gradcam.add_argument("--text", required=True, help="the caption")
+    gradcam.add_argument("--out", required=True, help="output folder for the PNGs")
+    gradcam.add_argument("--layer", type=int, default=None,
+                         help="fusion layer, 0-based (default: the run's softmask.layer, else the 3rd fusion layer)")
+    gradcam.add_argument("--source", choices=("gradcam", "attention"), default="gradcam",
+                         help="Grad-CAM of the ITM match logit, or the plain cross-attention")
+    gradcam.add_argument("--compare", default=None, metavar="PATH2",
+                         help="a second model: also write compare.png with a row per model")
+    gradcam.set_defaults(func=cmd_gradcam)
+
+    world = sub.add_parser("world", help="generate the synthetic image-caption world (images and annotations)")
+    world.add_argument("--out", required=True, help="output folder (images/, annotations/, world.json)")
+    world.add_argument("--images", type=int, default=10000, help="number of images (80/10/10 train/val/test)")
+    world.add_argument("--size", type=int, default=128, help="image side in pixels")
+    world.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
+    world.add_argument("--shards", action="store_true", help="also write webdataset shards of the pretraining pairs")
+    world.add_argument("--workers", type=int, default=None, help="drawing processes (default: up to 2)")
+    world.set_defaults(func=cmd_world)
     return parser
 
 

@@ -17,6 +17,7 @@ class RunLogger:
 
     def __init__(self, output_dir: Path, enabled: bool, total_steps: int, initial_step: int):
         self.enabled = enabled
+        self.total = total_steps
         self.file_handler = None
         self.writer = None
         self.bar = None
@@ -55,8 +56,12 @@ class RunLogger:
             for key, value in metrics.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"train/{key}", value, step)
-        if self.bar is not None:
+        if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
+        else:  # no terminal (a log file, CI): one line per logged step instead of the bar
+            parts = " ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "loss_itc", "loss_itm", "loss_mlm")
+                             if k in metrics)
+            log.info(f"step {step}/{self.total}: {parts}, {metrics['pairs_per_s']:.1f} pairs/s")
 
     def close(self) -> None:
         if not self.enabled:

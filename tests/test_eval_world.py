@@ -1,0 +1,53 @@
+"""World evaluation end to end on a small generated world and a tiny random model."""
+
+import pytest
+import torch
+
+from softmask import create_model
+from softmask.eval.world import evaluate_world, minimal_edit_accuracy
+from softmask.world import generate_world
+
+from conftest import tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, images=40, size=64, seed=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model(tiny_model_config(text__vocab_size=30522, text__max_positions=40, vision__image_size=64,
+                                          vision__patch_size=16)).eval()
+
+
+def test_world_metrics_are_complete_and_in_range(world, model):
+    metrics = evaluate_world(model, world, k=4, max_grounding_captions=10)
+    for key in ("tr1", "ir1", "r_mean", "itm_all", "itc_all", "itm_salient", "itm_secondary", "itm_heldout",
+                "pointing_all", "energy_all"):
+        assert 0.0 <= metrics[key] <= 100.0, key
+    assert metrics["grounding_captions"] == 10
+
+
+def test_minimal_edits_count_every_distractor(world, model, monkeypatch):
+    import json
+
+    from softmask.eval import world as world_eval
+
+    items = json.loads((world / "annotations" / "minimal_edits.json").read_text())[:5]
+    # A scorer that always prefers the true caption (scores: true pairs 1, distractors 0) -> 100%.
+    true_rows = set()
+    for item in items:
+        true_rows.add(item["caption"])
+
+    def fake_itm(model, feats, pairs, batch_size=256, amp=True):
+        return torch.tensor([1.0 if captions[int(c)] in true_rows else 0.0 for _, c in pairs.tolist()])
+
+    captions = [c for item in items for c in [item["caption"]] + [d["caption"] for d in item["distractors"]]]
+    monkeypatch.setattr(world_eval, "itm_scores", fake_itm)
+    enc = world_eval._Encoder(model, world)
+    metrics = minimal_edit_accuracy(model, enc, items)
+    assert metrics["itm_all"] == 100.0
