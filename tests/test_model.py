@@ -129,3 +129,13 @@ def test_full_size_4m_config_runs_one_forward():
         logits = model.itm_logits(fused)
     assert image.shape == (1, 257, 768) and fused.shape == (1, 30, 768) and probs.shape == (1, 12, 30, 257)
     assert torch.isfinite(logits).all()
+
+
+def test_fuse_with_shared_images_equals_gathered_images(tiny_model):
+    pixels, ids, mask = _inputs(tiny_model)
+    image, text = tiny_model.encode_image(pixels), tiny_model.encode_text(ids, mask)
+    index = torch.tensor([2, 0, 2])
+    with torch.no_grad():
+        shared = tiny_model.fuse(text, mask, image, image_index=index)
+        gathered = tiny_model.fuse(text, mask, image[index])
+    assert torch.allclose(shared, gathered, atol=1e-6)

@@ -164,8 +164,11 @@ def itm_scores(model: VisionLanguageModel, features: Features, pairs: torch.Tens
     with _autocast(device, amp):
         for start in range(rows.start, rows.stop, batch_size):
             chunk = pairs[start:min(start + batch_size, rows.stop)]
-            img, txt = chunk[:, 0], chunk[:, 1]
-            fused = model.fuse(features.text_embeds[txt], features.text_mask[txt], features.image_embeds[img])
+            # Pairs come sorted by image: each distinct image's keys/values are projected once.
+            images, index = torch.unique(chunk[:, 0], return_inverse=True)
+            txt = chunk[:, 1]
+            fused = model.fuse(features.text_embeds[txt], features.text_mask[txt], features.image_embeds[images],
+                               image_index=index)
             out.append(model.itm_logits(fused).float()[:, 1])
     scores = torch.cat(out) if out else torch.zeros(0, device=device)
     return _gather_rows(scores, pairs.shape[0])

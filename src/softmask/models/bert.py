@@ -91,10 +91,15 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(image_width, 2 * cfg.hidden_size)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, image: torch.Tensor,
-                return_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, image: torch.Tensor, return_probs: bool = False,
+                image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``image_index`` (B,), optional: ``image`` holds U distinct images (U, 1 + N, Dv) and row b of
+        ``x`` attends to image ``image_index[b]``; keys and values are then projected once per image."""
         q = _split_heads(self.q(x), self.num_heads)
-        k, v = (_split_heads(t, self.num_heads) for t in self.kv(image).chunk(2, dim=-1))
+        kv = self.kv(image)
+        if image_index is not None:
+            kv = kv[image_index]
+        k, v = (_split_heads(t, self.num_heads) for t in kv.chunk(2, dim=-1))
         drop = self.dropout if self.training else 0.0
         if not return_probs:
             return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=drop))), None
@@ -130,13 +135,14 @@ class BertLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor | None = None,
-                return_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return_probs: bool = False, image_index: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.attn_norm(x + self.dropout(self.attn(x, attention_mask)))
         probs = None
         if self.has_cross_attention:
             if image is None:
                 raise ValueError("a fusion layer needs the image tokens")
-            attended, probs = self.cross_attn(x, image, return_probs)
+            attended, probs = self.cross_attn(x, image, return_probs, image_index)
             x = self.cross_norm(x + self.dropout(attended))
         x = self.ffn_norm(x + self.dropout(self.ffn(x)))
         return x, probs
@@ -179,16 +185,19 @@ class FusionEncoder(nn.Module):
         init_bert_weights(self)
 
     def forward(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
-                attention_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attention_layer: int | None = None, image_index: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T, D) text, (B, T) mask, (B, 1 + N, Dv) image -> (B, T, D) fused, and the
         cross-attention probabilities (B, heads, T, 1 + N) of fusion layer ``attention_layer``
-        (0-based within the fusion encoder) when it is given, else None."""
+        (0-based within the fusion encoder) when it is given, else None. With ``image_index`` (B,),
+        ``image_embeds`` holds U distinct images (U, 1 + N, Dv) shared by the rows that index them."""
         n = len(self.layers)
         if attention_layer is not None and not 0 <= attention_layer < n:
             raise ValueError(f"attention_layer must be a fusion-layer index in [0, {n}), got {attention_layer}")
         x, kept = text_embeds, None
         for i, layer in enumerate(self.layers):
-            x, probs = layer(x, attention_mask, image_embeds, return_probs=i == attention_layer)
+            x, probs = layer(x, attention_mask, image_embeds, return_probs=i == attention_layer,
+                             image_index=image_index)
             if i == attention_layer:
                 kept = probs
         return x, kept

@@ -53,7 +53,8 @@ class VisionLanguageModel(nn.Module):
         return self.text_encoder(input_ids, attention_mask)
 
     def fuse(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
-             attention_layer: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             attention_layer: int | None = None, image_index: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run the fusion encoder.
 
         Args:
@@ -62,12 +63,14 @@ class VisionLanguageModel(nn.Module):
             image_embeds: (B, 1 + N, Dv) from :meth:`encode_image`.
             attention_layer: a fusion-layer index (0-based within the fusion encoder: 2 is the third
                 fusion layer, BERT layer ``fusion_layer + 2``) whose cross-attention to return.
+            image_index: (B,), optional: then ``image_embeds`` holds U distinct images (U, 1 + N, Dv)
+                and row b fuses with image ``image_index[b]`` (keys/values projected once per image).
 
         Returns:
             fused (B, T, D); with ``attention_layer`` given, the pair (fused, probs) where probs is
             that layer's cross-attention (B, heads, T, 1 + N) after softmax, inside the autograd graph.
         """
-        fused, probs = self.fusion_encoder(text_embeds, attention_mask, image_embeds, attention_layer)
+        fused, probs = self.fusion_encoder(text_embeds, attention_mask, image_embeds, attention_layer, image_index)
         return fused if attention_layer is None else (fused, probs)
 
     # ---- heads --------------------------------------------------------------------------------
