@@ -29,20 +29,14 @@ from pathlib import Path
 
 import torch
 
+from softmask.models.key_maps import Ignore, Target, albef_rule, bert_rule, hf_vit_rule, strip_prefix, vit_rule
+
 log = logging.getLogger("softmask")
 
-# A rule maps a source key to (target key, part index for fused tensors or None),
-# to Ignore(reason), or returns None when it does not apply.
-Target = tuple[str, int | None]
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model; the message names file and key."""
-
-
-@dataclass(frozen=True)
-class Ignore:
-    reason: str
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,13 +155,6 @@ FORMAT_NAMES = {
 }
 
 
-def _strip(key: str, prefixes: tuple[str, ...]) -> str:
-    for prefix in prefixes:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
-
-
 def detect_format(sd: dict[str, torch.Tensor]) -> str:
     """One of the keys of :data:`FORMAT_NAMES`."""
     keys = set(sd)
@@ -175,169 +162,14 @@ def detect_format(sd: dict[str, torch.Tensor]) -> str:
         return "softmask"
     if any(k.startswith("visual_encoder.") for k in keys) and any(k.startswith("text_encoder.") for k in keys):
         return "albef"
-    bare = {_strip(k, ("vit.", "deit.")) for k in keys}
+    bare = {strip_prefix(k, ("vit.", "deit.")) for k in keys}
     if any(k.startswith("embeddings.patch_embeddings.") for k in bare):
         return "hf-vit"
     if "patch_embed.proj.weight" in keys:
         return "timm-vit"
-    if any(_strip(k, ("bert.",)) == "embeddings.word_embeddings.weight" for k in keys):
+    if any(strip_prefix(k, ("bert.",)) == "embeddings.word_embeddings.weight" for k in keys):
         return "hf-bert"
     return "unknown"
-
-
-# --------------------------------------------------------------------------------------------------
-# Key mapping rules
-# --------------------------------------------------------------------------------------------------
-
-_PARAM = r"(?P<p>weight|bias)"
-
-
-def _vit_rule(prefix: str) -> Callable[[str], Target | Ignore | None]:
-    """timm/DeiT names (also ALBEF's ``visual_encoder.*``) -> ``{prefix}`` + the same name."""
-    keep = re.compile(r"(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)|"
-                      r"blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias))$")
-
-    def rule(key: str) -> Target | Ignore | None:
-        if keep.fullmatch(key):
-            return prefix + key, None
-        if key == "dist_token":
-            return Ignore("DeiT distillation token (dropped with its position embedding)")
-        if re.match(r"(head|head_dist|fc_norm|pre_logits)\.", key):
-            return Ignore("ImageNet classifier head")
-        return None
-
-    return rule
-
-
-_HF_VIT_LAYER = [
-    (r"attention\.attention\.query\." + _PARAM, "attn.qkv", 0),
-    (r"attention\.attention\.key\." + _PARAM, "attn.qkv", 1),
-    (r"attention\.attention\.value\." + _PARAM, "attn.qkv", 2),
-    (r"attention\.q_proj\." + _PARAM, "attn.qkv", 0),  # transformers >= 5 module names
-    (r"attention\.k_proj\." + _PARAM, "attn.qkv", 1),
-    (r"attention\.v_proj\." + _PARAM, "attn.qkv", 2),
-    (r"attention\.output\.dense\." + _PARAM, "attn.proj", None),
-    (r"attention\.o_proj\." + _PARAM, "attn.proj", None),
-    (r"intermediate\.dense\." + _PARAM, "mlp.fc1", None),
-    (r"output\.dense\." + _PARAM, "mlp.fc2", None),
-    (r"mlp\.fc1\." + _PARAM, "mlp.fc1", None),
-    (r"mlp\.fc2\." + _PARAM, "mlp.fc2", None),
-    (r"layernorm_before\." + _PARAM, "norm1", None),
-    (r"layernorm_after\." + _PARAM, "norm2", None),
-]
-
-
-def _hf_vit_rule(prefix: str) -> Callable[[str], Target | Ignore | None]:
-    """Hugging Face ViT/DeiT names (optionally under ``vit.``/``deit.``) -> our ViT."""
-
-    def rule(key: str) -> Target | Ignore | None:
-        key = _strip(key, ("vit.", "deit."))
-        simple = {
-            "embeddings.cls_token": "cls_token",
-            "embeddings.position_embeddings": "pos_embed",
-            "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-            "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-            "layernorm.weight": "norm.weight",
-            "layernorm.bias": "norm.bias",
-        }
-        if key in simple:
-            return prefix + simple[key], None
-        if key == "embeddings.distillation_token":
-            return Ignore("DeiT distillation token (dropped with its position embedding)")
-        if key == "embeddings.mask_token":
-            return Ignore("masked-image-modelling token")
-        if re.match(r"(pooler|classifier|cls_classifier|distillation_classifier)\.", key):
-            return Ignore("pooler / classifier head")
-        m = re.fullmatch(r"(?:encoder\.layer|layers)\.(?P<i>\d+)\.(?P<rest>.+)", key)
-        if m:
-            for pattern, target, part in _HF_VIT_LAYER:
-                mm = re.fullmatch(pattern, m["rest"])
-                if mm:
-                    return f"{prefix}blocks.{m['i']}.{target}.{mm['p']}", part
-        return None
-
-    return rule
-
-
-_BERT_LAYER = [
-    (r"attention\.self\.query\." + _PARAM, "attn.qkv", 0),
-    (r"attention\.self\.key\." + _PARAM, "attn.qkv", 1),
-    (r"attention\.self\.value\." + _PARAM, "attn.qkv", 2),
-    (r"attention\.output\.dense\." + _PARAM, "attn.out", None),
-    (r"attention\.output\.LayerNorm\." + _PARAM, "attn_norm", None),
-    (r"crossattention\.self\.query\." + _PARAM, "cross_attn.q", None),
-    (r"crossattention\.self\.key\." + _PARAM, "cross_attn.kv", 0),
-    (r"crossattention\.self\.value\." + _PARAM, "cross_attn.kv", 1),
-    (r"crossattention\.output\.dense\." + _PARAM, "cross_attn.out", None),
-    (r"crossattention\.output\.LayerNorm\." + _PARAM, "cross_norm", None),
-    (r"intermediate\.dense\." + _PARAM, "ffn.fc1", None),
-    (r"output\.dense\." + _PARAM, "ffn.fc2", None),
-    (r"output\.LayerNorm\." + _PARAM, "ffn_norm", None),
-]
-
-_BERT_SIMPLE = {
-    "embeddings.word_embeddings.weight": "text_encoder.embeddings.word_embeddings.weight",
-    "embeddings.position_embeddings.weight": "text_encoder.embeddings.position_embeddings.weight",
-    "embeddings.token_type_embeddings.weight": "text_encoder.embeddings.token_type_embeddings.weight",
-    "embeddings.LayerNorm.weight": "text_encoder.embeddings.norm.weight",
-    "embeddings.LayerNorm.bias": "text_encoder.embeddings.norm.bias",
-    "cls.predictions.transform.dense.weight": "mlm_head.dense.weight",
-    "cls.predictions.transform.dense.bias": "mlm_head.dense.bias",
-    "cls.predictions.transform.LayerNorm.weight": "mlm_head.norm.weight",
-    "cls.predictions.transform.LayerNorm.bias": "mlm_head.norm.bias",
-    "cls.predictions.bias": "mlm_head.bias",
-    "cls.predictions.decoder.bias": "mlm_head.bias",
-}
-
-
-def _bert_rule(fusion_layer: int) -> Callable[[str], Target | Ignore | None]:
-    """Hugging Face BERT names (optionally under ``bert.``; ALBEF's ``crossattention`` included)."""
-
-    def rule(key: str) -> Target | Ignore | None:
-        key = _strip(key, ("bert.",))
-        if key in _BERT_SIMPLE:
-            return _BERT_SIMPLE[key], None
-        if key == "embeddings.position_ids":
-            return Ignore("position-id buffer")
-        if key == "cls.predictions.decoder.weight":
-            return Ignore("MLM decoder, tied to the word embeddings")
-        if key.startswith("pooler."):
-            return Ignore("BERT pooler, not used")
-        if key.startswith("cls.seq_relationship."):
-            return Ignore("next-sentence-prediction head")
-        m = re.fullmatch(r"encoder\.layer\.(?P<i>\d+)\.(?P<rest>.+)", key)
-        if m:
-            i = int(m["i"])
-            stack = f"text_encoder.layers.{i}" if i < fusion_layer else f"fusion_encoder.layers.{i - fusion_layer}"
-            for pattern, target, part in _BERT_LAYER:
-                mm = re.fullmatch(pattern, m["rest"])
-                if mm:
-                    return f"{stack}.{target}.{mm['p']}", part
-        return None
-
-    return rule
-
-
-_ALBEF_MOMENTUM = re.compile(r"(visual_encoder_m|text_encoder_m|vision_proj_m|text_proj_m)\.")
-_ALBEF_QUEUES = {"image_queue", "text_queue", "queue_ptr", "idx_queue"}
-
-
-def _albef_rule(fusion_layer: int) -> Callable[[str], Target | Ignore | None]:
-    vit, bert = _vit_rule("visual_encoder."), _bert_rule(fusion_layer)
-    heads = re.compile(r"(vision_proj|text_proj|itm_head)\.(weight|bias)|temp")
-
-    def rule(key: str) -> Target | Ignore | None:
-        if key.startswith("visual_encoder."):
-            return vit(key[len("visual_encoder."):])
-        if key.startswith("text_encoder."):
-            return bert(key[len("text_encoder."):])
-        if heads.fullmatch(key):
-            return key, None
-        if _ALBEF_MOMENTUM.match(key) or key in _ALBEF_QUEUES:
-            return Ignore("momentum copy / feature queue (rebuilt from the online weights for pretraining)")
-        return None
-
-    return rule
 
 
 # --------------------------------------------------------------------------------------------------
@@ -533,7 +365,7 @@ def _fit_pos_embed(entry: tuple[torch.Tensor, str], own: torch.Tensor, report: L
         return entry  # the shape check reports it
     extra = 1
     if "dist_token" in report.ignored or "embeddings.distillation_token" in {
-            _strip(k, ("vit.", "deit.")) for k in report.ignored}:
+            strip_prefix(k, ("vit.", "deit.")) for k in report.ignored}:
         tensor = torch.cat([tensor[:, :1], tensor[:, 2:]], dim=1)  # drop the distillation token's slot
         report.notes.append("dropped the DeiT distillation token's position embedding")
     grid = int(round((own.shape[1] - extra) ** 0.5))
@@ -564,9 +396,9 @@ def load_vision_checkpoint(model, path: str | Path, key: str = "model.vision.ini
     fmt = detect_format(sd)
     report = LoadReport(str(source), key, fmt)
     if fmt == "timm-vit":
-        rule = _vit_rule("visual_encoder.")
+        rule = vit_rule("visual_encoder.")
     elif fmt == "hf-vit":
-        rule = _hf_vit_rule("visual_encoder.")
+        rule = hf_vit_rule("visual_encoder.")
     else:
         raise _wrong_format(source, key, fmt, "a ViT/DeiT checkpoint (timm state dict or Hugging Face folder)")
     mapped = _map(sd, rule, report)
@@ -584,9 +416,9 @@ def load_text_checkpoint(model, path: str | Path, key: str = "model.text.init") 
     report = LoadReport(str(source), key, fmt)
     if fmt != "hf-bert":
         raise _wrong_format(source, key, fmt, "a BERT checkpoint (Hugging Face folder or state dict)")
-    bare = {_strip(k, ("bert.",)): v for k, v in sd.items()}
+    bare = {strip_prefix(k, ("bert.",)): v for k, v in sd.items()}
     _check_bert(model, bare, source, "model.text", _read_hf_config(source), expect_fusion=False)
-    mapped = _map(sd, _bert_rule(model.config.text.fusion_layer), report)
+    mapped = _map(sd, bert_rule(model.config.text.fusion_layer), report)
     report = _apply(model, mapped, report, source, ("text_encoder.", "fusion_encoder.", "mlm_head."))
     new_cross = [k for k in report.missing if ".cross_attn." in k or ".cross_norm." in k]
     if new_cross:
@@ -606,9 +438,10 @@ def load_model_checkpoint(model, path: str | Path, key: str = "model.init") -> L
         raise _wrong_format(source, key, fmt, "an ALBEF/TCL checkpoint or a softmask save_pretrained folder")
     vit = {k[len("visual_encoder."):]: v for k, v in sd.items() if k.startswith("visual_encoder.")}
     _check_vit(model, vit, source, "model.vision", None)
-    bert = {_strip(k[len("text_encoder."):], ("bert.",)): v for k, v in sd.items() if k.startswith("text_encoder.")}
+    bert = {strip_prefix(k[len("text_encoder."):], ("bert.",)): v
+            for k, v in sd.items() if k.startswith("text_encoder.")}
     _check_bert(model, bert, source, "model.text", None, expect_fusion=True)
-    mapped = _map(sd, _albef_rule(model.config.text.fusion_layer), report)
+    mapped = _map(sd, albef_rule(model.config.text.fusion_layer), report)
     return _apply(model, mapped, report, source, ("",))
 
 
