@@ -77,3 +77,17 @@ def test_fast_equals_plain():
     plain, i2t, t2i = _plain_retrieval(model, pixels, ids, mask, text_to_image, k=3)
     assert fast.metrics == plain
     assert np.allclose(fast.i2t, i2t, atol=1e-5) and np.allclose(fast.t2i, t2i, atol=1e-5)
+
+
+def test_retrieval_benchmark_script_runs(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval_eval.py"
+    spec = importlib.util.spec_from_file_location("retrieval_eval", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--images", "12", "--k", "3", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["recalls_equal"] is True and result["captions"] == 60 and result["speedup"] > 0

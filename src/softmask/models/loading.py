@@ -385,16 +385,21 @@ def _fit_pos_embed(entry: tuple[torch.Tensor, str], own: torch.Tensor, report: L
 # --------------------------------------------------------------------------------------------------
 
 
+def _open(path: str | Path, key: str) -> tuple[Path, dict[str, torch.Tensor], str, LoadReport]:
+    """Resolve, read and recognise a checkpoint; an empty report for it."""
+    source = resolve_checkpoint(path, key)
+    sd = read_state_dict(source)
+    fmt = detect_format(sd)
+    return source, sd, fmt, LoadReport(str(source), key, fmt)
+
+
 def _wrong_format(source: Path, key: str, fmt: str, expected: str) -> CheckpointError:
     return CheckpointError(f"{key}: {source} looks like {FORMAT_NAMES[fmt]}; expected {expected}")
 
 
 def load_vision_checkpoint(model, path: str | Path, key: str = "model.vision.init") -> LoadReport:
     """Load a timm/DeiT state dict or a Hugging Face ViT/DeiT folder into ``model.visual_encoder``."""
-    source = resolve_checkpoint(path, key)
-    sd = read_state_dict(source)
-    fmt = detect_format(sd)
-    report = LoadReport(str(source), key, fmt)
+    source, sd, fmt, report = _open(path, key)
     if fmt == "timm-vit":
         rule = vit_rule("visual_encoder.")
     elif fmt == "hf-vit":
@@ -410,10 +415,7 @@ def load_vision_checkpoint(model, path: str | Path, key: str = "model.vision.ini
 def load_text_checkpoint(model, path: str | Path, key: str = "model.text.init") -> LoadReport:
     """Load a Hugging Face BERT folder (or state dict) into the text and fusion encoders and the MLM
     head: BERT layers below ``fusion_layer`` become text layers, the rest fusion layers."""
-    source = resolve_checkpoint(path, key)
-    sd = read_state_dict(source)
-    fmt = detect_format(sd)
-    report = LoadReport(str(source), key, fmt)
+    source, sd, fmt, report = _open(path, key)
     if fmt != "hf-bert":
         raise _wrong_format(source, key, fmt, "a BERT checkpoint (Hugging Face folder or state dict)")
     bare = {strip_prefix(k, ("bert.",)): v for k, v in sd.items()}
@@ -428,10 +430,7 @@ def load_text_checkpoint(model, path: str | Path, key: str = "model.text.init") 
 
 def load_model_checkpoint(model, path: str | Path, key: str = "model.init") -> LoadReport:
     """Load a whole-model checkpoint: an ALBEF/TCL ``.pth`` or a softmask ``save_pretrained`` folder."""
-    source = resolve_checkpoint(path, key)
-    sd = read_state_dict(source)
-    fmt = detect_format(sd)
-    report = LoadReport(str(source), key, fmt)
+    source, sd, fmt, report = _open(path, key)
     if fmt == "softmask":
         return _apply(model, _map(sd, lambda k: (k, None), report), report, source, ("",))
     if fmt != "albef":
