@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -159,7 +158,7 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
         dist.barrier()
 
     accum = cfg.train.grad_accum
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     micro, pairs, last_log = 0, 0, time.perf_counter()
     module.train()
     try:
@@ -181,14 +180,16 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
                     loss = outputs["loss"] / accum
                 with sync:
                     scaler.scale(loss).backward()
-                for key, value in outputs.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.detach()) / accum
+                for key, value in outputs.items():  # kept as tensors: no device sync per micro-step
+                    part = value.detach().float() / accum
+                    sums[key] = sums[key] + part if key in sums else part
                 pairs += _batch_size(batch) * info.world_size
                 micro += 1
                 if micro < accum:
                     continue
                 micro = 0
-                if _reduce(float(math.isfinite(sums["loss"])), info.device) < info.world_size:
+                finite = torch.isfinite(sums["loss"]).to(info.device, torch.float64)
+                if dist.all_reduce_sum(finite).item() < info.world_size:  # the step's one sync
                     optimizer.zero_grad(set_to_none=True)
                     state.nonfinite_steps += 1
                     state.nonfinite_in_a_row += 1
@@ -212,7 +213,7 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
                 logger.step()
                 if state.step % cfg.train.log_every == 0 or state.step == total_steps:
                     elapsed = time.perf_counter() - last_log
-                    metrics = {k: _reduce(v, info.device) / info.world_size for k, v in sums.items()}
+                    metrics = {k: _reduce(float(v), info.device) / info.world_size for k, v in sums.items()}
                     logger.record({"step": state.step, **metrics, "epoch": state.epoch,
                                    "lr": optimizer.param_groups[0]["lr"], "pairs_per_s": pairs / elapsed,
                                    "skipped_samples": state.skipped_samples,
