@@ -48,6 +48,16 @@ def vit_rule(prefix: str) -> Callable[[str], Target | Ignore | None]:
     return rule
 
 
+def _layer_target(table: list[tuple[str, str, int | None]], rest: str, stack: str) -> Target | None:
+    """Map the part of a key after its layer index by a (pattern, target, part) table; the stack is
+    the target layer's prefix, e.g. ``visual_encoder.blocks.3``."""
+    for pattern, target, part in table:
+        match = re.fullmatch(pattern, rest)
+        if match:
+            return f"{stack}.{target}.{match['p']}", part
+    return None
+
+
 _HF_VIT_LAYER = [
     (r"attention\.attention\.query\." + _PARAM, "attn.qkv", 0),
     (r"attention\.attention\.key\." + _PARAM, "attn.qkv", 1),
@@ -89,10 +99,7 @@ def hf_vit_rule(prefix: str) -> Callable[[str], Target | Ignore | None]:
             return Ignore("pooler / classifier head")
         m = re.fullmatch(r"(?:encoder\.layer|layers)\.(?P<i>\d+)\.(?P<rest>.+)", key)
         if m:
-            for pattern, target, part in _HF_VIT_LAYER:
-                mm = re.fullmatch(pattern, m["rest"])
-                if mm:
-                    return f"{prefix}blocks.{m['i']}.{target}.{mm['p']}", part
+            return _layer_target(_HF_VIT_LAYER, m["rest"], f"{prefix}blocks.{m['i']}")
         return None
 
     return rule
@@ -148,10 +155,7 @@ def bert_rule(fusion_layer: int) -> Callable[[str], Target | Ignore | None]:
         if m:
             i = int(m["i"])
             stack = f"text_encoder.layers.{i}" if i < fusion_layer else f"fusion_encoder.layers.{i - fusion_layer}"
-            for pattern, target, part in _BERT_LAYER:
-                mm = re.fullmatch(pattern, m["rest"])
-                if mm:
-                    return f"{stack}.{target}.{mm['p']}", part
+            return _layer_target(_BERT_LAYER, m["rest"], stack)
         return None
 
     return rule
