@@ -4,6 +4,9 @@
     softmask export --config FILE --out DIR [key=value ...]  build (loading init checkpoints), save_pretrained
     softmask pretrain --config FILE [key=value ...]          pretrain into output_dir (torchrun for many GPUs)
     softmask bench step --config FILE [--methods albef] [--steps N] [--json]   step speed, memory, MFU
+    softmask finetune TASK --config FILE [key=value ...]    TASK: retrieval, ve, vqa, nlvr2; then evaluation
+    softmask evaluate TASK --checkpoint PATH --config FILE [--split S] [--json OUT] [key=value ...]
+    softmask evaluate world --checkpoint PATH --world DIR [--json OUT]   zero-shot probes of the world
     softmask demo   [--out DIR] [--images N] [--steps N]    world, albef vs softmask, evaluation, report
     softmask gradcam --checkpoint PATH --image FILE --text "..." --out DIR [--layer L]
                      [--source gradcam|attention] [--compare PATH2]   word Grad-CAM figures
@@ -26,6 +29,7 @@ from softmask.models.loading import CheckpointError
 from softmask.train.loop import TrainingError
 
 log = logging.getLogger("softmask")
+TASKS = ("retrieval", "ve", "vqa", "nlvr2")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -71,24 +75,64 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return main_step(args)
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def _write_json(path: str, metrics: dict) -> None:
     import json
 
-    from softmask.eval.world import evaluate_world
-    from softmask.inference import load_model
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(metrics, indent=2))
+    print(f"wrote {path}")
 
-    if args.task != "world":
-        raise ConfigError(f"evaluate: unknown task '{args.task}' (available: world)")
-    if not args.world:
-        raise ConfigError("evaluate world needs --world DIR (a folder written by `softmask world`)")
-    model, _ = load_model(args.checkpoint)
-    metrics = evaluate_world(model, args.world, k=args.k, layer=args.layer)
-    for key, value in metrics.items():
-        print(f"{key:24s} {value:8.2f}")
+
+def _task_config(args: argparse.Namespace):
+    """The config of ``softmask finetune/evaluate TASK``: the file, ``finetune.task=TASK``, the overrides."""
+    return load_config(args.config, [f"finetune.task={args.task}", *args.overrides])
+
+
+def _print_results(results: dict) -> None:
+    for split, metrics in results.items():
+        print(f"[{split}]")
+        for key, value in metrics.items():
+            print(f"  {key:20s} {value:8.2f}" if isinstance(value, float) else f"  {key:20s} {value}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from softmask.tasks.finetune import finetune
+
+    cfg = _task_config(args)
+    results = finetune(cfg)
+    _print_results(results)
+    print(f"metrics and model in {cfg.output_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.task == "world":
+        from softmask.eval.world import evaluate_world
+        from softmask.inference import load_model
+
+        if args.overrides or args.config:
+            raise ConfigError("evaluate world takes --world DIR, --k and --layer, not a config")
+        if not args.world:
+            raise ConfigError("evaluate world needs --world DIR (a folder written by `softmask world`)")
+        model, _ = load_model(args.checkpoint)
+        metrics = evaluate_world(model, args.world, k=args.k, layer=args.layer)
+        for key, value in metrics.items():
+            print(f"{key:24s} {value:8.2f}")
+        if args.json:
+            _write_json(args.json, metrics)
+        return 0
+    from softmask.tasks.finetune import evaluate_task
+
+    if not args.config:
+        raise ConfigError(f"evaluate {args.task} needs --config FILE (e.g. configs/finetune/{args.task}_tiny.yaml)")
+    if args.world:
+        args.overrides = [f"world={args.world}", *args.overrides]
+    cfg = _task_config(args)
+    splits = [args.split] if args.split else None
+    results = evaluate_task(cfg, args.checkpoint, splits, out_dir=args.out)
+    _print_results(results)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
-        print(f"wrote {args.json}")
+        _write_json(args.json, results if len(results) != 1 else next(iter(results.values())))
     return 0
 
 
@@ -170,13 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--json", action="store_true", help="print one JSON object")
     step.set_defaults(func=cmd_bench)
 
-    evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint (world: retrieval, minimal edits, grounding)")
-    evaluate.add_argument("task", help="world")
+    finetune = sub.add_parser("finetune", help="fine-tune a pretrained model on a task, then evaluate it")
+    finetune.add_argument("task", choices=TASKS, help="the downstream task")
+    _add_config_args(finetune)
+    finetune.set_defaults(func=cmd_finetune)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint on a task, or on the world's probes")
+    evaluate.add_argument("task", choices=("world", *TASKS),
+                          help="world (zero-shot retrieval, minimal edits, grounding) or a downstream task")
     evaluate.add_argument("--checkpoint", required=True, help="run folder, checkpoint file or save_pretrained folder")
+    evaluate.add_argument("--config", default=None, help="the task's YAML config (not for world)")
     evaluate.add_argument("--world", default="", help="a folder written by `softmask world`")
-    evaluate.add_argument("--k", type=int, default=16, help="retrieval candidates re-ranked by ITM per query")
-    evaluate.add_argument("--layer", type=int, default=None, help="Grad-CAM fusion layer for grounding")
+    evaluate.add_argument("--split", choices=("val", "test"), default=None,
+                          help="one split (default: finetune.eval_splits)")
+    evaluate.add_argument("--out", default=None, help="a task's folder for metrics_SPLIT.json and result files")
+    evaluate.add_argument("--k", type=int, default=16, help="world: retrieval candidates re-ranked by ITM")
+    evaluate.add_argument("--layer", type=int, default=None, help="world: Grad-CAM fusion layer for grounding")
     evaluate.add_argument("--json", default="", help="also write the metrics to this JSON file")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="a task's config overrides")
     evaluate.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="world -> pretrain albef and softmask -> evaluate -> report.md")

@@ -273,6 +273,56 @@ class SoftMaskConfig:
             raise ConfigError(f"{key}.distortion_ops must be >= 0 and {key}.distortion_magnitude in [0, 10]")
 
 
+FINETUNE_TASKS = ("retrieval", "ve", "vqa", "nlvr2")
+NLVR2_STAGES = ("text_assignment", "finetune")
+
+# The annotation files (under ``WORLD/annotations/``) that a top-level ``world: WORLD`` fills in.
+WORLD_FILES = {
+    "pretrain": {"train": ["pretrain.json"]},
+    "retrieval": {"train": ["retrieval_train.json"], "val": ["retrieval_val.json"], "test": ["retrieval_test.json"]},
+    "ve": {"train": ["ve_train.json"], "val": ["ve_val.json"], "test": ["ve_test.json"]},
+    "vqa": {"train": ["vqa_train.json"], "val": ["vqa_val.json"], "test": ["vqa_test.json"]},
+    "nlvr2": {"train": ["nlvr_train.json"], "val": ["nlvr_val.json"], "test": ["nlvr_test.json"]},
+    "nlvr2_text_assignment": {"train": ["nlvr_ta.json"], "val": [], "test": []},
+}
+
+
+@dataclass
+class FinetuneConfig:
+    """A downstream task (``softmask finetune TASK`` / ``softmask evaluate TASK``). ``model.init``
+    names the pretrained checkpoint to start from; ``data`` and ``train`` work as in pretraining.
+    File lists left empty are filled from the top-level ``world`` folder when one is given."""
+
+    task: str = ""  # retrieval | ve | vqa | nlvr2 (set by the command's TASK argument)
+    stage: str = "finetune"  # nlvr2: text_assignment (ALBEF's extra pretraining of the new layers) | finetune
+    train: list[str] = field(default_factory=list)  # ALBEF-format annotation files of the task
+    val: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+    answer_list: str = ""  # vqa: JSON list of candidate answers
+    eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])  # evaluated after training
+    eval_batch_size: int = 64
+    k_test: int = 256  # retrieval: ITC candidates per query re-ranked by ITM (ALBEF: 256 COCO, 128 Flickr)
+    score: str = "itm"  # retrieval: final score of a re-ranked pair, itm | itm+itc
+    answer_candidates: int = 128  # vqa: answers shortlisted by their first token, then scored whole
+    max_answer_tokens: int = 10  # vqa: WordPiece tokens per answer, [CLS]/[SEP] included
+
+    def validate(self, key: str) -> None:
+        if self.task and self.task not in FINETUNE_TASKS:
+            raise ConfigError(f"{key}.task must be one of {', '.join(FINETUNE_TASKS)}, got '{self.task}'")
+        if self.stage not in NLVR2_STAGES:
+            raise ConfigError(f"{key}.stage must be one of {', '.join(NLVR2_STAGES)}, got '{self.stage}'")
+        if self.score not in ("itm", "itm+itc"):
+            raise ConfigError(f"{key}.score must be 'itm' or 'itm+itc', got '{self.score}'")
+        bad = [s for s in self.eval_splits if s not in ("val", "test")]
+        if bad:
+            raise ConfigError(f"{key}.eval_splits may hold 'val' and 'test', got {bad}")
+        _positive(self, key, "eval_batch_size", "k_test", "answer_candidates", "max_answer_tokens")
+
+    @property
+    def world_files_key(self) -> str:
+        return "nlvr2_text_assignment" if self.task == "nlvr2" and self.stage == "text_assignment" else self.task
+
+
 # What `method` sets; any switch given explicitly in the config wins.
 METHOD_DEFAULTS = {
     "albef": {"soft_masks": False, "text_masking": False, "image_distortion": False, "gamma": 0.0},
@@ -297,17 +347,39 @@ class Config:
     itm: ITMConfig = field(default_factory=ITMConfig)
     mlm: MLMConfig = field(default_factory=MLMConfig)
     softmask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # A folder written by `softmask world`: fills data.image_root and the annotation lists left empty
+    # (data.train for pretraining, finetune.train/val/test for a task).
+    world: str = ""
 
     def validate(self) -> None:
         self.model.validate("model")
+        self._fill_from_world()
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
         self._resolve_method_switches()
         if self.data.max_tokens > self.model.text.max_positions:
             raise ConfigError(f"data.max_tokens ({self.data.max_tokens}) exceeds model.text.max_positions "
                               f"({self.model.text.max_positions})")
-        for name in ("data", "train", "distill", "itc", "itm", "mlm", "softmask"):
+        for name in ("data", "train", "distill", "itc", "itm", "mlm", "softmask", "finetune"):
             getattr(self, name).validate(name)
+
+    def _fill_from_world(self) -> None:
+        """With ``world`` set: data.image_root, and the annotation files left empty, from that folder."""
+        if not self.world:
+            return
+        root = Path(self.world)
+        self.data.image_root = self.data.image_root or str(root)
+        notes = root / "annotations"
+        if not self.finetune.task and not self.data.train:
+            self.data.train = [str(notes / name) for name in WORLD_FILES["pretrain"]["train"]]
+        if self.finetune.task in FINETUNE_TASKS:
+            files = WORLD_FILES[self.finetune.world_files_key]
+            for split in ("train", "val", "test"):
+                if not getattr(self.finetune, split):
+                    setattr(self.finetune, split, [str(notes / name) for name in files[split]])
+            if self.finetune.task == "vqa" and not self.finetune.answer_list:
+                self.finetune.answer_list = str(notes / "answer_list.json")
 
     def _resolve_method_switches(self) -> None:
         """Fill the switches left at None from ``method``; choose the Grad-CAM layer."""

@@ -12,8 +12,6 @@ dropout and augmentation off, N processes reproduce one process with the same gl
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +19,7 @@ from torch import nn
 from softmask.config import Config
 from softmask.data.transforms import Distort, EvalTransform, TrainAugment
 from softmask.models.vlp import VisionLanguageModel
+from softmask.objectives.distill import ema_update, momentum_copy
 from softmask.objectives.itc import focal_itc_loss, itc_targets, similarities
 from softmask.objectives.itm import itm_loss, sample_hard_negatives
 from softmask.objectives.mlm import mask_tokens, mlm_loss
@@ -61,9 +60,7 @@ class PretrainTask(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = model
-        self.momentum_model = copy.deepcopy(model)
-        for param in self.momentum_model.parameters():
-            param.requires_grad_(False)
+        self.momentum_model = momentum_copy(model)
         dim = cfg.model.embed_dim
         self.image_queue = FeatureQueue(dim, cfg.itc.queue_size)
         self.text_queue = FeatureQueue(dim, cfg.itc.queue_size)
@@ -84,11 +81,8 @@ class PretrainTask(nn.Module):
         """Distillation weight, ramped linearly from 0 over the first epoch (or alpha_warmup_steps)."""
         return self.cfg.distill.alpha * min(1.0, step / self.alpha_warmup_steps)
 
-    @torch.no_grad()
     def momentum_update(self) -> None:
-        m = self.cfg.distill.momentum
-        for online, target in zip(self.model.parameters(), self.momentum_model.parameters(), strict=True):
-            target.mul_(m).add_(online.detach(), alpha=1.0 - m)
+        ema_update(self.model, self.momentum_model, self.cfg.distill.momentum)
 
     def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """One micro-batch: ``images`` uint8 (B, 3, S, S), ``input_ids``/``attention_mask`` (B, T).

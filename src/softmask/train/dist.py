@@ -102,6 +102,15 @@ def all_reduce_max_int(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def gather_objects(items: list) -> list:
+    """Concatenate every rank's list of picklable objects (rank order); the list itself without DDP."""
+    if not is_distributed():
+        return list(items)
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -1,0 +1,219 @@
+"""Fine-tuning and evaluation on the downstream tasks, on the shared training loop.
+
+Each task is a module of :mod:`softmask.tasks` with four functions (see :class:`TaskDefinition`):
+its model (a pretrained backbone plus heads, loaded from ``model.init``), its training objective
+(an ``nn.Module`` for :func:`softmask.train.loop.train`), its training data, and its evaluation.
+This module picks the task, runs training then evaluation (``softmask finetune TASK``), and loads a
+fine-tuned checkpoint for evaluation alone (``softmask evaluate TASK``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import yaml
+from torch import nn
+
+from softmask.config import FINETUNE_TASKS, Config, ConfigError, model_config_from_dict, to_dict
+from softmask.models.loading import CheckpointError
+from softmask.models.vlp import CONFIG_FILE, WEIGHTS_FILE
+from softmask.train import dist
+
+log = logging.getLogger("softmask")
+
+TASK_MODULES = {"retrieval": "softmask.tasks.retrieval", "ve": "softmask.tasks.ve", "vqa": "softmask.tasks.vqa",
+                "nlvr2": "softmask.tasks.nlvr2"}
+RUN_CONFIG, RUN_MODEL_DIR = "config.yaml", "model"
+
+
+class TaskDefinition(Protocol):
+    """What a task module provides."""
+
+    def build_model(self, cfg: Config) -> nn.Module:
+        """The task's model with ``cfg.model.init`` (and the vision/text inits) loaded; it has
+        ``save_pretrained(directory)``."""
+
+    def build_task(self, cfg: Config, model: nn.Module, batches_per_epoch: int | None) -> nn.Module:
+        """The training objective: ``forward(batch, step, micro)`` -> dict with ``loss``; ``.model`` is ``model``."""
+
+    def build_train_data(self, cfg: Config, rank: int, world_size: int):
+        """A :class:`softmask.train.loop.DataSource` over ``finetune.train`` (files checked first)."""
+
+    def evaluate(self, cfg: Config, model: nn.Module, split: str, out_dir: Path | None) -> dict[str, float]:
+        """Metrics on ``finetune.<split>`` (every rank calls it; all return the same metrics). Extra files
+        (e.g. VQA's results JSON) go to ``out_dir`` on the main process."""
+
+
+def get_task(name: str) -> TaskDefinition:
+    if name not in TASK_MODULES:
+        raise ConfigError(f"unknown task '{name}': choose one of {', '.join(FINETUNE_TASKS)}")
+    return importlib.import_module(TASK_MODULES[name])
+
+
+class TaskModel(nn.Module):
+    """Base of the downstream models: a backbone plus heads, saved with the task's name so that
+    evaluation rebuilds the same architecture. ``config`` is the model section."""
+
+    task_name = ""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """``config.yaml`` (task name and model section, init fields cleared) and ``model.safetensors``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        section = to_dict(self.config)
+        section["init"] = section["vision"]["init"] = section["text"]["init"] = ""
+        (directory / CONFIG_FILE).write_text(yaml.safe_dump({"task": self.task_name, "model": section},
+                                                            sort_keys=False))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt", "library": "softmask", "task": self.task_name})
+        tmp.replace(directory / WEIGHTS_FILE)
+        return directory
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a fine-tuned model for evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def _saved_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    """(model state, the saved config mapping, the file read) from a fine-tuning run folder (newest
+    checkpoint, else ``model/``), a checkpoint file in a run's ``checkpoints/``, or a saved model folder."""
+    from safetensors.torch import load_file
+
+    from softmask.inference import model_state_from_checkpoint
+    from softmask.train.checkpoint import list_checkpoints
+
+    if path.is_file():
+        run_config = path.parent.parent / RUN_CONFIG
+        if not run_config.is_file():
+            raise CheckpointError(f"{path}: a checkpoint file must lie in a run's checkpoints/ folder next to "
+                                  f"the run's {RUN_CONFIG}")
+        return model_state_from_checkpoint(path), yaml.safe_load(run_config.read_text()) or {}, path
+    if (path / RUN_CONFIG).is_file() and list_checkpoints(path):
+        ckpt = list_checkpoints(path)[-1]
+        return model_state_from_checkpoint(ckpt), yaml.safe_load((path / RUN_CONFIG).read_text()) or {}, ckpt
+    folder = path / RUN_MODEL_DIR if (path / RUN_MODEL_DIR / WEIGHTS_FILE).is_file() else path
+    if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path}: not a fine-tuning run folder, a checkpoint file or a saved model folder "
+                              f"({CONFIG_FILE} + {WEIGHTS_FILE})")
+    return load_file(str(folder / WEIGHTS_FILE)), yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}, folder
+
+
+def saved_task_name(saved: dict) -> str:
+    """The task a saved config belongs to: a model folder's ``task``, a run config's ``finetune.task``."""
+    return saved.get("task") or (saved.get("finetune") or {}).get("task") or ""
+
+
+def load_task_model(cfg: Config, path: str | Path) -> nn.Module:
+    """The model of ``cfg.finetune.task`` with the weights at ``path``.
+
+    Retrieval also takes any pretrained model (zero-shot): a pretraining run folder, checkpoint or
+    ``save_pretrained`` folder, or a checkpoint file for ``model.init`` (e.g. ALBEF's ``.pth``).
+    Other tasks need a checkpoint fine-tuned on that task (their heads are not pretrained).
+    """
+    task_name = cfg.finetune.task
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state, saved, source = _saved_state(path)
+    except CheckpointError:
+        if task_name != "retrieval" or not path.is_file():
+            raise
+        state, saved, source = None, {}, path  # a foreign checkpoint: loaded through model.init
+    found = saved_task_name(saved)
+    if task_name == "retrieval" and found in ("", "retrieval"):
+        if state is None:
+            cfg.model.init = str(path)
+            return get_task("retrieval").build_model(cfg)
+    elif found != task_name:
+        what = f"a checkpoint of task '{found}'" if found else "a pretrained model, not fine-tuned"
+        raise CheckpointError(f"{source}: {what}; evaluating {task_name} needs a model fine-tuned on it "
+                              f"(softmask finetune {task_name} ...)")
+    cfg.model = model_config_from_dict(saved.get("model", {}), where=f"{source}: model")
+    cfg.model.init = cfg.model.vision.init = cfg.model.text.init = ""
+    model = get_task(task_name).build_model(cfg)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+             if state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        problems = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if keys]
+        raise CheckpointError(f"{source}: does not fit the {task_name} model; " + "; ".join(problems))
+    model.load_state_dict(state)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# The commands
+# --------------------------------------------------------------------------------------------------
+
+
+def _splits_with_data(cfg: Config, splits: list[str]) -> list[str]:
+    return [split for split in splits if getattr(cfg.finetune, split)]
+
+
+def _report(cfg: Config, task: TaskDefinition, model: nn.Module, splits: list[str], out: Path | None,
+            info: dist.DistInfo) -> dict[str, dict[str, float]]:
+    results = {}
+    model.to(info.device).eval()
+    for split in _splits_with_data(cfg, splits):
+        metrics = task.evaluate(cfg, model, split, out)
+        results[split] = metrics
+        text = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        log.info(f"{cfg.finetune.task} {split}: {text}")
+        if out is not None and info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"metrics_{split}.json").write_text(json.dumps(metrics, indent=2))
+    return results
+
+
+def finetune(cfg: Config) -> dict[str, dict[str, float]]:
+    """Fine-tune ``cfg.finetune.task`` from ``model.init`` into ``output_dir``, then evaluate the
+    splits of ``finetune.eval_splits`` that have files; returns {split: metrics}."""
+    from softmask.train.loop import train
+
+    if not cfg.finetune.task:
+        raise ConfigError("finetune.task is not set (softmask finetune TASK sets it)")
+    task_def = get_task(cfg.finetune.task)
+    info = dist.init_distributed()
+    try:
+        torch.manual_seed(cfg.seed)
+        data = task_def.build_train_data(cfg, info.rank, info.world_size)  # checks the files first
+        model = task_def.build_model(cfg)
+        task = task_def.build_task(cfg, model, data.batches_per_epoch)
+        torch.manual_seed(cfg.seed + 1 + info.rank)
+        train(cfg, task, data, info)
+        return _report(cfg, task_def, task.model, cfg.finetune.eval_splits, Path(cfg.output_dir), info)
+    finally:
+        dist.cleanup()
+
+
+def evaluate_task(cfg: Config, checkpoint: str | Path, splits: list[str] | None = None,
+                  out_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Evaluate the model at ``checkpoint`` on ``splits`` (default ``finetune.eval_splits``)."""
+    if not cfg.finetune.task:
+        raise ConfigError("finetune.task is not set (softmask evaluate TASK sets it)")
+    task_def = get_task(cfg.finetune.task)
+    info = dist.init_distributed()
+    try:
+        model = load_task_model(cfg, checkpoint)
+        out = Path(out_dir) if out_dir else None
+        return _report(cfg, task_def, model, splits or cfg.finetune.eval_splits, out, info)
+    finally:
+        dist.cleanup()
+
