@@ -14,4 +14,4 @@ $PY -c "import softmask" 2>/dev/null || export PYTHONPATH="$PWD/src${PYTHONPATH:
 METHODS=${METHODS:-albef,softmask}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 timeout 450 "$PY" -m softmask -q bench step --config configs/pretrain/4m.yaml train.precision=bf16 \
-  --methods "$METHODS" --batch-size 64 --steps 10 --warmup 3 --device cuda --json
+  --methods "$METHODS" --batch-size 64 --steps "${STEPS:-10}" --warmup "${WARMUP:-3}" --device cuda --json

@@ -114,7 +114,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError("evaluate world takes --world DIR, --k and --layer, not a config")
         if not args.world:
             raise ConfigError("evaluate world needs --world DIR (a folder written by `softmask world`)")
-        model, _ = load_model(args.checkpoint)
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, _ = load_model(args.checkpoint, device=device)
         metrics = evaluate_world(model, args.world, k=args.k, layer=args.layer)
         for key, value in metrics.items():
             print(f"{key:24s} {value:8.2f}")
@@ -231,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--k", type=int, default=16, help="world: retrieval candidates re-ranked by ITM")
     evaluate.add_argument("--layer", type=int, default=None, help="world: Grad-CAM fusion layer for grounding")
     evaluate.add_argument("--json", default="", help="also write the metrics to this JSON file")
+    evaluate.add_argument("--device", default=None, help="world: cpu or cuda (default: cuda when available)")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="a task's config overrides")
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every prepared GPU run of a session with one GPU, as one command that ends within SECONDS:
+#
+#   benchmarks/gpu_session.sh OUT SECONDS
+#
+# 1. smoke (~1 min): environment, and the world study's path end to end on a tiny world (pretrain
+#    method=softmask with the world config, evaluate world); stops here if that fails;
+# 2. the world study (benchmarks/world_study.py): 5 variants x 3 seeds on a 10,000-image world, all
+#    runs side by side on the GPU, steps chosen by calibration to fit what is left minus 3. and 4.;
+# 3. the pretraining-step benchmark (benchmarks/gpu.sh, the 4m config, bf16, batch 64);
+# 4. the retrieval-evaluation benchmark (benchmarks/retrieval_eval.py, the 4m model, fast vs plain).
+#
+# Results land in OUT as at most 8 files (the device tool's limit). Needs python3 with CUDA torch and
+# this project's dependencies on PYTHONPATH (kornia, webdataset; the MiniLM package for the world config).
+set -uo pipefail
+OUT=${1:?output folder}
+TOTAL=${2:?seconds}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+START=$(date +%s)
+elapsed() { echo $(( $(date +%s) - START )); }
+BENCH_RESERVE=125  # 3. and 4. together, each under its own timeout
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, kornia, softmask; print('torch', torch.__version__, 'kornia', kornia.__version__, torch.cuda.get_device_name())"
+  W=/tmp/smoke_world
+  python3 -m softmask -q world --out $W --images 120 --size 64 --workers 8 &&
+  python3 -m softmask -q pretrain --config configs/pretrain/world.yaml world=$W method=softmask \
+    output_dir=/tmp/smoke_run train.max_steps=5 train.batch_size=16 train.log_every=1 itc.queue_size=64 &&
+  python3 -m softmask -q evaluate world --checkpoint /tmp/smoke_run --world $W --k 4 --json /tmp/smoke_eval.json &&
+  echo "SMOKE OK at $(elapsed) s"
+} > "$OUT/env_smoke.txt" 2>&1
+cat "$OUT/env_smoke.txt" | tail -20
+grep -q "SMOKE OK" "$OUT/env_smoke.txt" || { echo "smoke failed: stopping"; exit 1; }
+
+# The study: what is left, minus the benchmarks; world_study needs ~170 s of it outside training
+# (world generation, calibration start-up, evaluating 15 runs).
+STUDY=$(( TOTAL - $(elapsed) - BENCH_RESERVE ))
+S=/tmp/study
+timeout $STUDY python3 benchmarks/world_study.py --out $S --images 10000 --size 64 \
+  --budget-s $(( STUDY - 190 )) --k 16 > "$OUT/study.log" 2>&1
+echo "study rc $? at $(elapsed) s"
+cp $S/study.json $S/study.md "$OUT/" 2>/dev/null
+(cd $S && tar czf "$OUT/study_runs.tar.gz" --exclude='*.pt' --exclude='*.safetensors' --exclude='events.*' \
+   ./*_s* calibration 2>/dev/null)
+tail -28 "$OUT/study.log"
+
+STEPS=6 WARMUP=2 METHODS=albef,softmask timeout 60 bash benchmarks/gpu.sh > "$OUT/bench_step.json" 2> "$OUT/bench_step.err"
+echo "step benchmark rc $? at $(elapsed) s"
+cat "$OUT/bench_step.json"
+timeout 60 python3 benchmarks/retrieval_eval.py --config configs/pretrain/4m.yaml --images 300 --k 64 \
+  --repeats 2 --batch-size 256 --json > "$OUT/retrieval_4m.json" 2>> "$OUT/bench_step.err"
+echo "retrieval benchmark rc $? at $(elapsed) s"
+cat "$OUT/retrieval_4m.json"

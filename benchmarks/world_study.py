@@ -1,0 +1,207 @@
+"""The world study: ALBEF vs SoftMask vs each SoftMask part alone, several seeds, same budget.
+
+    python benchmarks/world_study.py --out runs/study [--world DIR | --images 10000 --size 64]
+        [--config configs/pretrain/world.yaml] [--variants albef,softmask,...] [--seeds 0,1,2]
+        [--steps N | --budget-s SECONDS] [--parallel P] [--k 16] [key=value ...]
+
+Every (variant, seed) pretrains with `softmask pretrain` in its own process (P at a time, sharing the
+machine), then `softmask evaluate world` scores it on the world's test split. With ``--budget-s``
+the number of steps is chosen first: all runs go for ``--calibrate-steps`` steps side by side, and the
+slowest run's step time sets the steps that fit the budget (the same for every run). Writes
+``OUT/study.json`` (settings, per-run metrics, mean and sample standard deviation per variant) and
+``OUT/study.md`` (the table and the commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Each variant's overrides on top of the config (method albef = every SoftMask switch off).
+VARIANTS = {
+    "albef": ["method=albef"],
+    "softmask": ["method=softmask"],
+    "soft_masks_only": ["method=albef", "softmask.soft_masks=true"],
+    "focal_itc_only": ["method=albef", "itc.gamma=2.0"],
+    "augmentation_only": ["method=albef", "softmask.text_masking=true", "softmask.image_distortion=true"],
+}
+# The metrics of the table, in order (keys of `softmask evaluate world`).
+TABLE_KEYS = ("tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "r_mean", "itm_all", "itm_salient", "itm_secondary",
+              "itm_heldout", "itc_all", "itc_salient", "itc_secondary", "itc_heldout", "pointing_all",
+              "pointing_salient", "pointing_secondary", "energy_all", "energy_salient", "energy_secondary")
+
+
+def softmask_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "softmask", "-q", *args]
+
+
+def run_all(commands: list[tuple[list[str], Path]], parallel: int, env: dict) -> list[int]:
+    """Run commands ``parallel`` at a time, each logging to its file; returns the exit codes in order."""
+    codes: list[int | None] = [None] * len(commands)
+    running: dict[int, subprocess.Popen] = {}
+    pending = list(range(len(commands)))
+    while pending or running:
+        while pending and len(running) < parallel:
+            i = pending.pop(0)
+            cmd, log_file = commands[i]
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_file, "w") as handle:
+                handle.write(" ".join(cmd) + "\n")
+                handle.flush()
+                running[i] = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        for i, proc in list(running.items()):
+            if proc.poll() is not None:
+                codes[i] = proc.returncode
+                del running[i]
+        time.sleep(0.5)
+    return [int(c) for c in codes]
+
+
+def pretrain_commands(args, runs: list[tuple[str, int]], out: Path, steps: int, extra: list[str]):
+    commands = []
+    for variant, seed in runs:
+        run_dir = out / f"{variant}_s{seed}"
+        overrides = [f"world={args.world}", *VARIANTS[variant], f"seed={seed}", f"output_dir={run_dir}",
+                     f"train.max_steps={steps}", f"train.save_every={steps}", *extra, *args.overrides]
+        commands.append((softmask_cmd("pretrain", "--config", args.config, *overrides), run_dir.with_suffix(".log")))
+    return commands
+
+
+def step_seconds(run_dir: Path, batch_size: int) -> float:
+    """The median seconds per step over a run's logged intervals after the first (metrics.jsonl)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rates = [row["pairs_per_s"] for row in rows[1:]] or [row["pairs_per_s"] for row in rows]
+    return batch_size / statistics.median(rates)
+
+
+def calibrate(args, runs, env) -> tuple[int, dict]:
+    """Steps that fit ``--budget-s`` when all runs share the machine as they will."""
+    from softmask.config import load_config
+
+    batch = load_config(args.config, [f"world={args.world}", *args.overrides]).train.batch_size
+    out = Path(args.out) / "calibration"
+    steps = args.calibrate_steps
+    start = time.perf_counter()
+    codes = run_all(pretrain_commands(args, runs, out, steps, ["train.log_every=10"]), args.parallel, env)
+    if any(codes):
+        raise SystemExit(f"calibration runs failed (codes {codes}); see the logs in {out}")
+    wall = time.perf_counter() - start
+    per_step = max(step_seconds(out / f"{v}_s{s}", batch) for v, s in runs)
+    overhead = max(0.0, wall - per_step * steps)  # start-up, saving: paid again by the real runs
+    fit = int((args.budget_s - overhead) / per_step)
+    fit = max(args.calibrate_steps, fit // 50 * 50)
+    info = {"calibration_steps": steps, "calibration_wall_s": round(wall, 1),
+            "slowest_step_s": round(per_step, 4), "startup_s": round(overhead, 1), "steps_chosen": fit}
+    print(f"calibration: {json.dumps(info)}", flush=True)
+    return fit, info
+
+
+def summarise(per_run: dict[str, dict[str, dict]]) -> dict[str, dict[str, list[float]]]:
+    """{variant: {metric: [mean, std, n]}} over the seeds (sample std; 0 with one seed)."""
+    summary = {}
+    for variant, seeds in per_run.items():
+        summary[variant] = {}
+        for key in sorted({k for metrics in seeds.values() for k in metrics}):
+            values = [metrics[key] for metrics in seeds.values() if key in metrics]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary[variant][key] = [statistics.fmean(values), std, len(values)]
+    return summary
+
+
+def table(summary: dict, keys=TABLE_KEYS) -> str:
+    variants = list(summary)
+    lines = ["| metric | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+    for key in keys:
+        if not any(key in summary[v] for v in variants):
+            continue
+        cells = [f"{summary[v][key][0]:.1f} ± {summary[v][key][1]:.1f}" if key in summary[v] else "-"
+                 for v in variants]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--world", default="", help="a `softmask world` folder (default: generate OUT/world)")
+    parser.add_argument("--images", type=int, default=10000)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--world-seed", type=int, default=0)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "pretrain" / "world.yaml"))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=0, help="training steps per run (or --budget-s)")
+    parser.add_argument("--budget-s", type=float, default=0.0, help="wall seconds for all training runs")
+    parser.add_argument("--calibrate-steps", type=int, default=40)
+    parser.add_argument("--parallel", type=int, default=0, help="runs at a time (default: all)")
+    parser.add_argument("--k", type=int, default=16, help="retrieval candidates re-ranked by ITM")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    args = parser.parse_args()
+
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    runs = [(v, s) for v in variants for s in seeds]
+    args.parallel = args.parallel or len(runs)
+    if bool(args.steps) == bool(args.budget_s):
+        parser.error("give exactly one of --steps and --budget-s")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    args.out = str(out)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    if not args.world:
+        args.world = str(out / "world")
+        cmd = softmask_cmd("world", "--out", args.world, "--images", str(args.images), "--size", str(args.size),
+                           "--seed", str(args.world_seed), "--workers", str(min(16, os.cpu_count() or 1)))
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    settings = {"config": args.config, "world": args.world, "variants": {v: VARIANTS[v] for v in variants},
+                "seeds": seeds, "overrides": args.overrides, "parallel": args.parallel, "k": args.k}
+    steps = args.steps
+    if args.budget_s:
+        steps, settings["calibration"] = calibrate(args, runs, env)
+    settings["steps"] = steps
+    train_start = time.perf_counter()
+    codes = run_all(pretrain_commands(args, runs, out, steps, []), args.parallel, env)
+    settings["train_wall_s"] = round(time.perf_counter() - train_start, 1)
+    evals = []
+    for (variant, seed), code in zip(runs, codes, strict=True):
+        run_dir = out / f"{variant}_s{seed}"
+        if code == 0:
+            evals.append((softmask_cmd("evaluate", "world", "--checkpoint", str(run_dir), "--world", args.world,
+                                       "--k", str(args.k), "--json", str(run_dir / "eval_world.json")),
+                          run_dir / "eval.log"))
+    run_all(evals, args.parallel, env)
+    per_run: dict[str, dict[str, dict]] = {}
+    failed = []
+    for variant, seed in runs:
+        result = out / f"{variant}_s{seed}" / "eval_world.json"
+        if result.is_file():
+            per_run.setdefault(variant, {})[str(seed)] = json.loads(result.read_text())
+        else:
+            failed.append(f"{variant}_s{seed}")
+    summary = summarise(per_run)
+    settings["total_wall_s"] = round(time.perf_counter() - started, 1)
+    settings["failed_runs"] = failed
+    (out / "study.json").write_text(json.dumps({"settings": settings, "summary": summary, "runs": per_run},
+                                               indent=2))
+    command = " ".join(["python", *sys.argv])
+    (out / "study.md").write_text(f"# World study\n\n`{command}`\n\n{steps} steps per run; "
+                                  f"seeds {seeds}; mean ± sample std over seeds.\n\n{table(summary)}\n")
+    print(table(summary))
+    print(json.dumps({"steps": steps, "failed_runs": failed, "total_wall_s": settings["total_wall_s"]}))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
