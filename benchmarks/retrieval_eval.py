@@ -76,8 +76,14 @@ def fast_rerank(model, feats, k: int, batch_size: int):
     full[pairs[:, 0], pairs[:, 1]] = match
     in_i2t = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, sim.topk(k, dim=1).indices, True)
     in_t2i = torch.zeros_like(sim, dtype=torch.bool).scatter_(0, sim.topk(k, dim=0).indices, True)
-    inf = torch.tensor(float("-inf"))
-    return torch.where(in_i2t, full, inf).numpy(), torch.where(in_t2i, full, inf).T.numpy(), len(pairs)
+    inf = torch.tensor(float("-inf"), device=full.device)
+    return (torch.where(in_i2t, full, inf).cpu().numpy(), torch.where(in_t2i, full, inf).T.cpu().numpy(),
+            len(pairs))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _max_finite_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -100,21 +106,26 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     torch.manual_seed(0)
     model = load_model(args.checkpoint)[0] if args.checkpoint else create_model(load_config(args.config)).eval()
     with tempfile.TemporaryDirectory() as tmp:
         pixels, ids, mask, text_to_image = world_data(args.images, model.config.vision.image_size, Path(tmp))
+    model.to(device)
     feats = compute_features(model, pixels, ids, mask, batch_size=256)
     fast_times, plain_times = [], []
     for _ in range(args.repeats):
         start = time.perf_counter()
         fast_i2t, fast_t2i, num_pairs = fast_rerank(model, feats, args.k, args.batch_size)
+        _sync(device)
         fast_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         plain_i2t, plain_t2i = plain_rerank(model, feats, args.k)
+        _sync(device)
         plain_times.append(time.perf_counter() - start)
     fast = recall_at_k(fast_i2t, fast_t2i, text_to_image)
     plain = recall_at_k(plain_i2t, plain_t2i, text_to_image)
@@ -123,7 +134,7 @@ def main(argv=None) -> int:
               "recalls_equal": fast == plain, "images": int(pixels.shape[0]), "captions": int(ids.shape[0]),
               "k": args.k, "pairs_fused_fast": num_pairs,
               "pairs_fused_plain": args.k * (pixels.shape[0] + ids.shape[0]),
-              "max_score_diff": _max_finite_diff(fast_i2t, plain_i2t)}
+              "max_score_diff": _max_finite_diff(fast_i2t, plain_i2t), "device": str(device)}
     if args.json:
         print(json.dumps(result))
     else:

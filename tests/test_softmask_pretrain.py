@@ -99,8 +99,8 @@ def test_gradcam_equals_full_backward_and_finite_differences():
     original = type(cross).forward
     nudge = {}
 
-    def forward(self, x, image, return_probs=False, image_index=None):
-        out, probs = original(self, x, image, True, image_index)
+    def forward(self, x, image, return_probs=False, image_index=None, image_mask=None):
+        out, probs = original(self, x, image, True, image_index, image_mask)
         if "delta" in nudge:  # recompute the output with the nudged probabilities
             q = self.kv(image)
             v = q.chunk(2, dim=-1)[1]

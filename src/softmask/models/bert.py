@@ -58,18 +58,24 @@ class TextEmbeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Bidirectional multi-head self-attention with a padding mask: (B, T, D) -> (B, T, D)."""
+    """Multi-head self-attention with a padding mask: (B, T, D) -> (B, T, D). Bidirectional, or with
+    ``causal`` (a decoder's) each position attends only to itself and the positions before it."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, causal: bool = False):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.dropout = cfg.attention_dropout
+        self.causal = causal
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
         mask = additive_mask(attention_mask, q.dtype)
+        if self.causal:  # (B, 1, 1, T) -> (B, 1, T, T): query i never sees key j > i
+            t = x.shape[1]
+            future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+            mask = mask.masked_fill(future, torch.finfo(q.dtype).min)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
@@ -92,18 +98,25 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, image: torch.Tensor, return_probs: bool = False,
-                image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                image_index: torch.Tensor | None = None, image_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``image_index`` (B,), optional: ``image`` holds U distinct images (U, 1 + N, Dv) and row b of
-        ``x`` attends to image ``image_index[b]``; keys and values are then projected once per image."""
+        ``x`` attends to image ``image_index[b]``; keys and values are then projected once per image.
+        ``image_mask`` (B, 1 + N), optional: 1 = attend, 0 = padding never attended (per row of ``x``,
+        i.e. already indexed); e.g. when the keys are a padded question's fused tokens."""
         q = _split_heads(self.q(x), self.num_heads)
         kv = self.kv(image)
         if image_index is not None:
             kv = kv[image_index]
         k, v = (_split_heads(t, self.num_heads) for t in kv.chunk(2, dim=-1))
         drop = self.dropout if self.training else 0.0
+        mask = None if image_mask is None else additive_mask(image_mask, q.dtype)
         if not return_probs:
-            return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=drop))), None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+            return self.out(_merge_heads(out)), None
         scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores + mask
         probs = scores.softmax(dim=-1)
         out = torch.matmul(F.dropout(probs, drop, self.training), v)
         return self.out(_merge_heads(out)), probs
@@ -120,11 +133,12 @@ class FeedForward(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """One post-norm BERT layer; with ``image_width`` set it also cross-attends to image tokens."""
+    """One post-norm BERT layer; with ``image_width`` set it also cross-attends to image tokens; with
+    ``causal`` its self-attention is causal (a decoder layer)."""
 
-    def __init__(self, cfg: TextConfig, image_width: int | None = None):
+    def __init__(self, cfg: TextConfig, image_width: int | None = None, causal: bool = False):
         super().__init__()
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg, causal=causal)
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.has_cross_attention = image_width is not None
         if image_width is not None:
@@ -135,14 +149,15 @@ class BertLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor | None = None,
-                return_probs: bool = False, image_index: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return_probs: bool = False, image_index: torch.Tensor | None = None,
+                image_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``image_mask`` (B, 1 + N), optional: padding of the cross-attention keys (see CrossAttention)."""
         x = self.attn_norm(x + self.dropout(self.attn(x, attention_mask)))
         probs = None
         if self.has_cross_attention:
             if image is None:
                 raise ValueError("a fusion layer needs the image tokens")
-            attended, probs = self.cross_attn(x, image, return_probs, image_index)
+            attended, probs = self.cross_attn(x, image, return_probs, image_index, image_mask)
             x = self.cross_norm(x + self.dropout(attended))
         x = self.ffn_norm(x + self.dropout(self.ffn(x)))
         return x, probs

@@ -88,7 +88,7 @@ class TaskModel(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def _saved_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
+def saved_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
     """(model state, the saved config mapping, the file read) from a fine-tuning run folder (newest
     checkpoint, else ``model/``), a checkpoint file in a run's ``checkpoints/``, or a saved model folder."""
     from safetensors.torch import load_file
@@ -129,7 +129,7 @@ def load_task_model(cfg: Config, path: str | Path) -> nn.Module:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state, saved, source = _saved_state(path)
+        state, saved, source = saved_state(path)
     except CheckpointError:
         if task_name != "retrieval" or not path.is_file():
             raise

@@ -36,7 +36,7 @@ from softmask.train import dist
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm")
 
 
-def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+def pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
     """(B, T) -> (B, length) with zeros on the right."""
     return F.pad(x, (0, length - x.shape[1])) if x.shape[1] < length else x
 
@@ -92,7 +92,7 @@ class PretrainTask(nn.Module):
         ids = batch["input_ids"].to(device, non_blocking=True)
         mask = batch["attention_mask"].to(device, non_blocking=True)
         length = dist.all_reduce_max_int(ids.shape[1], device)  # one text length across ranks
-        ids, mask = _pad_to(ids, length), _pad_to(mask, length)
+        ids, mask = pad_to(ids, length), pad_to(mask, length)
         images_m = self.augment(batch["images"].to(device, non_blocking=True))  # ALBEF's augmentation
         images = self.distort(images_m) if sm.image_distortion else images_m  # the online encoders' view
         b, rank, world = ids.shape[0], dist.rank(), dist.world_size()
@@ -162,7 +162,7 @@ class PretrainTask(nn.Module):
                             torch.zeros(num_neg, dtype=torch.long, device=device),
                             torch.ones(num_soft, dtype=torch.long, device=device)])
         logits_itm = torch.cat([logits_pos, logits_rest])
-        loss_itm = self._global_mean(itm_loss(logits_itm, labels), b + num_neg + num_soft, device, world)
+        loss_itm = dist.global_mean(itm_loss(logits_itm, labels), b + num_neg + num_soft, device, world)
 
         # ---- MLM with distillation --------------------------------------------------------------
         if sm.text_masking:  # the positive pass already saw the masked caption
@@ -173,7 +173,7 @@ class PretrainTask(nn.Module):
         with torch.no_grad():  # the teacher sees the same masked caption as the student (ALBEF)
             fused_mlm_m = mm.fuse(mm.encode_text(masked_ids, mask), mask, image_embeds_m)
             teacher = mm.mlm_logits(fused_mlm_m[chosen])
-        loss_mlm = self._global_mean(mlm_loss(logits_mlm, mlm_targets[chosen], teacher, alpha),
+        loss_mlm = dist.global_mean(mlm_loss(logits_mlm, mlm_targets[chosen], teacher, alpha),
                                      int(chosen.sum()), device, world)
 
         with torch.no_grad():
@@ -216,17 +216,6 @@ class PretrainTask(nn.Module):
         if sm.apply_to == "features":
             return apply_soft_mask(image_embeds[has_word], soft[has_word]), has_word
         return self.model.encode_image(images[has_word], patch_scale=soft[has_word]), has_word
-
-    @staticmethod
-    def _global_mean(local_mean: torch.Tensor, count: int, device: torch.device, world: int) -> torch.Tensor:
-        """Turn a mean over this rank's ``count`` items into this rank's share of the mean over all
-        ranks' items (DDP averages gradients over ranks, hence the factor ``world``)."""
-        if world == 1:
-            return local_mean
-        total = dist.all_reduce_sum(torch.tensor(float(count), device=device))
-        if total.item() == 0:
-            return local_mean * 0.0
-        return local_mean * (count * world / total)
 
     def _hard_negatives(self, image_feat, text_feat, image_feat_m_all, text_feat_m_all, image_embeds,
                         text_embeds, ids, mask, temp, gen, rows):

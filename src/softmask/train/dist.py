@@ -102,6 +102,17 @@ def all_reduce_max_int(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def global_mean(local_mean: torch.Tensor, count: int, device: torch.device, world: int) -> torch.Tensor:
+    """Turn a mean over this rank's ``count`` items into this rank's share of the mean over all
+    ranks' items (DDP averages gradients over ranks, hence the factor ``world``)."""
+    if world == 1:
+        return local_mean
+    total = all_reduce_sum(torch.tensor(float(count), device=device))
+    if total.item() == 0:
+        return local_mean * 0.0
+    return local_mean * (count * world / total)
+
+
 def gather_objects(items: list) -> list:
     """Concatenate every rank's list of picklable objects (rank order); the list itself without DDP."""
     if not is_distributed():

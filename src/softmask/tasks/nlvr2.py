@@ -1,0 +1,405 @@
+"""NLVR2 (METHOD.md section 5): is a sentence true of a pair of images? Two stages, ``finetune.stage``:
+
+- ``text_assignment``: ALBEF's extra pretraining of the new two-image layers, a 3-way classifier:
+  records ``{"images": [a, b], "sentence", "label": 0|1|2}`` where 0 = the sentence describes image
+  a (and not b), 1 = it describes image b (and not a), 2 = it describes neither (a caption of a
+  third image). The world's ``nlvr_ta.json`` is made this way. ALBEF draws these triplets on the fly
+  from the 4M image-caption pairs; softmask reads them from files.
+- ``finetune``: the 2-way classifier on ALBEF's NLVR2 records
+  ``{"images": [left, right], "sentence", "label": "True"|"False"}`` (JSON true/false accepted too);
+  class 1 is True.
+
+The model (:class:`NLVR2Model`) is the two-image model of :mod:`softmask.models.nlvr2` plus the
+classifier ``cls_head`` on the fused [CLS] (3 or 2 classes by the stage). ``model.init`` is either a
+single-image pretrained checkpoint (a ``softmask pretrain`` model folder or an ALBEF/TCL ``.pth``:
+loaded by :func:`softmask.models.vlp.create_model`, position embeddings interpolated, then expanded
+to two images), or an NLVR2 run (its folder, its ``model/`` folder or one of its checkpoints), whose
+weights load as they are; when the saved head has another number of classes (text assignment ->
+fine-tuning), it is dropped and the new head starts random (logged).
+
+Training: the same augmentation for both images of a pair (one draw of crop, flip and RandAugment
+per pair; ALBEF draws them independently per image), cross-entropy, and with ``distill.alpha > 0``
+ALBEF's momentum distillation: ``(1 - alpha) * CE + alpha * CE(softmax(momentum logits))``, alpha
+ramped from 0 over ``distill.alpha_warmup_steps`` (0: the first epoch). ALBEF distils in fine-tuning,
+not in text assignment (``configs/finetune/nlvr2_ta.yaml`` sets alpha 0).
+
+Evaluation: accuracy in % (``acc``), per gold class (``acc_<class>``), counts, and the predictions in
+``out_dir/nlvr2_predictions_<split>.json``.
+
+Shapes: B batch, T tokens, D text width, S image side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from softmask.config import Config, ConfigError, ModelConfig, model_config_from_dict, to_dict
+from softmask.data.task_data import Field, TaskDataset, eval_loader, load_task_records, train_loader
+from softmask.data.transforms import EvalTransform, TrainAugment
+from softmask.models.loading import CheckpointError
+from softmask.models.nlvr2 import TwoImageModel, classifier_head, two_image_state
+from softmask.models.vit import resize_pos_embed
+from softmask.models.vlp import CONFIG_FILE, create_model
+from softmask.objectives.distill import ema_update, momentum_copy
+from softmask.objectives.itc import soft_cross_entropy
+from softmask.tasks.finetune import RUN_CONFIG, RUN_MODEL_DIR, TaskModel, saved_state, saved_task_name
+from softmask.tasks.pretrain import LoaderSource
+from softmask.train import dist
+
+log = logging.getLogger("softmask")
+
+TASK = "nlvr2"
+# Class names by stage, in label-index order.
+CLASSES = {"finetune": ("false", "true"), "text_assignment": ("image1", "image2", "neither")}
+FINETUNE_LABELS = {"False": 0, "True": 1, False: 0, True: 1}
+POS_EMBED = "backbone.visual_encoder.pos_embed"
+HEAD_PREFIX = "cls_head."
+
+
+def num_classes(stage: str) -> int:
+    """3 for text assignment, 2 for fine-tuning."""
+    return len(CLASSES[stage])
+
+
+# --------------------------------------------------------------------------------------------------
+# Annotation fields and labels
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_pair(value: object) -> str | None:
+    return None if isinstance(value, list) and len(value) == 2 else f"must list exactly 2 images, got {value!r}"
+
+
+def _check_finetune_label(value: object) -> str | None:
+    return None if value in FINETUNE_LABELS else f"must be \"True\" or \"False\", got {value!r}"
+
+
+def _check_ta_label(value: object) -> str | None:
+    return None if value in (0, 1, 2) else f"must be 0 (image 1), 1 (image 2) or 2 (neither), got {value!r}"
+
+
+FIELDS = {
+    "finetune": (Field("images", (list,), _check_pair), Field("sentence", (str,)),
+                 Field("label", (str, bool), _check_finetune_label)),
+    "text_assignment": (Field("images", (list,), _check_pair), Field("sentence", (str,)),
+                        Field("label", (int,), _check_ta_label)),
+}
+
+
+def _finetune_label(record: dict) -> dict:
+    """A fine-tuning record's extra sample value: ``label`` 1 (True) or 0 (False). Module level, so
+    it pickles into loader workers."""
+    return {"label": FINETUNE_LABELS[record["label"]]}
+
+
+def _ta_label(record: dict) -> dict:
+    """A text-assignment record's extra sample value: ``label`` 0, 1 or 2."""
+    return {"label": int(record["label"])}
+
+
+LABEL_OF = {"finetune": _finetune_label, "text_assignment": _ta_label}
+
+
+def load_records(cfg: Config, split: str) -> list[dict]:
+    """The checked records of ``finetune.<split>`` for the configured stage (AnnotationError naming
+    the file and record otherwise)."""
+    return load_task_records(getattr(cfg.finetune, split), cfg.data.image_root, FIELDS[cfg.finetune.stage],
+                             image_key="images")
+
+
+def make_dataset(cfg: Config, records: list[dict]) -> TaskDataset:
+    """Samples with ``image`` uint8 (2, 3, S, S), ``text`` and ``label``."""
+    return TaskDataset(records, cfg, "sentence", extras=LABEL_OF[cfg.finetune.stage], image_key="images")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and objective
+# --------------------------------------------------------------------------------------------------
+
+
+class NLVR2Model(TaskModel):
+    """A :class:`TwoImageModel` backbone plus the classifier ``cls_head`` (3 classes for text
+    assignment, 2 for fine-tuning) on the fused [CLS]."""
+
+    task_name = TASK
+
+    def __init__(self, backbone: TwoImageModel, classes: int):
+        super().__init__(backbone)
+        self.num_classes = classes
+        self.cls_head = classifier_head(backbone.config.text.hidden_size, classes)
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Normalised image pairs (B, 2, 3, S, S), tokens and mask (B, T) -> (B, C) logits."""
+        return self.cls_head(self.backbone(pixels, input_ids, attention_mask)[:, 0])
+
+
+def augment_pairs(transform: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, K, 3, S, S) -> float (B, K, 3, s, s): ``transform`` applied to image k of every pair
+    with the same random draws for every k (the CPU generator state is replayed; the transforms draw
+    all their parameters there), so both images of a pair get the same crop, flip and operations."""
+    state = torch.get_rng_state()
+    views = []
+    for k in range(images.shape[1]):
+        torch.set_rng_state(state)
+        views.append(transform(images[:, k]))
+    return torch.stack(views, dim=1)
+
+
+def nlvr2_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+               alpha: float = 0.0) -> torch.Tensor:
+    """Float32 cross-entropy of (B, C) logits against (B,) labels; with ``teacher_logits`` (B, C) and
+    ``alpha > 0``, ``(1 - alpha) * CE + alpha * CE against softmax(teacher)`` (ALBEF's distillation)."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        hard = F.cross_entropy(logits.float(), labels)
+        if teacher_logits is None or alpha == 0.0:
+            return hard
+        return (1.0 - alpha) * hard + alpha * soft_cross_entropy(logits, F.softmax(teacher_logits.float(), dim=-1))
+
+
+class NLVR2Task(nn.Module):
+    """The training objective around an :class:`NLVR2Model` (``.model``), with a momentum copy when
+    ``distill.alpha > 0``."""
+
+    def __init__(self, cfg: Config, model: NLVR2Model, alpha_warmup_steps: int):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.momentum_model = momentum_copy(model) if cfg.distill.alpha > 0 else None
+        size = cfg.model.vision.image_size
+        self.augment = TrainAugment(size, cfg.data.augment) if cfg.data.augment.enabled else EvalTransform(size)
+        self.alpha_warmup_steps = max(1, alpha_warmup_steps)
+
+    def alpha(self, step: int) -> float:
+        return self.cfg.distill.alpha * min(1.0, step / self.alpha_warmup_steps)
+
+    def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
+        """``images`` uint8 (B, 2, 3, S, S), ``input_ids``/``attention_mask`` (B, T), ``label`` (B,)
+        -> ``loss`` (with gradient), ``loss_ce``, batch accuracy ``acc`` and ``alpha`` (detached)."""
+        device = next(self.model.parameters()).device
+        pixels = augment_pairs(self.augment, batch["images"].to(device, non_blocking=True))
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        mask = batch["attention_mask"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True).long()
+        logits = self.model(pixels, ids, mask)
+        teacher, alpha = None, self.alpha(step)
+        if self.momentum_model is not None:
+            with torch.no_grad():
+                ema_update(self.model, self.momentum_model, self.cfg.distill.momentum)
+                teacher = self.momentum_model(pixels, ids, mask)
+        loss = nlvr2_loss(logits, labels, teacher, alpha)
+        with torch.no_grad():
+            loss_ce = F.cross_entropy(logits.float(), labels)
+            acc = (logits.argmax(-1) == labels).float().mean()
+        return {"loss": loss, "loss_ce": loss_ce, "acc": acc, "alpha": torch.tensor(alpha)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the model: from a single-image checkpoint, or from an NLVR2 run
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_task(config_file: Path) -> str:
+    if not config_file.is_file():
+        return ""
+    try:
+        return saved_task_name(yaml.safe_load(config_file.read_text()) or {})
+    except (yaml.YAMLError, AttributeError):
+        return ""
+
+
+def saved_task_of(init: str) -> str:
+    """The fine-tuning task a ``model.init`` path was saved by ("" for a pretrained model or a foreign
+    checkpoint): a run folder, a saved model folder or a checkpoint file in a run's checkpoints/."""
+    path = Path(init).expanduser()
+    if path.is_dir():
+        return _read_task(path / CONFIG_FILE) or _read_task(path / RUN_MODEL_DIR / CONFIG_FILE)
+    if path.is_file() and path.parent.name == "checkpoints":
+        return _read_task(path.parent.parent / RUN_CONFIG)
+    return ""
+
+
+def _architecture(model_cfg: ModelConfig) -> dict:
+    """The model section without what may differ between the stages (init paths, image size)."""
+    section = to_dict(model_cfg)
+    for part in (section, section["vision"], section["text"]):
+        part.pop("init")
+    section["vision"].pop("image_size")
+    return section
+
+
+def _differences(ours: dict, theirs: dict, prefix: str = "model") -> list[str]:
+    found = []
+    for key, value in ours.items():
+        if isinstance(value, dict):
+            found += _differences(value, theirs.get(key, {}), f"{prefix}.{key}")
+        elif theirs.get(key) != value:
+            found.append(f"{prefix}.{key} is {value} but the checkpoint has {theirs.get(key)}")
+    return found
+
+
+def _fit_pos_embed(state: dict[str, torch.Tensor], own: torch.Tensor, source: Path) -> None:
+    """Resize the saved position embeddings to this image size (in place), logging it."""
+    saved = state[POS_EMBED]
+    if saved.shape == own.shape:
+        return
+    grid = int(round((own.shape[1] - 1) ** 0.5))
+    try:
+        state[POS_EMBED] = resize_pos_embed(saved, grid, num_prefix_tokens=1)
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: '{POS_EMBED}': {exc}") from None
+    side = int(round((saved.shape[1] - 1) ** 0.5))
+    log.info(f"nlvr2: position embeddings resized from a {side}x{side} to a {grid}x{grid} patch grid")
+
+
+def _drop_other_head(state: dict[str, torch.Tensor], classes: int, source: Path) -> None:
+    """Remove a saved head of another number of classes (in place), logging it."""
+    saved = state.get(f"{HEAD_PREFIX}2.weight")
+    if saved is None or saved.shape[0] == classes:
+        return
+    for key in [k for k in state if k.startswith(HEAD_PREFIX)]:
+        del state[key]
+    log.info(f"nlvr2: dropped the saved {saved.shape[0]}-way head of {source} (another stage); the new "
+             f"{classes}-way head starts random")
+
+
+def load_nlvr2_run(cfg: Config, init: str, classes: int) -> NLVR2Model:
+    """The model of an NLVR2 run or saved model folder at ``init``, with this config's architecture
+    (which must be the saved one, the image size aside: position embeddings are interpolated)."""
+    state, saved, source = saved_state(Path(init).expanduser())
+    saved_cfg = model_config_from_dict(saved.get("model", {}), where=f"{source}: model")
+    problems = _differences(_architecture(cfg.model), _architecture(saved_cfg))
+    if problems:
+        raise CheckpointError(f"model.init {source}: another architecture: " + "; ".join(problems))
+    if cfg.model.vision.init or cfg.model.text.init:
+        log.info("nlvr2: model.vision.init and model.text.init are not used: model.init is an nlvr2 run")
+    model = NLVR2Model(TwoImageModel(cfg.model), classes)
+    _fit_pos_embed(state, model.state_dict()[POS_EMBED], source)
+    _drop_other_head(state, classes, source)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(HEAD_PREFIX)]
+    if missing or unexpected:
+        raise CheckpointError(f"model.init {source}: does not fit the nlvr2 model; missing: {missing[:5]}; "
+                              f"unexpected: {unexpected[:5]}")
+    log.info(f"nlvr2: loaded {len(state)} tensors of the two-image model from {source}")
+    return model
+
+
+def expand_pretrained(cfg: Config, classes: int) -> NLVR2Model:
+    """The single-image model of ``cfg`` (with ``model.init`` and the vision/text inits loaded)
+    expanded to two images, and a new head."""
+    single = create_model(cfg)
+    _, dropped = two_image_state(single.state_dict())
+    backbone = TwoImageModel.from_single(single)
+    if cfg.model.init:
+        log.info(f"nlvr2: expanded the single-image model of {cfg.model.init} to two images (each fusion layer "
+                 f"-> two blocks, K/V shared); left out: {', '.join(sorted({k.split('.')[0] for k in dropped}))}; "
+                 f"the {classes}-way head starts random")
+    return NLVR2Model(backbone, classes)
+
+
+def build_model(cfg: Config) -> NLVR2Model:
+    """The NLVR2 model of ``finetune.stage`` from ``model.init`` (see the module docstring)."""
+    classes = num_classes(cfg.finetune.stage)
+    task = saved_task_of(cfg.model.init) if cfg.model.init else ""
+    if task == TASK:
+        return load_nlvr2_run(cfg, cfg.model.init, classes)
+    if task:
+        raise CheckpointError(f"model.init {cfg.model.init}: a model fine-tuned on '{task}'; nlvr2 starts from a "
+                              "pretrained model or an nlvr2 (text-assignment) run")
+    return expand_pretrained(cfg, classes)
+
+
+def build_task(cfg: Config, model: NLVR2Model, batches_per_epoch: int | None) -> NLVR2Task:
+    from softmask.data.text import load_tokenizer
+    from softmask.train.loop import total_steps_for
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens)
+    if tokenizer.get_vocab_size() > cfg.model.text.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but model.text.vocab_size is "
+                          f"{cfg.model.text.vocab_size}")
+    per_step = batches_per_epoch // cfg.train.grad_accum if batches_per_epoch else 0
+    warmup = cfg.distill.alpha_warmup_steps or per_step or total_steps_for(cfg, batches_per_epoch)
+    return NLVR2Task(cfg, model, warmup)
+
+
+def build_train_data(cfg: Config, rank: int, world_size: int) -> LoaderSource:
+    loader, sampler = train_loader(cfg, make_dataset(cfg, load_records(cfg, "train")), rank, world_size)
+    return LoaderSource(loader, sampler)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.train.precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def predict(cfg: Config, model: NLVR2Model, dataset: TaskDataset) -> tuple[list[tuple[int, int, int]], int]:
+    """This process's share of ``dataset``: ``[(record index, predicted class, gold class), ...]``
+    and the number of samples skipped as bad."""
+    device = next(model.parameters()).device
+    transform = EvalTransform(cfg.model.vision.image_size).to(device)
+    rows, skipped = [], 0
+    for batch in eval_loader(cfg, dataset, dist.rank(), dist.world_size()):
+        skipped += batch["skipped"]
+        for sample in batch["skipped_samples"]:
+            log.warning(f"nlvr2: skipped bad sample: {sample}")
+        if batch["images"] is None:
+            continue
+        with _autocast(cfg, device):
+            pixels = transform(batch["images"].to(device).flatten(0, 1)).unflatten(0, (-1, 2))
+            logits = model(pixels, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        preds = logits.float().argmax(-1).cpu().tolist()
+        rows.extend(zip(batch["indices"].tolist(), preds, batch["label"].tolist(), strict=True))
+    return rows, skipped
+
+
+def accuracy_metrics(predictions: list[int], labels: list[int], classes: tuple[str, ...]) -> dict[str, float]:
+    """Accuracy in % (``acc``), per gold class (``acc_<class>``, 0 without samples) and the counts."""
+    total = len(labels)
+    correct = sum(p == g for p, g in zip(predictions, labels, strict=True))
+    metrics: dict[str, float] = {"acc": 100.0 * correct / total if total else 0.0, "count": total}
+    for index, name in enumerate(classes):
+        gold = [p for p, g in zip(predictions, labels, strict=True) if g == index]
+        metrics[f"acc_{name}"] = 100.0 * sum(p == index for p in gold) / len(gold) if gold else 0.0
+        metrics[f"count_{name}"] = len(gold)
+    return metrics
+
+
+def _write_predictions(out_dir: Path, split: str, records: list[dict], rows: list, classes: tuple[str, ...]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = [{"images": records[i]["images"], "sentence": records[i]["sentence"], "label": classes[gold],
+              "prediction": classes[pred]} for i, pred, gold in rows]
+    (out_dir / f"nlvr2_predictions_{split}.json").write_text(json.dumps(items, indent=1))
+
+
+def evaluate(cfg: Config, model: NLVR2Model, split: str, out_dir: Path | None) -> dict[str, float]:
+    """Accuracy on ``finetune.<split>`` for the configured stage (every rank returns the same metrics)."""
+    if not isinstance(model, NLVR2Model):
+        raise TypeError(f"nlvr2 evaluation needs an NLVR2Model, got {type(model).__name__}")
+    classes = CLASSES[cfg.finetune.stage]
+    if model.num_classes != len(classes):
+        raise ConfigError(f"finetune.stage is {cfg.finetune.stage} ({len(classes)} classes) but the model has a "
+                          f"{model.num_classes}-way head")
+    records = load_records(cfg, split)
+    model.eval()
+    rows, skipped = predict(cfg, model, make_dataset(cfg, records))
+    rows = sorted(dist.gather_objects(rows))
+    metrics = accuracy_metrics([r[1] for r in rows], [r[2] for r in rows], classes)
+    metrics["skipped"] = sum(dist.gather_objects([skipped]))
+    if out_dir is not None and dist.rank() == 0:
+        _write_predictions(out_dir, split, records, rows, classes)
+    return metrics

@@ -1,0 +1,353 @@
+"""VQA fine-tuning: accuracy, answer weights and loss, the answer decoder (initialisation, causal and
+padding masks), ALBEF's answer ranking, annotation errors, and finetune/evaluate through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from softmask.cli import main
+from softmask.config import config_from_dict
+from softmask.data.annotations import AnnotationError
+from softmask.data.text import tokenize
+from softmask.models.answer_decoder import AnswerDecoder, build_answer_decoder, token_log_probs
+from softmask.models.vlp import create_model
+from softmask.tasks import vqa
+from softmask.world import generate_world
+
+from conftest import TINY, tiny_model_config
+
+CONFIG = "configs/finetune/vqa_tiny.yaml"
+
+
+# ---------------------------------------------------------------- accuracy
+
+
+def test_vqa_accuracy_counts_matching_humans():
+    humans = ["yes"] * 3 + ["no"] * 2 + ["maybe"] + ["two"] * 4
+    assert vqa.vqa_accuracy("purple", humans) == 0.0
+    assert vqa.vqa_accuracy("maybe", humans) == pytest.approx(1 / 3)
+    assert vqa.vqa_accuracy("no", humans) == pytest.approx(2 / 3)
+    assert vqa.vqa_accuracy("yes", humans) == 1.0
+    assert vqa.vqa_accuracy("two", humans) == 1.0
+    assert vqa.vqa_accuracy(" Yes ", humans) == 1.0  # case and outer spaces do not matter
+    # The official 10-choose-9 averaging: m matching humans of 10 give
+    # (m * min((m - 1) / 3, 1) + (10 - m) * min(m / 3, 1)) / 10.
+    assert vqa.vqa_accuracy_averaged("purple", humans) == 0.0
+    assert vqa.vqa_accuracy_averaged("maybe", humans) == pytest.approx(0.3)
+    assert vqa.vqa_accuracy_averaged("no", humans) == pytest.approx(0.6)
+    assert vqa.vqa_accuracy_averaged("yes", humans) == pytest.approx(0.9)
+    assert vqa.vqa_accuracy_averaged("two", humans) == 1.0
+    assert vqa.vqa_accuracy_averaged("tree", ["tree"]) == pytest.approx(1 / 3)  # one human: the plain formula
+
+
+def test_metrics_per_type_and_without_answers():
+    rows = [{"prediction": "red", "answers": ["red"] * 10, "qtype": "colour"},
+            {"prediction": "2", "answers": ["3"] * 9 + ["2"], "qtype": "count"},
+            {"prediction": "no", "answers": None, "qtype": None}]
+    metrics = vqa.vqa_metrics(rows)
+    assert metrics["acc"] == pytest.approx(100 * (1 + 1 / 3) / 2)
+    assert metrics["acc_colour"] == 100.0 and metrics["acc_count"] == pytest.approx(100 / 3)
+    assert metrics["questions"] == 3 and metrics["scored"] == 2
+    assert "acc" not in vqa.vqa_metrics(rows[2:])
+
+
+# ---------------------------------------------------------------- weights and loss
+
+
+def test_answer_weights_are_shares_of_the_human_answers():
+    answers, weights = vqa.answer_weights(["yes"] * 7 + ["no"] * 2 + ["maybe"])
+    assert answers == ["yes", "no", "maybe"]
+    assert weights == pytest.approx([0.7, 0.2, 0.1])
+    assert vqa.answer_weights(["tree"], "vg") == (["tree"], [vqa.VG_ANSWER_WEIGHT])
+
+
+def _log_softmax(row: list[float]) -> list[float]:
+    norm = math.log(sum(math.exp(v) for v in row))
+    return [v - norm for v in row]
+
+
+def test_weighted_loss_equals_hand_computation():
+    # Two questions: q0 has answers A ("[CLS] 2 [SEP]") x7 and B ("[CLS] 3 1 [SEP]") x3; q1 has C x10.
+    # Vocabulary: 0 pad, 1 [SEP]... any ids; position t's logits score token t + 1.
+    ids = torch.tensor([[0, 2, 1, 0], [0, 3, 1, 1], [0, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 4, generator=g)
+    (_, w0), (_, w1) = vqa.answer_weights(["A"] * 7 + ["B"] * 3), vqa.answer_weights(["C"] * 10)
+    weights = torch.tensor(w0 + w1)
+    loss = vqa.weighted_question_loss(vqa.sequence_nll(logits, ids, mask), weights, num_questions=2)
+
+    def nll(n: int) -> float:
+        rows = logits[n].tolist()
+        length = int(mask[n].sum())
+        return -sum(_log_softmax(rows[t])[int(ids[n, t + 1])] for t in range(length - 1))
+
+    expected = (0.7 * nll(0) + 0.3 * nll(1) + 1.0 * nll(2)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # Distillation towards a teacher that is sure of the targets leaves the loss unchanged; towards a
+    # uniform teacher each token's loss becomes (1 - alpha) NLL + alpha * mean(-log p).
+    sure = torch.full_like(logits, -1e4).scatter(-1, torch.cat([ids[:, 1:], ids[:, :1]], 1)[..., None], 1e4)
+    assert torch.allclose(vqa.sequence_nll(logits, ids, mask, sure, 0.4), vqa.sequence_nll(logits, ids, mask),
+                          atol=1e-4)
+    uniform = torch.zeros_like(logits)
+    mean_nll = -(torch.log_softmax(logits[0, :2], -1).mean(-1)).sum()
+    assert vqa.sequence_nll(logits[:1], ids[:1], mask[:1], uniform[:1], 0.5).item() == pytest.approx(
+        0.5 * nll(0) + 0.5 * mean_nll.item(), rel=1e-5)
+
+
+def _tiny_cfg(**finetune):
+    text = dict(TINY["text"], vocab_size=30522)
+    model = {"embed_dim": TINY["embed_dim"], "vision": dict(TINY["vision"]), "text": text}
+    return config_from_dict({"model": model, "data": {"augment": {"enabled": False}, "num_workers": 0},
+                             "distill": {"alpha": 0.0}, "finetune": {"task": "vqa", **finetune}})
+
+
+def test_task_forward_matches_per_answer_computation():
+    """The batched loss (answers flattened, question states shared by index) equals the answers decoded
+    one at a time against their own question, weighted by hand."""
+    cfg = _tiny_cfg()
+    torch.manual_seed(0)
+    model = vqa.build_model(cfg).eval()
+    task = vqa.VQATask(cfg, model, alpha_warmup_steps=1).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    ids, mask = tokenize(task.tokenizer, ["what color is the ball", "how many"])
+    batch = {"images": images, "input_ids": ids, "attention_mask": mask,
+             "answers": [["red", "dark red"], ["two"]], "weights": [[0.8, 0.2], [1.0]]}
+    loss = task(batch, step=0)["loss"]
+    with torch.no_grad():
+        states = model.encode_questions(task.augment(images), ids, mask)
+        total = 0.0
+        for q, (answers, weights) in enumerate(zip(batch["answers"], batch["weights"], strict=True)):
+            for answer, weight in zip(answers, weights, strict=True):
+                a_ids, a_mask = tokenize(task.tokenizer, [answer])
+                length = int(mask[q].sum())  # the question without its padding
+                logits = model.decoder(a_ids, a_mask, states[q:q + 1, :length], mask[q:q + 1, :length])
+                total += weight * -token_log_probs(logits, a_ids, a_mask).sum().item()
+    assert loss.item() == pytest.approx(total / 2, rel=1e-4)
+
+
+# ---------------------------------------------------------------- the decoder
+
+
+def _perturbed(model):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def test_decoder_is_initialised_from_the_fusion_layers():
+    cfg = tiny_model_config(vision__width=32)  # image width = text width: every tensor has a source
+    backbone = _perturbed(create_model(cfg))
+    decoder, left_random = build_answer_decoder(backbone)
+    assert left_random == []
+    assert len(decoder.layers) == cfg.text.num_fusion_layers
+    pairs = [(decoder.embeddings, backbone.text_encoder.embeddings), (decoder.head, backbone.mlm_head)]
+    pairs += list(zip(decoder.layers, backbone.fusion_encoder.layers, strict=True))
+    for ours, theirs in pairs:
+        theirs_sd = theirs.state_dict()
+        for name, tensor in ours.state_dict().items():
+            assert torch.equal(tensor, theirs_sd[name]), name
+    # Copied, not shared: training the decoder leaves the question encoder alone.
+    with torch.no_grad():
+        backbone.text_encoder.embeddings.word_embeddings.weight.add_(1.0)
+    assert not torch.equal(decoder.embeddings.word_embeddings.weight,
+                           backbone.text_encoder.embeddings.word_embeddings.weight)
+    assert all(layer.attn.causal for layer in decoder.layers)
+    assert not any(layer.attn.causal for layer in backbone.fusion_encoder.layers)
+
+
+def test_decoder_cross_attention_left_random_only_when_widths_differ():
+    backbone = _perturbed(create_model(tiny_model_config()))  # image width 48, text width 32
+    decoder, left_random = build_answer_decoder(backbone)
+    n = backbone.config.text.num_fusion_layers
+    # Only the key/value projection's (2 D, Dv) weight lacks a source; its (2 D,) bias is copied.
+    assert sorted(left_random) == [f"layers.{i}.cross_attn.kv.weight" for i in range(n)]
+    assert torch.equal(decoder.layers[0].cross_attn.q.weight, backbone.fusion_encoder.layers[0].cross_attn.q.weight)
+
+
+def _decoder_and_states():
+    cfg = tiny_model_config()
+    torch.manual_seed(1)
+    decoder = AnswerDecoder(cfg.text).eval()
+    states = torch.randn(1, 6, cfg.text.hidden_size)
+    states_mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    ids = torch.tensor([[1, 17, 23, 42, 57]])
+    return decoder, ids, torch.ones_like(ids), states, states_mask
+
+
+def test_causal_self_attention_hides_later_tokens():
+    decoder, ids, mask, states, states_mask = _decoder_and_states()
+    changed = ids.clone()
+    changed[0, 3] = 99
+    with torch.no_grad():
+        before = decoder.hidden(ids, mask, states, states_mask)
+        after = decoder.hidden(changed, mask, states, states_mask)
+        for layer in decoder.layers:  # the same weights, bidirectional
+            layer.attn.causal = False
+        bidirectional = decoder.hidden(changed, mask, states, states_mask) - decoder.hidden(ids, mask, states,
+                                                                                             states_mask)
+    assert torch.allclose(before[:, :3], after[:, :3], atol=1e-6)  # positions 0-2 never see token 3
+    assert (before[:, 3:] - after[:, 3:]).abs().amax() > 1e-3  # positions 3 and 4 do
+    assert bidirectional[:, :3].abs().amax() > 1e-3  # without the causal mask the earlier ones would change
+
+
+def test_question_padding_is_not_attended():
+    decoder, ids, mask, states, states_mask = _decoder_and_states()
+    noisy_pad, noisy_token = states.clone(), states.clone()
+    noisy_pad[0, 4:] += 5.0
+    noisy_token[0, 2] += 5.0
+    with torch.no_grad():
+        base = decoder.hidden(ids, mask, states, states_mask)
+        assert torch.allclose(base, decoder.hidden(ids, mask, noisy_pad, states_mask), atol=1e-6)
+        assert (base - decoder.hidden(ids, mask, noisy_token, states_mask)).abs().amax() > 1e-3
+        # The cross-attention's explicit path (kept probabilities) masks the same way as the fused one.
+        layer = decoder.layers[0].cross_attn
+        x = torch.randn(1, 5, states.shape[-1])
+        fast, _ = layer(x, states, image_mask=states_mask)
+        slow, probs = layer(x, states, return_probs=True, image_mask=states_mask)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    assert probs[..., 4:].abs().amax() == 0.0
+
+
+# ---------------------------------------------------------------- ranking
+
+
+class BigramDecoder:
+    """A stub decoder: the next token depends only on the current one, p(next | current) = table[current]."""
+
+    def __init__(self, table: torch.Tensor):
+        self.log_table = torch.log(table.clamp_min(1e-12))
+
+    def __call__(self, ids, mask, states, states_mask, states_index=None):
+        return self.log_table[ids]
+
+
+def test_ranking_scores_whole_answers_after_the_first_token_shortlist():
+    # Tokens: 0 pad, 1 [CLS], 2 [SEP], 3 "a", 4 "b", 5 "c", 6 "d". Answers "a b", "a c", "d".
+    # p(a | CLS) = 0.6, p(d | CLS) = 0.4; p(b | a) = 0.4, p(c | a) = 0.6; then [SEP] surely:
+    # whole answers: "a b" 0.24, "a c" 0.36, "d" 0.40.
+    table = torch.full((7, 7), 1 / 7)
+    table[1] = torch.tensor([0, 0, 0, 0.6, 0, 0, 0.4])
+    table[3] = torch.tensor([0, 0, 0, 0, 0.4, 0.6, 0])
+    for token in (4, 5, 6):
+        table[token] = torch.tensor([0, 0, 1.0, 0, 0, 0, 0])
+    answer_ids = torch.tensor([[1, 3, 4, 2], [1, 3, 5, 2], [1, 6, 2, 0]])
+    answer_mask = (answer_ids != 0).long()
+    states, states_mask = torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.long)
+    decoder = BigramDecoder(table)
+    best, shortlist, scores = vqa.rank_answers(decoder, states, states_mask, answer_ids, answer_mask, k=3)
+    assert best.tolist() == [2, 2]  # "d": the best whole answer, though "a" is the likelier first token
+    by_answer = dict(zip(shortlist[0].tolist(), scores[0].exp().tolist(), strict=True))
+    assert by_answer == pytest.approx({0: 0.24, 1: 0.36, 2: 0.40})
+    # With k = 2 the shortlist holds the two answers starting with "a"; the better whole one wins.
+    best, shortlist, _ = vqa.rank_answers(decoder, states, states_mask, answer_ids, answer_mask, k=2)
+    assert best.tolist() == [1, 1] and sorted(shortlist[0].tolist()) == [0, 1]
+
+
+def test_ranking_with_the_real_decoder_matches_brute_force():
+    decoder, _, _, states, states_mask = _decoder_and_states()
+    states = torch.cat([states, torch.randn_like(states)])
+    states_mask = torch.cat([states_mask, torch.ones_like(states_mask)])
+    g = torch.Generator().manual_seed(5)
+    answer_ids = torch.randint(5, 120, (9, 5), generator=g)
+    answer_ids[:, 0], answer_ids[:, 2] = 1, answer_ids[0, 1]  # many answers share tokens
+    answer_ids[:3, 1] = answer_ids[0, 1]  # three share the first token
+    answer_mask = torch.ones_like(answer_ids)
+    answer_mask[::2, 3:] = 0  # some answers are shorter (padded)
+    answer_ids = answer_ids * answer_mask
+    best, shortlist, scores = vqa.rank_answers(decoder, states, states_mask, answer_ids, answer_mask, k=9, chunk=4)
+    with torch.no_grad():
+        full = torch.stack([token_log_probs(decoder(answer_ids, answer_mask, states[q:q + 1].expand(9, -1, -1),
+                                                    states_mask[q:q + 1].expand(9, -1)), answer_ids,
+                                            answer_mask).sum(1) for q in range(2)])  # (2, 9)
+    assert best.tolist() == full.argmax(1).tolist()
+    assert torch.allclose(scores, full.gather(1, shortlist), atol=1e-4)
+
+
+# ---------------------------------------------------------------- records
+
+
+def _write(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_malformed_answer_names_file_and_record(tmp_path):
+    good = {"image": "a.png", "question": "what?", "answer": ["yes"] * 10, "question_id": 1}
+    train = _write(tmp_path / "train.json", [good, dict(good, answer=["yes", 3])])
+    cfg = _tiny_cfg(train=[str(train)], eval_splits=[])
+    with pytest.raises(AnnotationError, match=r"train\.json: record 1: 'answer'"):
+        vqa.build_train_data(cfg, 0, 1)
+    _write(train, [dict(good, answer=[])])
+    with pytest.raises(AnnotationError, match=r"train\.json: record 0: 'answer'"):
+        vqa.build_train_data(cfg, 0, 1)
+    # Evaluation records may lack answers, but a present answer is still checked.
+    test = _write(tmp_path / "test.json", [{k: v for k, v in good.items() if k != "answer"},
+                                           dict(good, answer="  ")])
+    with pytest.raises(AnnotationError, match=r"test\.json: record 1: 'answer'"):
+        vqa.load_eval_records(_tiny_cfg(test=[str(test)]), "test")
+    answer_list = _write(tmp_path / "answers.json", ["yes", 7])
+    with pytest.raises(AnnotationError, match=r"answers\.json: entry 1"):
+        vqa.read_answer_list(str(answer_list))
+
+
+# ---------------------------------------------------------------- finetune and evaluate through the CLI
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vqa")
+    world = root / "world"
+    generate_world(world, images=24, size=32, seed=0)
+    out = root / "run"
+    # Overrides come before --config: argparse cannot place positionals after an option here.
+    code = main(["finetune", "vqa", f"world={world}", f"output_dir={out}", "train.max_steps=2",
+                 "model.vision.image_size=32", "train.log_every=1", "--config", CONFIG])
+    return code, world, out
+
+
+def _annotations(world: Path, split: str) -> list[dict]:
+    return json.loads((world / "annotations" / f"vqa_{split}.json").read_text())
+
+
+def test_finetune_cli_trains_and_writes_metrics_and_results(run):
+    code, world, out = run
+    assert code == 0
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "loss" in s] == [1, 2] and all(math.isfinite(s["loss"]) for s in steps)
+    answer_list = set(json.loads((world / "annotations" / "answer_list.json").read_text()))
+    for split in ("val", "test"):
+        metrics = json.loads((out / f"metrics_{split}.json").read_text())
+        records = _annotations(world, split)
+        assert metrics["questions"] == len(records) and 0.0 <= metrics["acc"] <= 100.0
+        assert {f"acc_{r['type']}" for r in records} <= set(metrics)
+        results = json.loads((out / f"vqa_{split}_results.json").read_text())
+        assert [r["question_id"] for r in results] == [r["question_id"] for r in records]
+        assert all(isinstance(r["question_id"], int) and r["answer"] in answer_list for r in results)
+    saved = (out / "model" / "config.yaml").read_text()
+    assert "task: vqa" in saved
+
+
+def test_evaluate_cli_from_the_run_and_a_test_split_without_answers(run, tmp_path):
+    code, world, out = run
+    assert code == 0
+    unanswered = _write(tmp_path / "vqa_test_noanswers.json",
+                        [{k: v for k, v in r.items() if k != "answer"} for r in _annotations(world, "test")])
+    report, results_dir = tmp_path / "eval.json", tmp_path / "eval"
+    code = main(["evaluate", "vqa", f"world={world}", f"finetune.test=[{unanswered}]", "--checkpoint", str(out),
+                 "--config", CONFIG, "--json", str(report), "--out", str(results_dir)])
+    assert code == 0
+    metrics = json.loads(report.read_text())
+    trained = json.loads((out / "metrics_val.json").read_text())
+    assert metrics["val"]["acc"] == pytest.approx(trained["acc"])  # the same model, the same predictions
+    assert "acc" not in metrics["test"] and metrics["test"]["questions"] == len(_annotations(world, "test"))
+    results = json.loads((results_dir / "vqa_test_results.json").read_text())
+    assert len(results) == len(_annotations(world, "test")) and all(set(r) == {"question_id", "answer"}
+                                                                       for r in results)
