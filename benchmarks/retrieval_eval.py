@@ -1,7 +1,7 @@
 """Fast retrieval evaluation vs a plain per-query re-rank, on the same model and data, in one run.
 
     python benchmarks/retrieval_eval.py [--images 1000] [--k 32] [--config configs/pretrain/tiny.yaml]
-                                        [--checkpoint PATH] [--repeats 3] [--json]
+                                        [--checkpoint PATH] [--repeats 3] [--device cuda] [--fp32] [--json]
 
 Data: a synthetic world of ``--images`` images (``softmask world``), each with its five captions
 (1,000 images x 5,000 captions by default). Model: ``--checkpoint`` (any path ``softmask.inference``
@@ -66,12 +66,12 @@ def plain_rerank(model, feats, k: int):
     return i2t.numpy(), t2i.numpy()
 
 
-def fast_rerank(model, feats, k: int, batch_size: int):
+def fast_rerank(model, feats, k: int, batch_size: int, amp: bool = True):
     from softmask.eval.retrieval import candidate_pairs, itm_scores
 
     sim = feats.image_feat @ feats.text_feat.T
     pairs = candidate_pairs(sim, k, k)
-    match = itm_scores(model, feats, pairs, batch_size)
+    match = itm_scores(model, feats, pairs, batch_size, amp=amp)
     full = torch.full_like(sim, float("-inf"))
     full[pairs[:, 0], pairs[:, 1]] = match
     in_i2t = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, sim.topk(k, dim=1).indices, True)
@@ -106,6 +106,9 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fp32", action="store_true",
+                        help="fast path without bf16 autocast on GPUs (then only float rounding separates "
+                             "its scores from the plain path's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
     fast_times, plain_times = [], []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        fast_i2t, fast_t2i, num_pairs = fast_rerank(model, feats, args.k, args.batch_size)
+        fast_i2t, fast_t2i, num_pairs = fast_rerank(model, feats, args.k, args.batch_size, amp=not args.fp32)
         _sync(device)
         fast_times.append(time.perf_counter() - start)
         start = time.perf_counter()
@@ -134,7 +137,8 @@ def main(argv=None) -> int:
               "recalls_equal": fast == plain, "images": int(pixels.shape[0]), "captions": int(ids.shape[0]),
               "k": args.k, "pairs_fused_fast": num_pairs,
               "pairs_fused_plain": args.k * (pixels.shape[0] + ids.shape[0]),
-              "max_score_diff": _max_finite_diff(fast_i2t, plain_i2t), "device": str(device)}
+              "max_score_diff": _max_finite_diff(fast_i2t, plain_i2t), "device": str(device),
+              "fast_bf16": device.type == "cuda" and not args.fp32 and torch.cuda.is_bf16_supported()}
     if args.json:
         print(json.dumps(result))
     else:

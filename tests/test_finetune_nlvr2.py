@@ -22,6 +22,7 @@ from softmask.models.vit import resize_pos_embed
 from softmask.models.vlp import create_model
 from softmask.objectives.distill import momentum_copy
 from softmask.tasks import nlvr2
+from softmask.tasks.classify import transform_images
 from softmask.world import generate_world
 
 from conftest import text_batch, tiny_model_config
@@ -160,7 +161,7 @@ def test_pair_augmentation_draws_once_per_pair():
     augment = TrainAugment(32, AugmentConfig(crop_scale=[0.2, 1.0]))
     image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
     pairs = image.expand(4, 2, 3, 40, 40).contiguous()  # every pair: the same image twice
-    out = nlvr2.augment_pairs(augment, pairs)
+    out = transform_images(augment, pairs)
     assert out.shape == (4, 2, 3, 32, 32) and out.dtype == torch.float32
     assert torch.equal(out[:, 0], out[:, 1])  # one draw per pair, both images
     assert not torch.equal(out[0, 0], out[1, 0])  # another draw for the next pair

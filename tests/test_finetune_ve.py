@@ -15,7 +15,9 @@ from softmask.config import load_config
 from softmask.data.annotations import AnnotationError
 from softmask.data.task_data import TaskCollator, TaskDataset
 from softmask.models.loading import CheckpointError
+from softmask.objectives.distill import distilled_cross_entropy
 from softmask.tasks import ve
+from softmask.tasks.classify import accuracy_metrics
 from softmask.tasks.finetune import load_task_model
 from softmask.world import generate_world
 
@@ -97,13 +99,13 @@ def test_distillation_loss_mixes_hard_and_soft_targets():
     labels = torch.tensor([0, 2])
     hard = F.cross_entropy(logits, labels)
     soft = -(teacher.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
-    assert torch.allclose(ve.ve_loss(logits, labels), hard)
-    assert torch.allclose(ve.ve_loss(logits, labels, teacher, 0.0), hard)
-    assert torch.allclose(ve.ve_loss(logits, labels, teacher, 0.4), 0.6 * hard + 0.4 * soft)
+    assert torch.allclose(distilled_cross_entropy(logits, labels), hard)
+    assert torch.allclose(distilled_cross_entropy(logits, labels, teacher, 0.0), hard)
+    assert torch.allclose(distilled_cross_entropy(logits, labels, teacher, 0.4), 0.6 * hard + 0.4 * soft)
 
 
 def test_metrics_per_label():
-    metrics = ve.ve_metrics([0, 1, 1, 2, 0], [0, 1, 2, 2, 1])
+    metrics = accuracy_metrics([0, 1, 1, 2, 0], [0, 1, 2, 2, 1], ve.LABELS)
     assert metrics["acc"] == pytest.approx(60.0) and metrics["count"] == 5
     assert (metrics["acc_entailment"], metrics["acc_neutral"], metrics["acc_contradiction"]) == (100.0, 50.0, 50.0)
     assert metrics["count_neutral"] == 2

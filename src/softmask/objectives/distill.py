@@ -5,7 +5,10 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from softmask.objectives.itc import soft_cross_entropy
 
 
 def momentum_copy(model: nn.Module) -> nn.Module:
@@ -21,3 +24,15 @@ def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
     """target <- momentum * target + (1 - momentum) * online, parameter by parameter."""
     for p_online, p_target in zip(online.parameters(), target.parameters(), strict=True):
         p_target.mul_(momentum).add_(p_online.detach(), alpha=1.0 - momentum)
+
+
+def distilled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+                            alpha: float = 0.0) -> torch.Tensor:
+    """Float32 cross-entropy of (B, C) logits against (B,) long labels; with ``teacher_logits`` (B, C)
+    and ``alpha > 0``: ``(1 - alpha) * CE(labels) + alpha * CE(softmax(teacher))`` (ALBEF's distillation)."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        hard = F.cross_entropy(logits.float(), labels)
+        if teacher_logits is None or alpha == 0.0:
+            return hard
+        soft = F.softmax(teacher_logits.detach().float(), dim=-1)
+        return (1.0 - alpha) * hard + alpha * soft_cross_entropy(logits, soft)

@@ -31,28 +31,24 @@ Shapes: B batch, T tokens, D text width, S image side.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
-from torch import nn
 
 from softmask.config import Config, ConfigError, ModelConfig, model_config_from_dict, to_dict
-from softmask.data.task_data import Field, TaskDataset, eval_loader, load_task_records, train_loader
-from softmask.data.transforms import EvalTransform, TrainAugment
+from softmask.data.task_data import Field, TaskDataset, load_task_records, train_loader
 from softmask.models.loading import CheckpointError
 from softmask.models.nlvr2 import TwoImageModel, classifier_head, two_image_state
 from softmask.models.vit import resize_pos_embed
 from softmask.models.vlp import CONFIG_FILE, create_model
-from softmask.objectives.distill import ema_update, momentum_copy
-from softmask.objectives.itc import soft_cross_entropy
+from softmask.tasks.classify import ClassifierTask, accuracy_metrics, predict_classes
 from softmask.tasks.finetune import RUN_CONFIG, RUN_MODEL_DIR, TaskModel, saved_state, saved_task_name
 from softmask.tasks.pretrain import LoaderSource
 from softmask.train import dist
+from softmask.train.schedule import alpha_warmup_steps
 
 log = logging.getLogger("softmask")
 
@@ -139,66 +135,6 @@ class NLVR2Model(TaskModel):
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Normalised image pairs (B, 2, 3, S, S), tokens and mask (B, T) -> (B, C) logits."""
         return self.cls_head(self.backbone(pixels, input_ids, attention_mask)[:, 0])
-
-
-def augment_pairs(transform: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, K, 3, S, S) -> float (B, K, 3, s, s): ``transform`` applied to image k of every pair
-    with the same random draws for every k (the CPU generator state is replayed; the transforms draw
-    all their parameters there), so both images of a pair get the same crop, flip and operations."""
-    state = torch.get_rng_state()
-    views = []
-    for k in range(images.shape[1]):
-        torch.set_rng_state(state)
-        views.append(transform(images[:, k]))
-    return torch.stack(views, dim=1)
-
-
-def nlvr2_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
-               alpha: float = 0.0) -> torch.Tensor:
-    """Float32 cross-entropy of (B, C) logits against (B,) labels; with ``teacher_logits`` (B, C) and
-    ``alpha > 0``, ``(1 - alpha) * CE + alpha * CE against softmax(teacher)`` (ALBEF's distillation)."""
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        hard = F.cross_entropy(logits.float(), labels)
-        if teacher_logits is None or alpha == 0.0:
-            return hard
-        return (1.0 - alpha) * hard + alpha * soft_cross_entropy(logits, F.softmax(teacher_logits.float(), dim=-1))
-
-
-class NLVR2Task(nn.Module):
-    """The training objective around an :class:`NLVR2Model` (``.model``), with a momentum copy when
-    ``distill.alpha > 0``."""
-
-    def __init__(self, cfg: Config, model: NLVR2Model, alpha_warmup_steps: int):
-        super().__init__()
-        self.cfg = cfg
-        self.model = model
-        self.momentum_model = momentum_copy(model) if cfg.distill.alpha > 0 else None
-        size = cfg.model.vision.image_size
-        self.augment = TrainAugment(size, cfg.data.augment) if cfg.data.augment.enabled else EvalTransform(size)
-        self.alpha_warmup_steps = max(1, alpha_warmup_steps)
-
-    def alpha(self, step: int) -> float:
-        return self.cfg.distill.alpha * min(1.0, step / self.alpha_warmup_steps)
-
-    def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
-        """``images`` uint8 (B, 2, 3, S, S), ``input_ids``/``attention_mask`` (B, T), ``label`` (B,)
-        -> ``loss`` (with gradient), ``loss_ce``, batch accuracy ``acc`` and ``alpha`` (detached)."""
-        device = next(self.model.parameters()).device
-        pixels = augment_pairs(self.augment, batch["images"].to(device, non_blocking=True))
-        ids = batch["input_ids"].to(device, non_blocking=True)
-        mask = batch["attention_mask"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True).long()
-        logits = self.model(pixels, ids, mask)
-        teacher, alpha = None, self.alpha(step)
-        if self.momentum_model is not None:
-            with torch.no_grad():
-                ema_update(self.model, self.momentum_model, self.cfg.distill.momentum)
-                teacher = self.momentum_model(pixels, ids, mask)
-        loss = nlvr2_loss(logits, labels, teacher, alpha)
-        with torch.no_grad():
-            loss_ce = F.cross_entropy(logits.float(), labels)
-            acc = (logits.argmax(-1) == labels).float().mean()
-        return {"loss": loss, "loss_ce": loss_ce, "acc": acc, "alpha": torch.tensor(alpha)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,17 +253,14 @@ def build_model(cfg: Config) -> NLVR2Model:
     return expand_pretrained(cfg, classes)
 
 
-def build_task(cfg: Config, model: NLVR2Model, batches_per_epoch: int | None) -> NLVR2Task:
+def build_task(cfg: Config, model: NLVR2Model, batches_per_epoch: int | None) -> ClassifierTask:
     from softmask.data.text import load_tokenizer
-    from softmask.train.loop import total_steps_for
 
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens)
     if tokenizer.get_vocab_size() > cfg.model.text.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but model.text.vocab_size is "
                           f"{cfg.model.text.vocab_size}")
-    per_step = batches_per_epoch // cfg.train.grad_accum if batches_per_epoch else 0
-    warmup = cfg.distill.alpha_warmup_steps or per_step or total_steps_for(cfg, batches_per_epoch)
-    return NLVR2Task(cfg, model, warmup)
+    return ClassifierTask(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
 
 
 def build_train_data(cfg: Config, rank: int, world_size: int) -> LoaderSource:
@@ -338,45 +271,6 @@ def build_train_data(cfg: Config, rank: int, world_size: int) -> LoaderSource:
 # --------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------
-
-
-def _autocast(cfg: Config, device: torch.device):
-    if cfg.train.precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.inference_mode()
-def predict(cfg: Config, model: NLVR2Model, dataset: TaskDataset) -> tuple[list[tuple[int, int, int]], int]:
-    """This process's share of ``dataset``: ``[(record index, predicted class, gold class), ...]``
-    and the number of samples skipped as bad."""
-    device = next(model.parameters()).device
-    transform = EvalTransform(cfg.model.vision.image_size).to(device)
-    rows, skipped = [], 0
-    for batch in eval_loader(cfg, dataset, dist.rank(), dist.world_size()):
-        skipped += batch["skipped"]
-        for sample in batch["skipped_samples"]:
-            log.warning(f"nlvr2: skipped bad sample: {sample}")
-        if batch["images"] is None:
-            continue
-        with _autocast(cfg, device):
-            pixels = transform(batch["images"].to(device).flatten(0, 1)).unflatten(0, (-1, 2))
-            logits = model(pixels, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        preds = logits.float().argmax(-1).cpu().tolist()
-        rows.extend(zip(batch["indices"].tolist(), preds, batch["label"].tolist(), strict=True))
-    return rows, skipped
-
-
-def accuracy_metrics(predictions: list[int], labels: list[int], classes: tuple[str, ...]) -> dict[str, float]:
-    """Accuracy in % (``acc``), per gold class (``acc_<class>``, 0 without samples) and the counts."""
-    total = len(labels)
-    correct = sum(p == g for p, g in zip(predictions, labels, strict=True))
-    metrics: dict[str, float] = {"acc": 100.0 * correct / total if total else 0.0, "count": total}
-    for index, name in enumerate(classes):
-        gold = [p for p, g in zip(predictions, labels, strict=True) if g == index]
-        metrics[f"acc_{name}"] = 100.0 * sum(p == index for p in gold) / len(gold) if gold else 0.0
-        metrics[f"count_{name}"] = len(gold)
-    return metrics
 
 
 def _write_predictions(out_dir: Path, split: str, records: list[dict], rows: list, classes: tuple[str, ...]) -> None:
@@ -396,10 +290,9 @@ def evaluate(cfg: Config, model: NLVR2Model, split: str, out_dir: Path | None) -
                           f"{model.num_classes}-way head")
     records = load_records(cfg, split)
     model.eval()
-    rows, skipped = predict(cfg, model, make_dataset(cfg, records))
-    rows = sorted(dist.gather_objects(rows))
+    rows, skipped = predict_classes(cfg, model, make_dataset(cfg, records), TASK)
     metrics = accuracy_metrics([r[1] for r in rows], [r[2] for r in rows], classes)
-    metrics["skipped"] = sum(dist.gather_objects([skipped]))
+    metrics["skipped"] = skipped
     if out_dir is not None and dist.rank() == 0:
         _write_predictions(out_dir, split, records, rows, classes)
     return metrics

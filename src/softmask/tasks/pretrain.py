@@ -315,17 +315,15 @@ def build_task(cfg: Config, model: VisionLanguageModel, alpha_warmup_steps: int)
 def pretrain(cfg: Config):
     """Pretrain ``cfg.method`` on ``cfg.data.train`` into ``cfg.output_dir`` (one process or torchrun)."""
     from softmask.models.vlp import create_model
-    from softmask.train.loop import total_steps_for, train
+    from softmask.train.loop import train
+    from softmask.train.schedule import alpha_warmup_steps
 
     info = dist.init_distributed()
     try:
         torch.manual_seed(cfg.seed)  # the same initial weights and queues on every rank
         data = build_data(cfg, info.rank, info.world_size)
         model = create_model(cfg)
-        per_epoch = data.batches_per_epoch
-        warmup = cfg.distill.alpha_warmup_steps or (
-            per_epoch // cfg.train.grad_accum if per_epoch else total_steps_for(cfg, per_epoch))
-        task = build_task(cfg, model, warmup)  # queues start equal on every rank
+        task = build_task(cfg, model, alpha_warmup_steps(cfg, data.batches_per_epoch))  # equal queues on every rank
         torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout and augmentation differ across ranks
         return train(cfg, task, data, info)
     finally:

@@ -47,6 +47,7 @@ from softmask.objectives.itm import itm_loss, sample_hard_negatives
 from softmask.objectives.queue import FeatureQueue
 from softmask.tasks.pretrain import LoaderSource, identical_rows, pad_to, step_generator
 from softmask.train import dist
+from softmask.train.schedule import alpha_warmup_steps
 
 log = logging.getLogger("softmask")
 
@@ -285,11 +286,7 @@ def build_model(cfg: Config) -> VisionLanguageModel:
 
 
 def build_task(cfg: Config, model: VisionLanguageModel, batches_per_epoch: int | None) -> RetrievalTask:
-    from softmask.train.loop import total_steps_for
-
-    per_step = batches_per_epoch // cfg.train.grad_accum if batches_per_epoch else 0
-    warmup = cfg.distill.alpha_warmup_steps or per_step or total_steps_for(cfg, batches_per_epoch)
-    return RetrievalTask(cfg, model, warmup)
+    return RetrievalTask(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
 
 
 def load_train_records(cfg: Config) -> list[dict]:

@@ -44,6 +44,8 @@ from softmask.models.answer_decoder import build_answer_decoder, token_log_probs
 from softmask.objectives.distill import ema_update, momentum_copy
 from softmask.tasks.finetune import TaskModel
 from softmask.train import dist
+from softmask.train.loop import inference_autocast
+from softmask.train.schedule import alpha_warmup_steps
 
 log = logging.getLogger("softmask")
 
@@ -400,8 +402,7 @@ def build_model(cfg: Config) -> VQAModel:
 
 
 def build_task(cfg: Config, model: VQAModel, batches_per_epoch: int | None) -> VQATask:
-    warmup = cfg.distill.alpha_warmup_steps or max(1, (batches_per_epoch or 1) // cfg.train.grad_accum)
-    return VQATask(cfg, model, warmup)
+    return VQATask(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
 
 
 def build_train_data(cfg: Config, rank: int, world_size: int):
@@ -430,11 +431,6 @@ def _result_id(question_id):
     return question_id
 
 
-def _autocast(precision: str, device: torch.device):
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=precision != "fp32")
-
-
 @torch.no_grad()
 def predict_split(cfg: Config, model: VQAModel, split: str) -> tuple[list[dict], int]:
     """Every rank's predictions on ``finetune.<split>``, gathered: rows ``{"index", "question_id",
@@ -451,7 +447,7 @@ def predict_split(cfg: Config, model: VQAModel, split: str) -> tuple[list[dict],
         if batch["images"] is None:
             continue
         pixels = transform(batch["images"].to(device))
-        with _autocast(cfg.train.precision, device):
+        with inference_autocast(cfg.train.precision, device):
             best = model.predict(pixels, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                  answers, cfg.finetune.answer_candidates)
         for i, index in enumerate(_as_list(batch["indices"])):

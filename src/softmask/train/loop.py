@@ -101,6 +101,12 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def inference_autocast(precision: str, device: torch.device):
+    """Autocast for evaluation: ``train.precision`` on CUDA devices, none elsewhere (bf16 matmuls on a
+    CPU are far slower than fp32)."""
+    return _autocast(precision, device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _no_buffer_sync() -> dict:
     """DDP keyword for "sync buffers (queues) at construction, not at every forward"; newer PyTorch
     renamed it."""

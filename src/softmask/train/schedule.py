@@ -33,3 +33,12 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
         else:
             decay.append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def alpha_warmup_steps(cfg, batches_per_epoch: int | None) -> int:
+    """Steps over which the distillation weight ramps up: ``distill.alpha_warmup_steps``, else one epoch
+    of optimiser steps (ALBEF), else (data of unknown length) the whole run."""
+    from softmask.train.loop import total_steps_for
+
+    per_epoch = batches_per_epoch // cfg.train.grad_accum if batches_per_epoch else 0
+    return max(1, cfg.distill.alpha_warmup_steps or per_epoch or total_steps_for(cfg, batches_per_epoch))
