@@ -49,3 +49,13 @@ def text_batch(vocab: int = 120, b: int = 3, t: int = 9, seed: int = 0):
     for row in range(1, b):
         mask[row, t - 2 * row:] = 0
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def task_world(tmp_path_factory):
+    """A small synthetic world (60 images at 32 px) shared by the fine-tuning tests; read-only."""
+    from softmask.world import generate_world
+
+    out = tmp_path_factory.mktemp("task_world")
+    generate_world(out, images=60, size=32, seed=0)
+    return out

@@ -23,7 +23,6 @@ from softmask.models.vlp import create_model
 from softmask.objectives.distill import momentum_copy
 from softmask.tasks import nlvr2
 from softmask.tasks.classify import transform_images
-from softmask.world import generate_world
 
 from conftest import text_batch, tiny_model_config
 
@@ -42,10 +41,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    generate_world(out, images=60, size=32, seed=0)
-    return out
+def world(task_world) -> Path:
+    return task_world
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from softmask.data.annotations import AnnotationError
 from softmask.data.task_data import TaskCollator, TaskDataset
 from softmask.objectives.itm import sample_hard_negatives
 from softmask.tasks import retrieval
-from softmask.world import generate_world
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "finetune" / "retrieval_tiny.yaml")
 TINY_PRETRAIN = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml")
@@ -23,10 +22,8 @@ KEYS = {"tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "r_mean"}
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    generate_world(out, images=40, size=32, seed=3)
-    return out
+def world(task_world) -> Path:
+    return task_world
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +37,14 @@ def _recalls(metrics: dict) -> dict:
     return {k: metrics[k] for k in KEYS}
 
 
-def test_finetune_writes_metrics_and_a_model(run):
+def test_finetune_writes_metrics_and_a_model(run, world):
     for split in ("val", "test"):
+        records = json.loads((world / "annotations" / f"retrieval_{split}.json").read_text())
         metrics = json.loads((run / f"metrics_{split}.json").read_text())
         assert set(metrics) >= KEYS and all(isinstance(v, (int, float)) for v in metrics.values())
         assert all(0.0 <= metrics[k] <= 100.0 for k in KEYS)
         assert metrics["r_mean"] == pytest.approx(sum(metrics[k] for k in KEYS - {"r_mean"}) / 6)
-        assert metrics["images"] == 4 and metrics["texts"] == 20 and metrics["k"] == 4
+        assert metrics["images"] == len(records) and metrics["texts"] == 5 * len(records) and metrics["k"] == 4
     saved = (run / "model" / "config.yaml").read_text()
     assert "task:" not in saved  # a plain softmask model folder
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

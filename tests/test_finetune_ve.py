@@ -19,17 +19,14 @@ from softmask.objectives.distill import distilled_cross_entropy
 from softmask.tasks import ve
 from softmask.tasks.classify import accuracy_metrics
 from softmask.tasks.finetune import load_task_model
-from softmask.world import generate_world
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "finetune" / "ve_tiny.yaml")
 TINY_PRETRAIN = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    generate_world(out, images=40, size=32, seed=3)
-    return out
+def world(task_world) -> Path:
+    return task_world
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +36,16 @@ def run(world, tmp_path_factory) -> Path:
     return out
 
 
-def test_finetune_writes_metrics_predictions_and_a_ve_model(run):
+def test_finetune_writes_metrics_predictions_and_a_ve_model(run, world):
     for split in ("val", "test"):
+        n = len(json.loads((world / "annotations" / f"ve_{split}.json").read_text()))
         metrics = json.loads((run / f"metrics_{split}.json").read_text())
-        assert 0.0 <= metrics["acc"] <= 100.0 and metrics["count"] == 12 and metrics["skipped"] == 0
-        assert sum(metrics[f"count_{name}"] for name in ve.LABELS) == 12
+        assert 0.0 <= metrics["acc"] <= 100.0 and metrics["count"] == n and metrics["skipped"] == 0
+        assert sum(metrics[f"count_{name}"] for name in ve.LABELS) == n
         predictions = json.loads((run / f"ve_predictions_{split}.json").read_text())
-        assert len(predictions) == 12
+        assert len(predictions) == n
         correct = sum(p["label"] == p["prediction"] for p in predictions)
-        assert metrics["acc"] == pytest.approx(100.0 * correct / 12)
+        assert metrics["acc"] == pytest.approx(100.0 * correct / n)
     assert "task: ve" in (run / "model" / "config.yaml").read_text()
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 4 and all(math.isfinite(s["loss"]) and 0 <= s["acc"] <= 1 for s in steps)
