@@ -105,3 +105,30 @@ def test_unknown_task_and_missing_checkpoint_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a fine-tuning run folder"):
         load_task_model(cfg, tmp_path / "empty")
+
+
+@pytest.mark.parametrize("name, task", [("retrieval_coco", "retrieval"), ("retrieval_flickr", "retrieval"),
+                                        ("ve", "ve"), ("vqa", "vqa"), ("nlvr2_ta", "nlvr2"), ("nlvr2", "nlvr2")])
+def test_full_size_finetune_configs_validate(name, task):
+    cfg = load_config(ROOT / "configs" / "finetune" / f"{name}.yaml", [f"finetune.task={task}", "model.init="])
+    assert cfg.model.text.hidden_size == 768 and cfg.model.vision.width == 768
+    assert cfg.model.vision.image_size == (256 if name == "nlvr2_ta" else 384)
+    assert cfg.train.batch_size * 8 == {"nlvr2": 128}.get(name, 256)  # per GPU x 8 GPUs, the paper's batch
+
+
+def test_full_size_ve_model_runs_one_step_at_384_px():
+    import torch
+
+    from softmask.tasks import ve
+
+    cfg = load_config(ROOT / "configs" / "finetune" / "ve.yaml",
+                      ["finetune.task=ve", "model.init=", "train.precision=fp32", "data.augment.enabled=false"])
+    torch.manual_seed(0)
+    task = ve.build_task(cfg, ve.build_model(cfg), batches_per_epoch=10)
+    batch = {"images": torch.randint(0, 256, (1, 3, 384, 384), dtype=torch.uint8),
+             "input_ids": torch.randint(1000, 30000, (1, 20)), "attention_mask": torch.ones(1, 20, dtype=torch.long),
+             "label": torch.tensor([2])}
+    out = task(batch, step=0)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and task.model.cls_head[0].weight.grad is not None
+    assert task.model.backbone.visual_encoder.pos_embed.shape[1] == 1 + 24 * 24
