@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from softmask.config import load_config
+from softmask.config import ConfigError, load_config
 from softmask.models.vlp import create_model
 from softmask.objectives.softmask import gradcam_maps
 from softmask.tasks.pretrain import build_task, pretrain
@@ -68,6 +68,18 @@ def test_each_switch_alone_changes_the_losses_and_runs(switch):
     base = _losses("method=albef", steps=1)[0]
     alone = _losses("method=albef", *switch, steps=1)[0]
     assert np.isfinite(alone["loss"]) and alone["loss"] != base["loss"]
+
+
+def test_masked_negatives_pair_each_masked_image_with_its_negative_caption():
+    plain = _losses("method=albef", "softmask.soft_masks=true", steps=1)[0]
+    masked = _losses("method=albef", "softmask.soft_masks=true", "softmask.masked_negatives=true", steps=1)[0]
+    b = 6  # every caption has an eligible word, and every row a hard negative (6 distinct captions)
+    assert plain["itm_pairs"] == b + 2 * b + b and masked["itm_pairs"] == plain["itm_pairs"] + b
+    assert np.isfinite(masked["loss"]) and masked["loss_itm"] != plain["loss_itm"]
+    # Only the new pairs differ: the soft-masked pairs' loss now counts b positives and b negatives.
+    assert masked["loss_itm_soft"] != plain["loss_itm_soft"]
+    with pytest.raises(ConfigError, match="masked_negatives needs softmask.soft_masks"):
+        load_config(TINY, ["method=albef", "softmask.masked_negatives=true"])
 
 
 def _reference_gradcam(model, pixels, ids, mask, layer):

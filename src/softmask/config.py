@@ -253,6 +253,9 @@ class SoftMaskConfig:
     ``method`` (albef: all off; softmask: all on); a value given here wins."""
 
     soft_masks: bool | None = None  # soft-masked images of each pair as extra ITM positives
+    # Ours, not the paper's (off = the paper): also pair each soft-masked image with its hard-negative
+    # caption as an ITM negative, so that a masked image carries no "match" label by itself.
+    masked_negatives: bool = False
     layer: int | None = None  # fusion layer (0-based) whose cross-attention makes the maps; None = the 3rd
     mask_source: str = "gradcam"  # gradcam | attention (the supplement's Table 9 ablation)
     apply_to: str = "features"  # features (image encoder output) | patch_embeddings (re-encode)
@@ -395,6 +398,9 @@ class Config:
         if not 0 <= self.softmask.layer < fusion:
             raise ConfigError(f"softmask.layer must be a fusion-layer index in [0, {fusion}), "
                               f"got {self.softmask.layer}")
+        if self.softmask.masked_negatives and not self.softmask.soft_masks:
+            raise ConfigError("softmask.masked_negatives needs softmask.soft_masks (method=softmask or "
+                              "softmask.soft_masks=true): it pairs the soft-masked images with negatives")
         if (self.softmask.soft_masks and self.softmask.mask_source == "gradcam"
                 and self.softmask.layer == fusion - 1):
             raise ConfigError(

@@ -152,17 +152,25 @@ class PretrainTask(nn.Module):
         texts = [text_embeds[valid], text_neg[valid]]
         masks = [mask[valid], mask_neg[valid]]
         images_fused = [image_neg[valid], image_embeds[valid]]
+        num_soft_neg = 0
         if soft_images is not None:
             texts.append(text_embeds[soft_rows])
             masks.append(mask[soft_rows])
             images_fused.append(soft_images)
+            if sm.masked_negatives:  # each soft-masked image with its hard-negative caption, labelled 0
+                keep = valid[soft_rows]
+                texts.append(text_neg[soft_rows & valid])
+                masks.append(mask_neg[soft_rows & valid])
+                images_fused.append(soft_images[keep])
+                num_soft_neg = int(keep.sum())
         logits_rest = model.itm_logits(model.fuse(torch.cat(texts), torch.cat(masks), torch.cat(images_fused)))
         num_neg, num_soft = 2 * int(valid.sum()), int(soft_rows.sum())
         labels = torch.cat([torch.ones(b, dtype=torch.long, device=device),
                             torch.zeros(num_neg, dtype=torch.long, device=device),
-                            torch.ones(num_soft, dtype=torch.long, device=device)])
+                            torch.ones(num_soft, dtype=torch.long, device=device),
+                            torch.zeros(num_soft_neg, dtype=torch.long, device=device)])
         logits_itm = torch.cat([logits_pos, logits_rest])
-        loss_itm = dist.global_mean(itm_loss(logits_itm, labels), b + num_neg + num_soft, device, world)
+        loss_itm = dist.global_mean(itm_loss(logits_itm, labels), len(labels), device, world)
 
         # ---- MLM with distillation --------------------------------------------------------------
         if sm.text_masking:  # the positive pass already saw the masked caption
@@ -186,9 +194,12 @@ class PretrainTask(nn.Module):
                "loss_mlm": loss_mlm.detach(), "alpha": torch.tensor(alpha), "temp": temp.detach(),
                "itm_missing_negatives": (~valid).sum().detach().float()}
         if sm.soft_masks:
+            # The ITM loss on the soft-masked pairs alone (positives, and negatives with masked_negatives):
+            # near 0 while the rest sits at its prior means the head tells masked images apart, not pairs.
             soft_logits = logits_itm[b + num_neg:].detach()
             out["loss_itm_soft"] = (F.cross_entropy(soft_logits.float(), labels[b + num_neg:]) if num_soft
                                     else torch.zeros((), device=device))
+            out["itm_pairs"] = torch.tensor(float(len(labels)), device=device)
             out["soft_mask_share"] = soft_rows.float().mean()
             out["mask_weight_fraction"] = self._last_weight_fraction
         return out
