@@ -281,12 +281,13 @@ def test_text_assignment_then_finetune_then_evaluate(world, single_folder, tmp_p
     # Evaluation alone reproduces the run's test accuracy.
     out = tmp_path / "eval.json"
     assert main(["evaluate", "nlvr2", "--checkpoint", str(ft), "--config", TINY, "--world", str(world),
-                 "--split", "test", "--json", str(out)]) == 0
+                 "--split", "test", "--json", str(out), "--out", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "metrics_test.json").is_file()
     assert _metrics(out)["acc"] == pytest.approx(test_metrics["acc"])
     # A fine-tuned (2-way) model does not pass for a text-assignment one.
     capsys.readouterr()
     assert main(["evaluate", "nlvr2", "finetune.stage=text_assignment", "--checkpoint", str(ft), "--config", TINY,
-                 "--world", str(world)]) == 2
+                 "--world", str(world), "--out", str(tmp_path / "eval_ta")]) == 2
     assert "cls_head.2" in capsys.readouterr().err
 
 

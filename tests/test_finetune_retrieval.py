@@ -54,7 +54,7 @@ def test_finetune_writes_metrics_and_a_model(run, world):
 def test_evaluate_the_finetuned_run_reproduces_its_metrics(run, world, tmp_path):
     out = tmp_path / "eval.json"
     assert main(["-q", "evaluate", "retrieval", "--checkpoint", str(run), "--config", CONFIG, "--world", str(world),
-                 "--json", str(out)]) == 0
+                 "--json", str(out), "--out", str(tmp_path / "eval")]) == 0
     results = json.loads(out.read_text())
     for split in ("val", "test"):
         assert _recalls(results[split]) == _recalls(json.loads((run / f"metrics_{split}.json").read_text()))
@@ -65,7 +65,8 @@ def test_zero_shot_on_a_pretrained_model_folder(world, tmp_path, capsys):
     assert main(["-q", "export", "--config", TINY_PRETRAIN, "--out", str(folder)]) == 0
     out = tmp_path / "zero_shot.json"
     assert main(["-q", "evaluate", "retrieval", "finetune.k_test=2", "--checkpoint", str(folder), "--config", CONFIG,
-                 "--world", str(world), "--split", "test", "--json", str(out)]) == 0
+                 "--world", str(world), "--split", "test", "--json", str(out), f"output_dir={tmp_path / 'eval'}"]) == 0
+    assert (tmp_path / "eval" / "metrics_test.json").is_file()
     metrics = json.loads(out.read_text())
     assert set(metrics) >= KEYS and metrics["k"] == 2
 

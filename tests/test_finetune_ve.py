@@ -70,7 +70,8 @@ def test_a_pretrained_model_is_refused(world, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="a pretrained model, not fine-tuned; evaluating ve needs a model"):
         load_task_model(cfg, folder)
     capsys.readouterr()
-    assert main(["-q", "evaluate", "ve", "--checkpoint", str(folder), "--config", CONFIG, "--world", str(world)]) == 2
+    assert main(["-q", "evaluate", "ve", "--checkpoint", str(folder), "--config", CONFIG, "--world", str(world),
+                 "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err
     assert "softmask finetune ve" in err and "Traceback" not in err
 

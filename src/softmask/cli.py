@@ -132,8 +132,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.overrides = [f"world={args.world}", *args.overrides]
     cfg = _task_config(args)
     splits = [args.split] if args.split else None
-    results = evaluate_task(cfg, args.checkpoint, splits, out_dir=args.out)
+    out = args.out or cfg.output_dir
+    results = evaluate_task(cfg, args.checkpoint, splits, out_dir=out)
     _print_results(results)
+    print(f"metrics in {out}")
     if args.json:
         _write_json(args.json, results if len(results) != 1 else next(iter(results.values())))
     return 0
@@ -230,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--world", default="", help="a folder written by `softmask world`")
     evaluate.add_argument("--split", choices=("val", "test"), default=None,
                           help="one split (default: finetune.eval_splits)")
-    evaluate.add_argument("--out", default=None, help="a task's folder for metrics_SPLIT.json and result files")
+    evaluate.add_argument("--out", default=None,
+                          help="a task's folder for metrics_SPLIT.json and result files (default: output_dir)")
     evaluate.add_argument("--k", type=int, default=16, help="world: retrieval candidates re-ranked by ITM")
     evaluate.add_argument("--layer", type=int, default=None, help="world: Grad-CAM fusion layer for grounding")
     evaluate.add_argument("--json", default="", help="also write the metrics to this JSON file")
