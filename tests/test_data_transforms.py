@@ -111,3 +111,61 @@ def test_train_augment_on_cuda_draws_like_cpu():
     torch.manual_seed(3)
     cpu(x)
     assert torch.equal(cpu.crop._params["src"], crop)  # the same crops drawn, on the CPU generator
+
+
+def _solid(colour, b: int = 4, size: int = 32) -> torch.Tensor:
+    """(B, 3, size, size) float image of one colour given in 0-255."""
+    return torch.tensor(colour, dtype=torch.float32).div(255).view(1, 3, 1, 1).expand(b, 3, size, size).clone()
+
+
+def test_brightness_multiplies_and_keeps_the_hue():
+    from softmask.data.transforms import _operation
+
+    torch.manual_seed(0)
+    image = _solid((30, 200, 40))
+    out = _operation("brightness", 0.1, 1.9, 1.0)(image)
+    factor = out[:, 0] / image[:, 0]  # per image (red never clips); ALBEF's and PIL's brightness multiplies
+    assert not torch.allclose(factor, torch.ones_like(factor))
+    for channel in (1, 2):
+        expected = (image[:, channel] * factor).clamp(0, 1)
+        assert torch.allclose(out[:, channel], expected, atol=1e-5)
+
+
+def test_autocontrast_leaves_a_constant_channel_and_stretches_the_others():
+    from softmask.data.transforms import _operation
+
+    image = _solid((30, 200, 40))
+    assert torch.allclose(_operation("auto_contrast", 0, 1, 1.0)(image), image)
+    image[:, 1, :4, :4] = 0.1  # green now spans 0.1 .. 200/255: stretched to 0 .. 1
+    out = _operation("auto_contrast", 0, 1, 1.0)(image)
+    assert out[:, 1].min() == 0.0 and out[:, 1].max() == pytest.approx(1.0)
+    assert torch.allclose(out[:, 0], image[:, 0]) and torch.allclose(out[:, 2], image[:, 2])
+
+
+@pytest.mark.parametrize("name", ["shear_x", "rotate", "translate_y"])
+def test_geometric_operations_fill_with_grey(name):
+    from softmask.data.transforms import GEOMETRIC_FILL, _operation
+
+    torch.manual_seed(1)
+    image = _solid((30, 200, 40), b=8, size=96)  # translations are 10/256 of the side: several pixels here
+    high = {"shear_x": ALBEF_POLICY[5][0][2], "rotate": 30.0, "translate_y": ALBEF_POLICY[8][0][2]}[name]
+    out = _operation(name, -high, high, 1.0)(image)
+    moved = (out - image).abs().amax(dim=(1, 2, 3)) > 0.05
+    assert moved.any()
+    # Pixels uncovered by the warp are grey; the rest keeps the colour (bilinear blends in between).
+    uncovered = (out[moved] - GEOMETRIC_FILL).abs().amax(dim=1) < 1e-5
+    kept = (out[moved] - image[moved]).abs().amax(dim=1) < 1e-5
+    assert uncovered.any() and kept.any()
+    assert (out >= -1e-6).all() and (out.min(dim=1).values >= min(30, 40) / 255 - 1e-5).all()
+
+
+def test_randaugment_can_leave_operations_out():
+    from softmask.config import ConfigError, load_config
+    from softmask.data.transforms import albef_policy
+
+    kept = [sub[0][0] for sub in albef_policy(["auto_contrast", "equalize", "brightness"])]
+    assert len(kept) == 7 and "brightness" not in kept and "rotate" in kept
+    aug = TrainAugment(SIZE, AugmentConfig(randaug_exclude=["auto_contrast", "equalize"]))
+    assert len(aug.randaug._modules) == 8
+    with pytest.raises(ConfigError, match="unknown operation"):
+        load_config(None, ["data.augment.randaug_exclude=[autocontrast]"])

@@ -126,8 +126,19 @@ class AugmentConfig:
     hflip: bool = True
     randaug_ops: int = 2  # RandAugment: operations per image (0 = off)
     randaug_magnitude: int = 7  # RandAugment magnitude on ALBEF's 0-10 scale
+    # Operations left out of ALBEF's RandAugment list (also for softmask.image_distortion), e.g.
+    # [auto_contrast, equalize, brightness] for images whose colours are the labels (the world configs).
+    randaug_exclude: list[str] = field(default_factory=list)
 
     def validate(self, key: str) -> None:
+        from softmask.data.transforms import RANDAUG_OPERATIONS
+
+        unknown = [name for name in self.randaug_exclude if name not in RANDAUG_OPERATIONS]
+        if unknown:
+            raise ConfigError(f"{key}.randaug_exclude: unknown operation(s) {unknown}; "
+                              f"ALBEF's are {', '.join(RANDAUG_OPERATIONS)}")
+        if len(set(self.randaug_exclude)) == len(RANDAUG_OPERATIONS):
+            raise ConfigError(f"{key}.randaug_exclude leaves no operation; set {key}.randaug_ops=0 instead")
         lo_hi = self.crop_scale
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
             raise ConfigError(f"{key}.crop_scale must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")

@@ -17,6 +17,10 @@ log = logging.getLogger("softmask")
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "tiny.yaml"
 METHODS = ("albef", "softmask")
+# The world's augmentation (as configs/pretrain/world.yaml): no flips (captions say "left of"), crops that
+# keep most of the scene, none of RandAugment's colour-changing operations (colours are what captions name).
+WORLD_AUGMENT = ("data.augment.hflip=false", "data.augment.crop_scale=[0.8,1.0]",
+                 "data.augment.randaug_exclude=[auto_contrast,equalize,brightness]")
 REPORT_KEYS = [
     ("tr1", "text retrieval R@1"), ("tr5", "text retrieval R@5"), ("ir1", "image retrieval R@1"),
     ("ir5", "image retrieval R@5"), ("r_mean", "retrieval mean recall"),
@@ -71,7 +75,8 @@ def _report(out: Path, world: Path, runs: dict[str, Path], metrics: dict[str, di
     for name, run in runs.items():
         lines.append(f"softmask pretrain --config configs/pretrain/tiny.yaml method={name} "
                      f"data.train=[{world}/annotations/pretrain.json] data.image_root={world} output_dir={run} "
-                     f"train.max_steps={settings['steps']} train.batch_size={settings['batch_size']}")
+                     f"train.max_steps={settings['steps']} train.batch_size={settings['batch_size']} "
+                     + " ".join(WORLD_AUGMENT))
         lines.append(f"softmask evaluate world --checkpoint {run} --world {world}")
     lines += ["```", ""]
     path = out / "report.md"
@@ -100,7 +105,7 @@ def run_demo(out: Path, images: int = 1200, size: int = 64, steps: int = 600, ba
         cfg = load_config(config, [f"method={method}", f"data.train=[{world / 'annotations' / 'pretrain.json'}]",
                                    f"data.image_root={world}", f"output_dir={run}", f"seed={seed}",
                                    f"train.max_steps={steps}", f"train.batch_size={batch_size}",
-                                   f"train.save_every={steps}", *overrides])
+                                   f"train.save_every={steps}", *WORLD_AUGMENT, *overrides])
         pretrain(cfg)
         runs[method] = run
     metrics = {}

@@ -19,11 +19,17 @@ translation 10 pixels, random sign; rotation 30 degrees, random sign; fill grey 
 - ``data.augment.randaug_magnitude`` is on ALBEF's 0-10 scale (default 7, as ALBEF); kornia's ``m``
   is three times it, on kornia's 0-30 scale, where the ranges below put ALBEF's maximum (level 10) at
   ``m = 30``; ``m`` is clamped into kornia's open interval (0, 30);
+- brightness multiplies by its factor, as ALBEF's and PIL's (kornia's own operation adds ``factor - 1``,
+  which at magnitude 7 shifts every channel by up to 0.63 and turns a saturated colour black or white:
+  measured to stop a model from learning colour words, see docs/results.md), and autocontrast leaves a
+  constant channel as it is, as ALBEF's (kornia's maps it to 0); both are our operations below;
+- shear, translation and rotation fill the uncovered area with grey (0.5, ALBEF's 128), not kornia's
+  black: a black border makes a following autocontrast or equalize stretch every channel of the image
+  from 0, which turns colours white;
 - differences that remain: the operations are chosen once per batch (kornia), not per image, though
-  the 0.5 gates and signs are drawn per image; kornia's brightness adds ``factor - 1`` instead of
-  multiplying by ``factor``; the translation is a fraction of the side (10/256, ALBEF's 10 pixels at
-  256 px); shear is an angle (``atan(0.3)`` at the maximum) rather than a factor; the fill is black,
-  not grey; the operations run on the float crop in [0, 1], not on a PIL image.
+  the 0.5 gates and signs are drawn per image; the translation is a fraction of the side (10/256,
+  ALBEF's 10 pixels at 256 px); shear is an angle (``atan(0.3)`` at the maximum) rather than a factor;
+  the operations run on the float crop in [0, 1], not on a PIL image.
 """
 
 from __future__ import annotations
@@ -34,8 +40,6 @@ import kornia.augmentation as K
 import torch
 from kornia.augmentation.auto import RandAugment
 from kornia.augmentation.auto.operations import (
-    AutoContrast,
-    Brightness,
     Equalize,
     OperationBase,
     Rotate,
@@ -47,6 +51,7 @@ from kornia.augmentation.auto.operations import (
 )
 from kornia.augmentation.auto.operations.policy import PolicySequential
 from kornia.augmentation.base import _BasicAugmentationBase
+from kornia.enhance import adjust_brightness_accumulative
 from torch import nn
 from torch.nn import functional as F
 
@@ -72,6 +77,71 @@ ALBEF_POLICY = [
     [("translate_y", -_TRANSLATE, _TRANSLATE)],
     [("rotate", -30.0, 30.0)],
 ]
+RANDAUG_OPERATIONS = tuple(sub[0][0] for sub in ALBEF_POLICY)
+
+
+def albef_policy(exclude: list[str] | tuple[str, ...] = ()) -> list:
+    """ALBEF's RandAugment operations without those named in ``exclude``."""
+    return [sub for sub in ALBEF_POLICY if sub[0][0] not in set(exclude)]
+
+
+class _MultiplyBrightness(K.RandomBrightness):
+    """Brightness as ALBEF and PIL define it: the image times the factor (kornia's adds factor - 1)."""
+
+    def apply_transform(self, input, params, flags, transform=None):  # noqa: A002 (kornia's signature)
+        return adjust_brightness_accumulative(input, params["brightness_factor"].to(input), clip_output=True)
+
+
+class _AlbefAutoContrast(K.RandomAutoContrast):
+    """Per-channel min-max stretch to [0, 1]; a constant channel is left as it is (ALBEF), not zeroed."""
+
+    def apply_transform(self, input, params, flags, transform=None):  # noqa: A002 (kornia's signature)
+        low = input.amin(dim=(-2, -1), keepdim=True)
+        span = input.amax(dim=(-2, -1), keepdim=True) - low
+        return torch.where(span > 0, (input - low) / span.clamp(min=1e-12), input)
+
+
+GEOMETRIC_FILL = 0.5  # ALBEF fills with grey 128
+
+
+class _GreyFill:
+    """Mixin for kornia's zero-padded warps: warping ``x - fill`` and adding ``fill`` back is the same
+    warp (interpolation weights sum to one) with ``fill`` in the uncovered area."""
+
+    def apply_transform(self, input, params, flags, transform=None):  # noqa: A002 (kornia's signature)
+        return super().apply_transform(input - GEOMETRIC_FILL, params, flags, transform) + GEOMETRIC_FILL
+
+
+class _GreyRotation(_GreyFill, K.RandomRotation):
+    pass
+
+
+class _GreyShear(_GreyFill, K.RandomShear):
+    pass
+
+
+class _GreyTranslate(_GreyFill, K.RandomTranslate):
+    pass
+
+
+_GREY = {K.RandomRotation: _GreyRotation, K.RandomShear: _GreyShear, K.RandomTranslate: _GreyTranslate}
+
+
+class Brightness(OperationBase):
+    """RandAugment's brightness operation with a multiplicative factor drawn from ``magnitude_range``."""
+
+    def __init__(self, initial_magnitude: float | None, initial_probability: float,
+                 magnitude_range: tuple[float, float]) -> None:
+        super().__init__(_MultiplyBrightness(magnitude_range, same_on_batch=False, p=initial_probability),
+                         initial_magnitude=[("brightness_factor", initial_magnitude)], temperature=0.1)
+
+
+class AutoContrast(OperationBase):
+    """RandAugment's autocontrast operation, ALBEF's way (see :class:`_AlbefAutoContrast`)."""
+
+    def __init__(self, initial_probability: float) -> None:
+        super().__init__(_AlbefAutoContrast(same_on_batch=False, p=initial_probability), initial_magnitude=None,
+                         temperature=0.1)
 
 
 def _operation(name: str, low: float, high: float, p: float) -> OperationBase:
@@ -88,7 +158,9 @@ def _operation(name: str, low: float, high: float, p: float) -> OperationBase:
     symmetric = {"shear_x": ShearX, "shear_y": ShearY, "translate_x": TranslateX, "translate_y": TranslateY,
                  "rotate": Rotate}
     if name in symmetric:
-        return symmetric[name](None, p, magnitude_range=(0.0, high), symmetric_megnitude=True)
+        op = symmetric[name](None, p, magnitude_range=(0.0, high), symmetric_megnitude=True)
+        op.op.__class__ = _GREY[type(op.op)]  # the same warp, filled with grey (adds no state)
+        return op
     raise ValueError(f"unknown RandAugment operation {name!r}")
 
 
@@ -153,7 +225,8 @@ class TrainAugment(_CpuRandomness):
         )
         self.flip = K.RandomHorizontalFlip(p=0.5) if augment.hflip else None
         self.randaug = (
-            AlbefRandAugment(augment.randaug_ops, 3 * augment.randaug_magnitude) if augment.randaug_ops > 0 else None
+            AlbefRandAugment(augment.randaug_ops, 3 * augment.randaug_magnitude, albef_policy(augment.randaug_exclude))
+            if augment.randaug_ops > 0 else None
         )
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
@@ -199,9 +272,9 @@ class Distort(_CpuRandomness):
     float (B, 3, S, S) normalised -> the same shape, after ``ops`` more RandAugment operations of
     ``magnitude`` (ALBEF's 0-10 scale) applied in pixel space. Randomness from torch's global CPU RNG."""
 
-    def __init__(self, ops: int, magnitude: int) -> None:
+    def __init__(self, ops: int, magnitude: int, exclude: list[str] | tuple[str, ...] = ()) -> None:
         super().__init__()
-        self.randaug = AlbefRandAugment(ops, 3 * magnitude) if ops > 0 else None
+        self.randaug = AlbefRandAugment(ops, 3 * magnitude, albef_policy(exclude)) if ops > 0 else None
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self.freeze()

@@ -66,7 +66,8 @@ class PretrainTask(nn.Module):
         self.text_queue = FeatureQueue(dim, cfg.itc.queue_size)
         size = cfg.model.vision.image_size
         self.augment = TrainAugment(size, cfg.data.augment) if cfg.data.augment.enabled else EvalTransform(size)
-        self.distort = Distort(cfg.softmask.distortion_ops, cfg.softmask.distortion_magnitude)
+        self.distort = Distort(cfg.softmask.distortion_ops, cfg.softmask.distortion_magnitude,
+                               cfg.data.augment.randaug_exclude)
         if cfg.softmask.soft_masks and continuation is None:
             raise ValueError("soft masks need the tokenizer's WordPiece continuation table")
         # (V,) bool: which vocabulary entries continue a word ("##..."); a buffer so it follows the device.
