@@ -39,8 +39,9 @@ grep -q "SMOKE OK" "$OUT/env_smoke.txt" || { echo "smoke failed: stopping"; exit
 # (world generation, calibration start-up, evaluating 15 runs).
 STUDY=$(( TOTAL - $(elapsed) - BENCH_RESERVE ))
 S=/tmp/study
-timeout $STUDY python3 benchmarks/world_study.py --out $S --images 10000 --size 64 \
-  --budget-s $(( STUDY - 190 )) --k 16 > "$OUT/study.log" 2>&1
+# STUDY_ARGS replaces the calibrated budget, e.g. STUDY_ARGS="--variants albef --seeds 0 --steps 3000".
+timeout $STUDY python3 benchmarks/world_study.py --out $S --images 10000 --size 64 --k 16 \
+  ${STUDY_ARGS:---budget-s $(( STUDY - 190 ))} > "$OUT/study.log" 2>&1
 echo "study rc $? at $(elapsed) s"
 cp $S/study.json $S/study.md "$OUT/" 2>/dev/null
 (cd $S && tar czf "$OUT/study_runs.tar.gz" --exclude='*.pt' --exclude='*.safetensors' --exclude='events.*' \
