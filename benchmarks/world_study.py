@@ -138,6 +138,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=10000)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--world-seed", type=int, default=0)
+    parser.add_argument("--max-objects", type=int, default=4, help="objects per image at most (1 = the easiest world)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "pretrain" / "world.yaml"))
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", default="0,1,2")
@@ -166,7 +167,8 @@ def main() -> int:
     if not args.world:
         args.world = str(out / "world")
         cmd = softmask_cmd("world", "--out", args.world, "--images", str(args.images), "--size", str(args.size),
-                           "--seed", str(args.world_seed), "--workers", str(min(16, os.cpu_count() or 1)))
+                           "--seed", str(args.world_seed), "--workers", str(min(16, os.cpu_count() or 1)),
+                           "--max-objects", str(args.max_objects))
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
     settings = {"config": args.config, "world": args.world, "variants": {v: VARIANTS[v] for v in variants},
                 "seeds": seeds, "overrides": args.overrides, "parallel": args.parallel, "k": args.k}

@@ -116,6 +116,21 @@ def test_cli_writes_a_world(tmp_path, capsys):
     assert "images must be >= 1" in capsys.readouterr().err
 
 
+def test_max_objects_caps_the_scenes_and_keeps_every_task_file(world, scenes, tmp_path, capsys):
+    assert main(["-q", "world", "--out", str(tmp_path / "one"), "--images", "40", "--size", str(SIZE),
+                 "--seed", str(SEED), "--max-objects", "1"]) == 0
+    easy = {scene["image"]: scene for scene in _load(tmp_path / "one", "objects.json")}
+    assert {len(s["objects"]) for s in easy.values()} == {1}
+    assert {len(s["objects"]) for s in scenes.values()} != {1}  # the default world has crowded scenes
+    names = {p.name for p in (tmp_path / "one" / "annotations").iterdir()}
+    assert names == {p.name for p in (world / "annotations").iterdir()}
+    # Scenes that had one object anyway come out the same (the count is drawn, then capped).
+    same = [image for image in easy if len(scenes[image]["objects"]) == 1]
+    assert same and all(easy[i]["objects"] == scenes[i]["objects"] for i in same)
+    assert main(["-q", "world", "--out", str(tmp_path / "bad"), "--images", "4", "--max-objects", "5"]) == 2
+    assert "max_objects must be in [1, 4]" in capsys.readouterr().err
+
+
 def test_shards_hold_the_pretraining_pairs(tmp_path):
     summary = generate_world(tmp_path, images=20, size=32, seed=1, shards=True)
     members = []

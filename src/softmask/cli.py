@@ -176,7 +176,7 @@ def cmd_world(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         summary = generate_world(args.out, images=args.images, size=args.size, seed=args.seed, shards=args.shards,
-                                 workers=args.workers)
+                                 workers=args.workers, max_objects=args.max_objects)
     except ValueError as exc:  # a bad argument: one line, like the other errors
         print(f"softmask: error: {exc}", file=sys.stderr)
         return 2
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
     world.add_argument("--shards", action="store_true", help="also write webdataset shards of the pretraining pairs")
     world.add_argument("--workers", type=int, default=None, help="drawing processes (default: up to 2)")
+    world.add_argument("--max-objects", type=int, default=4,
+                       help="at most this many objects per image, 1-4 (an easier world for a first curriculum stage)")
     world.set_defaults(func=cmd_world)
     return parser
 

@@ -32,7 +32,7 @@ from softmask.world import vocab
 from softmask.world.captions import make_captions
 from softmask.world.pairs import nlvr_items, text_assignment_items
 from softmask.world.render import encode_png
-from softmask.world.scene import SPLIT_NAMES, heldout_pairs, image_random, make_scene, world_random
+from softmask.world.scene import MAX_OBJECTS, SPLIT_NAMES, heldout_pairs, image_random, make_scene, world_random
 from softmask.world.tasks import minimal_edit_items, ve_items, vqa_items
 
 FORMAT_VERSION = 1
@@ -68,9 +68,9 @@ def _image_job(job: tuple) -> dict:
     Returns the scene's slim form (for the two-image tasks) and, serialised here to spread the work, its
     records of every per-image annotation file as JSON list fragments.
     """
-    out_dir, seed, index, size, heldout = job
+    out_dir, seed, index, size, heldout, max_objects = job
     r = image_random(seed, index)
-    scene, pixels = make_scene(r, index, size, heldout)
+    scene, pixels = make_scene(r, index, size, heldout, max_objects)
     Path(out_dir, scene["image"]).write_bytes(encode_png(pixels))
     split = scene["split"]
     forbidden = frozenset() if split == "test" else frozenset(heldout)
@@ -156,7 +156,8 @@ def _check_arguments(images: int, size: int, seed: int, workers: int | None) -> 
 
 
 def generate_world(out_dir: str | os.PathLike, images: int = 10000, size: int = 128, seed: int = 0,
-                   shards: bool = False, workers: int | None = None, samples_per_shard: int = 1000) -> dict:
+                   shards: bool = False, workers: int | None = None, samples_per_shard: int = 1000,
+                   max_objects: int = MAX_OBJECTS) -> dict:
     """Generate the synthetic image-caption world into ``out_dir``.
 
     Writes ``images/NNNNNN.png``, ``annotations/*.json`` (pretrain, retrieval, VQA, VE, NLVR, text
@@ -172,18 +173,23 @@ def generate_world(out_dir: str | os.PathLike, images: int = 10000, size: int = 
         shards: also write ``shards/shard-NNNNNN.tar`` (one train image and its captions per sample).
         workers: processes drawing images (default: up to 2, by CPU count).
         samples_per_shard: samples per shard file.
+        max_objects: at most this many objects per image (1-4; fewer makes an easier world, e.g. a
+            first curriculum stage); the default 4 keeps the full world. Other images stay the same:
+            each image's count is drawn as usual and then capped.
 
     Returns:
         A summary: seed, size, images per split, the held-out (colour, shape) pairs, records per file,
         the vocabulary, and the shard paths (relative to ``out_dir``).
     """
     _check_arguments(images, size, seed, workers)
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be in [1, {MAX_OBJECTS}], got {max_objects}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     heldout = heldout_pairs(seed)
     workers = workers or max(1, min(2, os.cpu_count() or 1))
-    results = _run_jobs([(str(out), seed, index, size, heldout) for index in range(images)], workers)
+    results = _run_jobs([(str(out), seed, index, size, heldout, max_objects) for index in range(images)], workers)
     files = _annotation_files(results, seed, heldout)
     for name, (text, _) in files.items():
         (out / "annotations" / name).write_text(text + "\n", encoding="utf-8")
@@ -191,6 +197,7 @@ def generate_world(out_dir: str | os.PathLike, images: int = 10000, size: int = 
     pretrain = json.loads(files["pretrain.json"][0])
     summary = {
         "format_version": FORMAT_VERSION, "seed": seed, "size": size, "images": images, "splits": splits,
+        "max_objects": max_objects,
         "heldout_pairs": [list(pair) for pair in heldout],
         "records": {name: count for name, (_, count) in files.items()},
         "vocabulary": {key: list(values) for key, values in vocab.VALUES.items()},

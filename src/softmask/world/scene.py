@@ -37,6 +37,7 @@ RELATION_MARGIN = 0.12
 SIZE_AREA_RATIO = 1.5
 OBJECT_COUNTS = (1, 2, 3, 4)
 COUNT_WEIGHTS = (0.15, 0.3, 0.3, 0.25)
+MAX_OBJECTS = max(OBJECT_COUNTS)
 BACKGROUNDS = ("plain", "gradient", "noise", "stripes")
 SPLIT_NAMES = ("train", "val", "test")
 TASK_STREAM = 2**31 - 1  # seeds the world-level choices: default_rng([seed, TASK_STREAM, purpose])
@@ -223,12 +224,14 @@ def scene_relations(objects: list[dict], size: int) -> list[dict]:
     return sorted(found, key=lambda rel: (rel["subject"], rel["object"], rel["relation"]))
 
 
-def _sample_objects(r: random.Random, index: int, size: int, heldout: list[tuple]) -> tuple[list[dict], list]:
-    """Objects with a valid layout (dropping objects if a crowded scene cannot be laid out)."""
+def _sample_objects(r: random.Random, index: int, size: int, heldout: list[tuple],
+                    max_objects: int = MAX_OBJECTS) -> tuple[list[dict], list]:
+    """Objects with a valid layout (dropping objects if a crowded scene cannot be laid out); at most
+    ``max_objects`` of them (the count is drawn as usual, then capped)."""
     split = split_of(index)
     allowed = [(c, s) for c in COLOURS for s in SHAPES if split == "test" or (c, s) not in heldout]
     forced = r.choice(heldout) if forces_heldout(index) else None
-    count = r.choices(OBJECT_COUNTS, weights=COUNT_WEIGHTS)[0]
+    count = min(r.choices(OBJECT_COUNTS, weights=COUNT_WEIGHTS)[0], max_objects)
     objects = [_new_object(r, size, c, s) for c, s in _pick_pairs(r, count, allowed, forced)]
     while True:
         layers = _layout(r, objects, size)
@@ -239,11 +242,12 @@ def _sample_objects(r: random.Random, index: int, size: int, heldout: list[tuple
         objects.pop(drop)
 
 
-def make_scene(r: random.Random, index: int, size: int, heldout: list[tuple[str, str]]) -> tuple[dict, np.ndarray]:
+def make_scene(r: random.Random, index: int, size: int, heldout: list[tuple[str, str]],
+               max_objects: int = MAX_OBJECTS) -> tuple[dict, np.ndarray]:
     """Sample and draw image ``index`` from its random stream ``r`` (:func:`image_random`): its scene
     record (objects.json entry, without captions) and its (size, size, 3) uint8 pixels."""
     bg_spec = sample_background(r, size)
-    objects, layers = _sample_objects(r, index, size, heldout)
+    objects, layers = _sample_objects(r, index, size, heldout, max_objects)
     bg = render.background(bg_spec, size)
     _measure(objects, layers, bg, size)
     salient = _rank_saliency(objects)
