@@ -285,3 +285,9 @@ class Distort(_CpuRandomness):
             return images
         x = (images * self.std + self.mean).clamp_(0.0, 1.0)
         return _normalise(self.randaug(x).clamp_(0.0, 1.0), self.mean, self.std)
+
+
+def training_transform(image_size: int, augment: AugmentConfig) -> nn.Module:
+    """The training view of a task: :class:`TrainAugment`, or :class:`EvalTransform` when
+    ``augment.enabled`` is false."""
+    return TrainAugment(image_size, augment) if augment.enabled else EvalTransform(image_size)

@@ -15,10 +15,11 @@ from torch import nn
 
 from softmask.config import Config
 from softmask.data.task_data import TaskDataset, eval_loader
-from softmask.data.transforms import EvalTransform, TrainAugment
+from softmask.data.transforms import EvalTransform, training_transform
 from softmask.objectives.distill import distilled_cross_entropy, ema_update, momentum_copy
 from softmask.train import dist
 from softmask.train.loop import inference_autocast
+from softmask.train.schedule import ramped_alpha
 
 log = logging.getLogger("softmask")
 
@@ -48,11 +49,11 @@ class ClassifierTask(nn.Module):
         self.model = model
         self.momentum_model = momentum_copy(model) if cfg.distill.alpha > 0 else None
         size = cfg.model.vision.image_size
-        self.augment = TrainAugment(size, cfg.data.augment) if cfg.data.augment.enabled else EvalTransform(size)
+        self.augment = training_transform(size, cfg.data.augment)
         self.alpha_warmup_steps = max(1, alpha_warmup_steps)
 
     def alpha(self, step: int) -> float:
-        return self.cfg.distill.alpha * min(1.0, step / self.alpha_warmup_steps)
+        return ramped_alpha(self.cfg.distill.alpha, step, self.alpha_warmup_steps)
 
     def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """``images`` uint8 (B, 3, S, S) or (B, 2, 3, S, S), ``input_ids``/``attention_mask`` (B, T),

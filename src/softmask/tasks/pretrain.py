@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from softmask.config import Config
-from softmask.data.transforms import Distort, EvalTransform, TrainAugment
+from softmask.data.transforms import Distort, training_transform
 from softmask.models.vlp import VisionLanguageModel
 from softmask.objectives.distill import ema_update, momentum_copy
 from softmask.objectives.itc import focal_itc_loss, itc_targets, similarities
@@ -32,6 +32,7 @@ from softmask.objectives.softmask import (
     make_soft_mask,
 )
 from softmask.train import dist
+from softmask.train.schedule import ramped_alpha
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm")
 
@@ -65,7 +66,7 @@ class PretrainTask(nn.Module):
         self.image_queue = FeatureQueue(dim, cfg.itc.queue_size)
         self.text_queue = FeatureQueue(dim, cfg.itc.queue_size)
         size = cfg.model.vision.image_size
-        self.augment = TrainAugment(size, cfg.data.augment) if cfg.data.augment.enabled else EvalTransform(size)
+        self.augment = training_transform(size, cfg.data.augment)
         self.distort = Distort(cfg.softmask.distortion_ops, cfg.softmask.distortion_magnitude,
                                cfg.data.augment.randaug_exclude)
         if cfg.softmask.soft_masks and continuation is None:
@@ -80,7 +81,7 @@ class PretrainTask(nn.Module):
 
     def alpha(self, step: int) -> float:
         """Distillation weight, ramped linearly from 0 over the first epoch (or alpha_warmup_steps)."""
-        return self.cfg.distill.alpha * min(1.0, step / self.alpha_warmup_steps)
+        return ramped_alpha(self.cfg.distill.alpha, step, self.alpha_warmup_steps)
 
     def momentum_update(self) -> None:
         ema_update(self.model, self.momentum_model, self.cfg.distill.momentum)

@@ -38,7 +38,7 @@ from softmask.data.annotations import AnnotationError
 from softmask.data.images import BadSample, load_image, to_tensor
 from softmask.data.task_data import Field, TaskDataset, load_task_records, train_loader
 from softmask.data.text import load_tokenizer, pre_caption, tokenize
-from softmask.data.transforms import EvalTransform, TrainAugment
+from softmask.data.transforms import EvalTransform, training_transform
 from softmask.eval.retrieval import evaluate_retrieval
 from softmask.models.vlp import VisionLanguageModel, create_model
 from softmask.objectives.distill import ema_update, momentum_copy
@@ -47,7 +47,7 @@ from softmask.objectives.itm import itm_loss, sample_hard_negatives
 from softmask.objectives.queue import FeatureQueue
 from softmask.tasks.pretrain import LoaderSource, identical_rows, pad_to, step_generator
 from softmask.train import dist
-from softmask.train.schedule import alpha_warmup_steps
+from softmask.train.schedule import alpha_warmup_steps, ramped_alpha
 
 log = logging.getLogger("softmask")
 
@@ -154,12 +154,12 @@ class RetrievalTask(nn.Module):
         self.image_queue = FeatureQueue(dim, cfg.itc.queue_size, with_ids=True)  # holds the id queue too
         self.text_queue = FeatureQueue(dim, cfg.itc.queue_size)
         size = cfg.model.vision.image_size
-        self.augment = TrainAugment(size, cfg.data.augment) if cfg.data.augment.enabled else EvalTransform(size)
+        self.augment = training_transform(size, cfg.data.augment)
         self.alpha_warmup_steps = max(1, alpha_warmup_steps)
 
     def alpha(self, step: int) -> float:
         """Distillation weight, ramped linearly from 0 over ``alpha_warmup_steps`` (ALBEF: the first epoch)."""
-        return self.cfg.distill.alpha * min(1.0, step / self.alpha_warmup_steps)
+        return ramped_alpha(self.cfg.distill.alpha, step, self.alpha_warmup_steps)
 
     def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """One micro-batch: ``images`` uint8 (B, 3, S, S), ``input_ids``/``attention_mask`` (B, T),

@@ -39,13 +39,13 @@ from softmask.config import Config, ConfigError
 from softmask.data.annotations import AnnotationError, _read_json, _type_name
 from softmask.data.task_data import Field, TaskDataset, eval_loader, load_task_records, train_loader
 from softmask.data.text import load_tokenizer, tokenize
-from softmask.data.transforms import EvalTransform, TrainAugment
+from softmask.data.transforms import EvalTransform, training_transform
 from softmask.models.answer_decoder import build_answer_decoder, token_log_probs
 from softmask.objectives.distill import ema_update, momentum_copy
 from softmask.tasks.finetune import TaskModel
 from softmask.train import dist
 from softmask.train.loop import inference_autocast
-from softmask.train.schedule import alpha_warmup_steps
+from softmask.train.schedule import alpha_warmup_steps, ramped_alpha
 
 log = logging.getLogger("softmask")
 
@@ -346,13 +346,13 @@ class VQATask(nn.Module):
         self.distill = cfg.distill.alpha > 0
         self.momentum_model = momentum_copy(model) if self.distill else None
         size = cfg.model.vision.image_size
-        self.augment = TrainAugment(size, cfg.data.augment) if cfg.data.augment.enabled else EvalTransform(size)
+        self.augment = training_transform(size, cfg.data.augment)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.finetune.max_answer_tokens)
         self.alpha_warmup_steps = max(1, alpha_warmup_steps)
 
     def alpha(self, step: int) -> float:
         """Distillation weight, ramped linearly from 0 over the first epoch (or distill.alpha_warmup_steps)."""
-        return self.cfg.distill.alpha * min(1.0, step / self.alpha_warmup_steps) if self.distill else 0.0
+        return ramped_alpha(self.cfg.distill.alpha, step, self.alpha_warmup_steps)
 
     def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """One micro-batch: ``images`` uint8 (B, 3, S, S), question ``input_ids``/``attention_mask`` (B, T),

@@ -42,3 +42,8 @@ def alpha_warmup_steps(cfg, batches_per_epoch: int | None) -> int:
 
     per_epoch = batches_per_epoch // cfg.train.grad_accum if batches_per_epoch else 0
     return max(1, cfg.distill.alpha_warmup_steps or per_epoch or total_steps_for(cfg, batches_per_epoch))
+
+
+def ramped_alpha(alpha: float, step: int, warmup_steps: int) -> float:
+    """The distillation weight at ``step``: ``alpha`` ramped linearly from 0 over ``warmup_steps`` (ALBEF)."""
+    return alpha * min(1.0, step / max(1, warmup_steps))
