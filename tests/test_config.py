@@ -59,6 +59,7 @@ def test_defaults_without_file():
         ("model.text.dropout=1.5", r"model.text.dropout must be in \[0, 1\)"),
         ("model.embed_dim", "must look like section.key=value"),
         ("model.temp=2", r"model.temp must be in \[0.001, 0.5\]"),
+        ("model.text_pooling=max", "model.text_pooling must be one of cls, mean, got 'max'"),
     ],
 )
 def test_bad_values_name_the_key(cfg_file, override, expected):

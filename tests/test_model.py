@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from softmask import VisionLanguageModel, create_model, from_pretrained, load_config
+from softmask.models.vlp import pool_text
 
 from conftest import text_batch, tiny_model_config
 
@@ -24,9 +26,31 @@ def test_api_shapes(tiny_model):
     assert image.shape == (3, 17, 48) and text.shape == (3, 9, 32) and fused.shape == (3, 9, 32)
     assert tiny_model.itm_logits(fused).shape == (3, 2)
     assert tiny_model.mlm_logits(fused).shape == (3, 9, 120)
-    img_feat, txt_feat = tiny_model.image_feat(image), tiny_model.text_feat(text)
+    img_feat, txt_feat = tiny_model.image_feat(image), tiny_model.text_feat(text, mask)
     assert img_feat.shape == txt_feat.shape == (3, 16)
     assert torch.allclose(img_feat.norm(dim=-1), torch.ones(3))
+
+
+def test_text_pooling_cls_and_masked_mean():
+    embeds = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert torch.equal(pool_text(embeds, mask, "cls"), embeds[:, 0])
+    mean = pool_text(embeds, mask, "mean")
+    assert torch.allclose(mean[0], embeds[0].mean(0)) and torch.allclose(mean[1], embeds[1, :2].mean(0))
+    with pytest.raises(ValueError, match="'max'"):
+        pool_text(embeds, mask, "max")
+
+
+def test_mean_pooled_text_feature_ignores_padding():
+    model = create_model(tiny_model_config(text_pooling="mean")).eval()
+    ids, mask = text_batch(b=3)
+    with torch.no_grad():
+        feat = model.text_feat(model.encode_text(ids, mask), mask)
+        padded_ids, padded_mask = F.pad(ids, (0, 4)), F.pad(mask, (0, 4))
+        padded = model.text_feat(model.encode_text(padded_ids, padded_mask), padded_mask)
+        cls_feat = F.normalize(model.text_proj(model.encode_text(ids, mask)[:, 0]), dim=-1)
+    assert torch.allclose(feat, padded, atol=1e-5)
+    assert not torch.allclose(feat, cls_feat, atol=1e-3)
 
 
 @pytest.mark.parametrize("layer", [0, 1])
@@ -73,7 +97,7 @@ def test_training_step_reaches_every_parameter(tiny_model):
     image, text = tiny_model.encode_image(pixels), tiny_model.encode_text(ids, mask)
     fused = tiny_model.fuse(text, mask, image)
     loss = (tiny_model.itm_logits(fused).sum() + tiny_model.mlm_logits(fused).mean()
-            + (tiny_model.image_feat(image) @ tiny_model.text_feat(text).T / tiny_model.temp).sum())
+            + (tiny_model.image_feat(image) @ tiny_model.text_feat(text, mask).T / tiny_model.temp).sum())
     loss.backward()
     no_grad = [n for n, p in tiny_model.named_parameters() if p.grad is None]
     assert no_grad == []

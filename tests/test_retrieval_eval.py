@@ -47,7 +47,7 @@ def _plain_retrieval(model, pixels, ids, mask, text_to_image, k):
     with torch.no_grad():
         image_embeds = model.encode_image(pixels)
         text_embeds = model.encode_text(ids, mask)
-        sim = model.image_feat(image_embeds) @ model.text_feat(text_embeds).T
+        sim = model.image_feat(image_embeds) @ model.text_feat(text_embeds, mask).T
         i2t = np.full(sim.shape, -np.inf)
         t2i = np.full(sim.T.shape, -np.inf)
         for i in range(sim.shape[0]):

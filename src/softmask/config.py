@@ -98,6 +98,9 @@ class TextConfig:
         return self.num_layers - self.fusion_layer
 
 
+TEXT_POOLING = ("cls", "mean")
+
+
 @dataclass
 class ModelConfig:
     """The ALBEF-style model. ``init``: a whole-model checkpoint (an ALBEF or TCL ``.pth``, or a
@@ -106,6 +109,11 @@ class ModelConfig:
     init: str = ""
     embed_dim: int = 256
     temp: float = 0.07  # initial ITC temperature (learnable)
+    # The text's ITC feature: "cls" (ALBEF: the [CLS] token of the last text layer) or "mean" (ours: the
+    # mean over the caption's tokens). A text encoder whose [CLS] carries no sentence information at the
+    # text/fusion split needs "mean": the MiniLM of configs/pretrain/world.yaml (trained with mean
+    # pooling; its [CLS] is the same vector for every caption through layer 5, docs/results.md).
+    text_pooling: str = "cls"
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
@@ -113,6 +121,8 @@ class ModelConfig:
         _positive(self, key, "embed_dim")
         if not 0.001 <= self.temp <= 0.5:
             raise ConfigError(f"{key}.temp must be in [0.001, 0.5] (ALBEF's clamp), got {self.temp}")
+        if self.text_pooling not in TEXT_POOLING:
+            raise ConfigError(f"{key}.text_pooling must be one of {', '.join(TEXT_POOLING)}, got '{self.text_pooling}'")
         self.vision.validate(f"{key}.vision")
         self.text.validate(f"{key}.text")
 

@@ -126,7 +126,7 @@ def compute_features(model: VisionLanguageModel, pixels: torch.Tensor, input_ids
             ids, mask = input_ids[start:stop].to(device), attention_mask[start:stop].to(device)
             embeds = model.encode_text(ids, mask)
             text_embeds.append(embeds)
-            text_feat.append(model.text_feat(embeds).float())
+            text_feat.append(model.text_feat(embeds, mask).float())
     cat = lambda xs, like: torch.cat(xs) if xs else like  # noqa: E731 (a rank may have no rows)
     dv, d, e = model.config.vision.width, model.config.text.hidden_size, model.config.embed_dim
     tokens, length = model.visual_encoder.num_patches + 1, input_ids.shape[1]

@@ -23,6 +23,16 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 
 
+def pool_text(text_embeds: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, T, D) tokens, (B, T) mask -> (B, D): the [CLS] token ("cls") or the masked mean ("mean")."""
+    if pooling == "cls":
+        return text_embeds[:, 0]
+    if pooling == "mean":
+        weights = attention_mask.to(text_embeds.dtype).unsqueeze(-1)
+        return (text_embeds * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    raise ValueError(f"text pooling must be 'cls' or 'mean', got '{pooling}'")
+
+
 class VisionLanguageModel(nn.Module):
     """Encoders, fusion and heads. Shapes: B batch, T text tokens, N image patches, D widths."""
 
@@ -87,9 +97,11 @@ class VisionLanguageModel(nn.Module):
         """(B, 1 + N, Dv) -> (B, embed_dim) L2-normalised ITC feature of the image [CLS]."""
         return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
 
-    def text_feat(self, text_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, embed_dim) L2-normalised ITC feature of the text [CLS]."""
-        return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+    def text_feat(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) text tokens and (B, T) mask (1 = token) -> (B, embed_dim) L2-normalised ITC feature:
+        of the [CLS] token, or of the mean over the caption's tokens ([CLS] and [SEP] included, padding
+        not) when ``config.text_pooling`` is "mean"."""
+        return F.normalize(self.text_proj(pool_text(text_embeds, attention_mask, self.config.text_pooling)), dim=-1)
 
     # ---- persistence --------------------------------------------------------------------------
 

@@ -117,12 +117,12 @@ class PretrainTask(nn.Module):
         # ---- unimodal encoders and ITC ----------------------------------------------------------
         image_embeds = model.encode_image(images)
         text_embeds = model.encode_text(online_ids, mask)
-        image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds)
+        image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds, mask)
         with torch.no_grad():
             self.momentum_update()
             image_embeds_m = mm.encode_image(images_m)
             image_feat_m = mm.image_feat(image_embeds_m)
-            text_feat_m = mm.text_feat(mm.encode_text(ids, mask))  # targets from the clean caption
+            text_feat_m = mm.text_feat(mm.encode_text(ids, mask), mask)  # targets from the clean caption
             image_feat_m_all, text_feat_m_all = dist.all_gather(image_feat_m), dist.all_gather(text_feat_m)
             image_bank = torch.cat([image_feat_m_all, self.image_queue.all()])  # (B_global + Q, E)
             text_bank = torch.cat([text_feat_m_all, self.text_queue.all()])

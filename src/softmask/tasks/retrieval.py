@@ -179,7 +179,7 @@ class RetrievalTask(nn.Module):
 
         image_embeds = model.encode_image(images)
         text_embeds = model.encode_text(ids, mask)
-        image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds)
+        image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds, mask)
         bank = self._momentum_bank(images, ids, mask, image_ids)
         loss_itc = self._itc_loss(image_feat, text_feat, image_ids, bank, step)
         loss_itm, missing = self._itm_loss(image_feat, text_feat, image_embeds, text_embeds, ids, mask,
@@ -198,7 +198,7 @@ class RetrievalTask(nn.Module):
         mm = self.momentum_model
         ema_update(self.model, mm, self.cfg.distill.momentum)
         image_feat_m = mm.image_feat(mm.encode_image(images))
-        text_feat_m = mm.text_feat(mm.encode_text(ids, mask))
+        text_feat_m = mm.text_feat(mm.encode_text(ids, mask), mask)
         return {"image_m": image_feat_m, "text_m": text_feat_m,
                 "image_m_all": dist.all_gather(image_feat_m), "text_m_all": dist.all_gather(text_feat_m),
                 "ids_all": dist.all_gather(image_ids), "tokens_all": dist.all_gather(ids),
