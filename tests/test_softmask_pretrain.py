@@ -3,6 +3,7 @@ through the mask, and end-to-end runs (one process and torchrun)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from softmask.config import ConfigError, load_config
 from softmask.models.vlp import create_model
 from softmask.objectives.softmask import gradcam_maps
-from softmask.tasks.pretrain import build_task, pretrain
+from softmask.tasks.pretrain import build_task, min_pairwise_cosine, pretrain
 from test_pretrain import _torchrun, make_world, metrics, overrides
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
@@ -42,6 +43,25 @@ def _losses(*extra: str, steps: int = 2) -> list[dict]:
         result["loss"].backward()
         out.append({k: float(v.detach()) for k, v in result.items()})
     return out
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_identical_text_features_are_warned_about(pooling, caplog):
+    # The tiny model's randomly initialised [CLS] is nearly the same vector for every caption
+    # (docs/results.md); its mean over the tokens is not.
+    with caplog.at_level(logging.WARNING, logger="softmask"):
+        _losses(f"model.text_pooling={pooling}", steps=1)
+    warned = "all have nearly the same text feature" in caplog.text
+    assert warned == (pooling == "cls")
+    if warned:
+        assert "set model.text_pooling=mean" in caplog.text and "min cosine " in caplog.text
+
+
+def test_min_pairwise_cosine():
+    feats = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    assert min_pairwise_cosine(feats) == pytest.approx(0.0, abs=1e-7)
+    assert min_pairwise_cosine(feats[:2]) == pytest.approx(1.0)
+    assert min_pairwise_cosine(feats[:1]) == 1.0
 
 
 def test_albef_and_softmask_with_every_part_off_are_identical():

@@ -12,6 +12,8 @@ dropout and augmentation off, N processes reproduce one process with the same gl
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,34 @@ from softmask.train import dist
 from softmask.train.schedule import ramped_alpha
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm")
+# Text features of different captions closer than this (cosine) give ITC nothing to align.
+COLLAPSED_TEXT_COSINE = 0.9999
+
+log = logging.getLogger("softmask")
+
+
+def min_pairwise_cosine(features: torch.Tensor) -> float:
+    """(B, E) features -> the smallest cosine similarity between two different rows (1.0 if B < 2)."""
+    if features.shape[0] < 2:
+        return 1.0
+    unit = F.normalize(features.detach().float(), dim=-1)
+    sims = unit @ unit.T
+    off_diagonal = ~torch.eye(len(unit), dtype=torch.bool, device=unit.device)
+    return float(sims[off_diagonal].min())
+
+
+def warn_if_text_features_collapsed(text_feat: torch.Tensor, pooling: str) -> None:
+    """Log a warning when every row of ``text_feat`` (B, E) is (nearly) the same ITC text feature, as
+    the [CLS] of a text encoder trained with mean pooling is for every caption (docs/results.md)."""
+    cosine = min_pairwise_cosine(text_feat)
+    if cosine >= COLLAPSED_TEXT_COSINE:
+        advice = ("a randomly initialised text encoder can grow out of this, but one trained with mean "
+                  "pooling (such as the sentence-transformers MiniLM) has the same [CLS] for every sentence "
+                  "and does not: for such an encoder set model.text_pooling=mean"
+                  if pooling == "cls" else "check the text encoder and its weights")
+        log.warning(f"the captions of the first batch all have nearly the same text feature (min cosine "
+                    f"{cosine:.5f}, model.text_pooling={pooling}): ITC starts with almost nothing to align; "
+                    f"{advice} (docs/results.md)")
 
 
 def pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -118,6 +148,8 @@ class PretrainTask(nn.Module):
         image_embeds = model.encode_image(images)
         text_embeds = model.encode_text(online_ids, mask)
         image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds, mask)
+        if step == 0 and micro == 0 and rank == 0:
+            self._check_text_features(ids, mask)
         with torch.no_grad():
             self.momentum_update()
             image_embeds_m = mm.encode_image(images_m)
@@ -205,6 +237,18 @@ class PretrainTask(nn.Module):
             out["soft_mask_share"] = soft_rows.float().mean()
             out["mask_weight_fraction"] = self._last_weight_fraction
         return out
+
+    @torch.no_grad()
+    def _check_text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Warn when the batch's captions all get nearly the same ITC text feature (without dropout,
+        which would hide it; no random numbers are drawn)."""
+        model, training = self.model, self.model.training
+        model.eval()
+        try:
+            warn_if_text_features_collapsed(model.text_feat(model.encode_text(ids, mask), mask),
+                                            self.cfg.model.text_pooling)
+        finally:
+            model.train(training)
 
     def _soft_masked_images(self, logits_pos, attn, images, image_embeds, clean_ids, online_ids, mask,
                             gen_words):
