@@ -1,0 +1,52 @@
+"""Typed configuration: dataclasses, YAML files and dotted command-line overrides.
+
+A config is a tree of dataclasses. ``load_config(path, overrides)`` reads a YAML file, applies
+``section.key=value`` overrides (values parsed as YAML, so ``data.train=[a.json,b.json]`` is a
+list), converts the result into the dataclasses with type checks, and validates value ranges. Every
+error is a :class:`ConfigError` whose message names the dotted key (and the file), raised before any
+model or data work starts.
+
+The schema (the dataclasses and their checks) is :mod:`softmask.config.schema`; reading files and
+overrides is :mod:`softmask.config.parse`. Everything is importable from ``softmask.config``.
+"""
+
+from softmask.config.parse import (
+    apply_override,
+    config_from_dict,
+    load_config,
+    model_config_from_dict,
+    parse_override_value,
+    read_yaml,
+    save_config,
+    to_dict,
+)
+from softmask.config.schema import (
+    FINETUNE_TASKS,
+    METHOD_DEFAULTS,
+    METHODS,
+    TEXT_POOLING,
+    WORLD_FILES,
+    AugmentConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    DistillConfig,
+    FinetuneConfig,
+    ITCConfig,
+    ITMConfig,
+    MLMConfig,
+    ModelConfig,
+    SoftMaskConfig,
+    TextConfig,
+    TrainConfig,
+    VisionConfig,
+    default_gradcam_layer,
+)
+
+__all__ = [
+    "FINETUNE_TASKS", "METHODS", "METHOD_DEFAULTS", "TEXT_POOLING", "WORLD_FILES", "AugmentConfig", "Config",
+    "ConfigError", "DataConfig", "DistillConfig", "FinetuneConfig", "ITCConfig", "ITMConfig", "MLMConfig",
+    "ModelConfig", "SoftMaskConfig", "TextConfig", "TrainConfig", "VisionConfig", "apply_override",
+    "config_from_dict", "default_gradcam_layer", "load_config", "model_config_from_dict", "parse_override_value",
+    "read_yaml", "save_config", "to_dict",
+]
