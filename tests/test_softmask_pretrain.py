@@ -61,7 +61,11 @@ def test_min_pairwise_cosine():
     feats = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
     assert min_pairwise_cosine(feats) == pytest.approx(0.0, abs=1e-7)
     assert min_pairwise_cosine(feats[:2]) == pytest.approx(1.0)
-    assert min_pairwise_cosine(feats[:1]) == 1.0
+    assert min_pairwise_cosine(feats[:1]) == 1.0  # no pair
+    # Pairs marked as identical captions are left out: here everything but rows 0 and 1.
+    third = torch.tensor([[False, False, True], [False, False, True], [True, True, False]])
+    assert min_pairwise_cosine(feats, exclude=third) == pytest.approx(1.0)
+    assert min_pairwise_cosine(feats, exclude=torch.ones(3, 3, dtype=torch.bool)) == 1.0
 
 
 def test_albef_and_softmask_with_every_part_off_are_identical():

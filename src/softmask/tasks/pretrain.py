@@ -43,20 +43,24 @@ COLLAPSED_TEXT_COSINE = 0.9999
 log = logging.getLogger("softmask")
 
 
-def min_pairwise_cosine(features: torch.Tensor) -> float:
-    """(B, E) features -> the smallest cosine similarity between two different rows (1.0 if B < 2)."""
-    if features.shape[0] < 2:
-        return 1.0
+def min_pairwise_cosine(features: torch.Tensor, exclude: torch.Tensor | None = None) -> float:
+    """(B, E) features -> the smallest cosine similarity between two different rows, leaving out the
+    pairs where the (B, B) bool ``exclude`` is true (e.g. identical captions); 1.0 if no pair is left."""
     unit = F.normalize(features.detach().float(), dim=-1)
-    sims = unit @ unit.T
-    off_diagonal = ~torch.eye(len(unit), dtype=torch.bool, device=unit.device)
-    return float(sims[off_diagonal].min())
+    keep = ~torch.eye(len(unit), dtype=torch.bool, device=unit.device)
+    if exclude is not None:
+        keep &= ~exclude.to(unit.device)
+    if not keep.any():
+        return 1.0
+    return float((unit @ unit.T)[keep].min())
 
 
-def warn_if_text_features_collapsed(text_feat: torch.Tensor, pooling: str) -> None:
+def warn_if_text_features_collapsed(text_feat: torch.Tensor, pooling: str,
+                                    same_caption: torch.Tensor | None = None) -> None:
     """Log a warning when every row of ``text_feat`` (B, E) is (nearly) the same ITC text feature, as
-    the [CLS] of a text encoder trained with mean pooling is for every caption (docs/results.md)."""
-    cosine = min_pairwise_cosine(text_feat)
+    the [CLS] of a text encoder trained with mean pooling is for every caption (docs/results.md);
+    ``same_caption`` (B, B) bool marks pairs of identical captions, which are not compared."""
+    cosine = min_pairwise_cosine(text_feat, same_caption)
     if cosine >= COLLAPSED_TEXT_COSINE:
         advice = ("a randomly initialised text encoder can grow out of this, but one trained with mean "
                   "pooling (such as the sentence-transformers MiniLM) has the same [CLS] for every sentence "
@@ -246,7 +250,7 @@ class PretrainTask(nn.Module):
         model.eval()
         try:
             warn_if_text_features_collapsed(model.text_feat(model.encode_text(ids, mask), mask),
-                                            self.cfg.model.text_pooling)
+                                            self.cfg.model.text_pooling, identical_rows(ids, mask))
         finally:
             model.train(training)
 
