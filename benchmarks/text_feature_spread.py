@@ -17,19 +17,11 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from softmask.config import load_config
 from softmask.data.text import load_tokenizer, pre_caption, tokenize
 from softmask.models.vlp import create_model, pool_text
-
-
-def pairwise_cosines(features: torch.Tensor) -> torch.Tensor:
-    """(N, D) -> the N (N - 1) / 2 cosine similarities between different rows."""
-    unit = F.normalize(features.float(), dim=-1)
-    sims = unit @ unit.T
-    rows, cols = torch.triu_indices(len(unit), len(unit), offset=1)
-    return sims[rows, cols]
+from softmask.tasks.pretrain import pairwise_cosines
 
 
 def main() -> None:

@@ -43,16 +43,20 @@ COLLAPSED_TEXT_COSINE = 0.9999
 log = logging.getLogger("softmask")
 
 
-def min_pairwise_cosine(features: torch.Tensor, exclude: torch.Tensor | None = None) -> float:
-    """(B, E) features -> the smallest cosine similarity between two different rows, leaving out the
-    pairs where the (B, B) bool ``exclude`` is true (e.g. identical captions); 1.0 if no pair is left."""
+def pairwise_cosines(features: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, E) features -> the cosine similarities between different rows (each ordered pair), leaving
+    out the pairs where the (B, B) bool ``exclude`` is true (e.g. identical captions); may be empty."""
     unit = F.normalize(features.detach().float(), dim=-1)
     keep = ~torch.eye(len(unit), dtype=torch.bool, device=unit.device)
     if exclude is not None:
         keep &= ~exclude.to(unit.device)
-    if not keep.any():
-        return 1.0
-    return float((unit @ unit.T)[keep].min())
+    return (unit @ unit.T)[keep]
+
+
+def min_pairwise_cosine(features: torch.Tensor, exclude: torch.Tensor | None = None) -> float:
+    """The smallest of :func:`pairwise_cosines`; 1.0 if no pair is left."""
+    cosines = pairwise_cosines(features, exclude)
+    return float(cosines.min()) if cosines.numel() else 1.0
 
 
 def warn_if_text_features_collapsed(text_feat: torch.Tensor, pooling: str,
