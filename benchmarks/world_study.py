@@ -10,6 +10,11 @@ the number of steps is chosen first: all runs go for ``--calibrate-steps`` steps
 slowest run's step time sets the steps that fit the budget (the same for every run). Writes
 ``OUT/study.json`` (settings, per-run metrics, mean and sample standard deviation per variant) and
 ``OUT/study.md`` (the table and the commands).
+
+    python benchmarks/world_study.py --out OUT --merge A/study.json B/study.json ...
+
+combines studies trained the same way (same config file name, world, steps, k and overrides apart from
+logging; e.g. more seeds or variants run later) into one ``OUT/study.json`` and ``OUT/study.md``.
 """
 
 from __future__ import annotations
@@ -37,9 +42,13 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ("albef", "softmask", "soft_masks_only", "focal_itc_only", "augmentation_only")
 # The metrics of the table, in order (keys of `softmask evaluate world`).
+ATTRIBUTES = ("colour", "shape", "size", "pattern", "relation")
 TABLE_KEYS = ("tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "r_mean", "itm_all", "itm_salient", "itm_secondary",
-              "itm_heldout", "itc_all", "itc_salient", "itc_secondary", "itc_heldout", "pointing_all",
-              "pointing_salient", "pointing_secondary", "energy_all", "energy_salient", "energy_secondary")
+              "itm_heldout", *(f"itm_attr_{a}" for a in ATTRIBUTES), "itc_all", "itc_salient", "itc_secondary",
+              "itc_heldout", *(f"itc_attr_{a}" for a in ATTRIBUTES), "pointing_all", "pointing_salient",
+              "pointing_secondary", "energy_all", "energy_salient", "energy_secondary")
+# Overrides that change what is logged or saved, not what is trained: studies may differ in them and still merge.
+LOGGING_KEYS = ("train.log_every", "train.save_every")
 
 
 def softmask_cmd(*args: str) -> list[str]:
@@ -131,6 +140,69 @@ def table(summary: dict, keys=TABLE_KEYS) -> str:
     return "\n".join(lines)
 
 
+def training_settings(settings: dict) -> dict:
+    """What must agree for two studies' runs to be comparable: everything but seeds, variants and logging."""
+    overrides = [o for o in settings["overrides"] if o.split("=", 1)[0] not in LOGGING_KEYS]
+    return {"config": Path(settings["config"]).name, "world": settings["world"], "steps": settings["steps"],
+            "k": settings["k"], "overrides": overrides}
+
+
+def merge_studies(paths: list[Path]) -> tuple[dict, dict[str, dict[str, dict]]]:
+    """Combine the runs of several ``study.json`` files made with the same settings (e.g. more seeds later).
+
+    Returns ``(settings, per_run)`` as a single study would have them; raises ``ValueError`` naming the
+    file when a study was trained differently from the first or repeats a (variant, seed).
+    """
+    first = None
+    per_run: dict[str, dict[str, dict]] = {}
+    variants: dict[str, list[str]] = {}
+    sources, failed = [], []
+    for path in paths:
+        try:
+            study = json.loads(Path(path).read_text())
+            settings = study["settings"]
+            own = training_settings(settings)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a study.json written by world_study.py ({err!r})") from None
+        if first is None:
+            first = own
+        for key, value in own.items():
+            if value != first[key]:
+                raise ValueError(f"{path}: {key} is {value!r}, but {paths[0]} has {first[key]!r}; "
+                                 "only studies trained the same way can be merged")
+        for variant, seeds in study["runs"].items():
+            for seed, metrics in seeds.items():
+                if seed in per_run.get(variant, {}):
+                    raise ValueError(f"{path}: run {variant} seed {seed} is also in an earlier study")
+                per_run.setdefault(variant, {})[seed] = metrics
+        variants.update(settings["variants"])
+        failed += settings.get("failed_runs", [])
+        sources.append({"study": str(path), "variants": list(settings["variants"]), "seeds": settings["seeds"],
+                        "overrides": settings["overrides"], "train_wall_s": settings.get("train_wall_s"),
+                        "total_wall_s": settings.get("total_wall_s")})
+    if first is None:
+        raise ValueError("no studies to merge")
+    order = [v for v in VARIANTS if v in per_run] + [v for v in per_run if v not in VARIANTS]
+    per_run = {v: dict(sorted(per_run[v].items(), key=lambda item: int(item[0]))) for v in order}
+    seeds = sorted({int(s) for runs in per_run.values() for s in runs})
+    settings = {**first, "config": json.loads(Path(paths[0]).read_text())["settings"]["config"],
+                "variants": {v: variants[v] for v in order if v in variants}, "seeds": seeds,
+                "failed_runs": failed, "merged_from": sources}
+    return settings, per_run
+
+
+def write_study(out: Path, settings: dict, per_run: dict[str, dict[str, dict]], command: str) -> None:
+    """``OUT/study.json`` (settings, per-run metrics, summary) and ``OUT/study.md`` (the table), printed too."""
+    summary = summarise(per_run)
+    (out / "study.json").write_text(json.dumps({"settings": settings, "summary": summary, "runs": per_run},
+                                               indent=2))
+    seeds = {v: sorted(int(s) for s in runs) for v, runs in per_run.items()}
+    (out / "study.md").write_text(f"# World study\n\n`{command}`\n\n{settings['steps']} steps per run; "
+                                  f"seeds per variant {seeds}; mean ± sample std over seeds.\n\n"
+                                  f"{table(summary)}\n")
+    print(table(summary))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
@@ -147,8 +219,19 @@ def main() -> int:
     parser.add_argument("--calibrate-steps", type=int, default=40)
     parser.add_argument("--parallel", type=int, default=0, help="runs at a time (default: all)")
     parser.add_argument("--k", type=int, default=16, help="retrieval candidates re-ranked by ITM")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="STUDY_JSON",
+                        help="instead of training: combine these study.json files (same settings) into OUT")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_args()
+    if args.merge:
+        try:
+            settings, per_run = merge_studies([Path(p) for p in args.merge])
+        except ValueError as err:
+            parser.error(str(err))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_study(out, settings, per_run, " ".join(["python", *sys.argv]))
+        return 0
 
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -195,18 +278,11 @@ def main() -> int:
             per_run.setdefault(variant, {})[str(seed)] = json.loads(result.read_text())
         else:
             failed.append(f"{variant}_s{seed}")
-    summary = summarise(per_run)
     settings["total_wall_s"] = round(time.perf_counter() - started, 1)
     settings["failed_runs"] = failed
-    (out / "study.json").write_text(json.dumps({"settings": settings, "summary": summary, "runs": per_run},
-                                               indent=2))
-    command = " ".join(["python", *sys.argv])
-    (out / "study.md").write_text(f"# World study\n\n`{command}`\n\n{steps} steps per run; "
-                                  f"seeds {seeds}; mean ± sample std over seeds.\n\n{table(summary)}\n")
-    print(table(summary))
+    write_study(out, settings, per_run, " ".join(["python", *sys.argv]))
     print(json.dumps({"steps": steps, "failed_runs": failed, "total_wall_s": settings["total_wall_s"]}))
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

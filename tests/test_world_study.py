@@ -42,3 +42,51 @@ def test_a_tiny_study_runs_end_to_end(tmp_path):
     assert {"tr1", "ir1", "r_mean", "itm_all", "pointing_all"} <= set(metrics)
     assert result["summary"]["albef"]["tr1"][2] == 1
     assert "| tr1 |" in (out / "study.md").read_text()
+
+
+def write_fake_study(path: Path, runs: dict, overrides=("train.lr_peak=1e-3", "train.log_every=50"), steps=600):
+    settings = {"config": "/somewhere/configs/pretrain/tiny.yaml", "world": "/w", "variants":
+                {v: world_study.VARIANTS[v] for v in runs}, "seeds": sorted({int(s) for r in runs.values() for s in r}),
+                "overrides": list(overrides), "parallel": 2, "k": 16, "steps": steps, "failed_runs": []}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"settings": settings, "summary": world_study.summarise(runs), "runs": runs}))
+    return path
+
+
+def test_merging_studies_pools_seeds_and_variants(tmp_path):
+    a = write_fake_study(tmp_path / "a" / "study.json", {"softmask": {"0": {"tr1": 1.0}}, "albef": {"0": {"tr1": 2.0}}})
+    b = write_fake_study(tmp_path / "b" / "study.json", {"albef": {"2": {"tr1": 4.0}, "1": {"tr1": 3.0}}},
+                         overrides=("train.lr_peak=1e-3", "train.log_every=100"))
+    settings, per_run = world_study.merge_studies([a, b])
+    assert list(per_run) == ["albef", "softmask"]  # the order of VARIANTS, not of the files
+    assert list(per_run["albef"]) == ["0", "1", "2"]
+    assert settings["seeds"] == [0, 1, 2] and settings["steps"] == 600 and len(settings["merged_from"]) == 2
+    assert world_study.summarise(per_run)["albef"]["tr1"] == [3.0, 1.0, 3]
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "world_study.py"), "--out", str(tmp_path / "m"),
+                           "--merge", str(a), str(b)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    merged = json.loads((tmp_path / "m" / "study.json").read_text())
+    assert merged["summary"]["albef"]["tr1"] == [3.0, 1.0, 3]
+    assert "| tr1 | 3.0 ± 1.0 | 1.0 ± 0.0 |" in (tmp_path / "m" / "study.md").read_text()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"overrides": ("train.lr_peak=3e-4",)}, "overrides"),
+    ({"steps": 1200}, "steps"),
+    ({"runs": {"albef": {"0": {"tr1": 9.0}}}}, "albef seed 0 is also in an earlier study"),
+])
+def test_merging_refuses_studies_that_differ_or_overlap(tmp_path, change, message):
+    a = write_fake_study(tmp_path / "a.json", {"albef": {"0": {"tr1": 2.0}}})
+    kwargs = {"overrides": change.get("overrides", ("train.lr_peak=1e-3",)), "steps": change.get("steps", 600)}
+    b = write_fake_study(tmp_path / "b.json", change.get("runs", {"albef": {"1": {"tr1": 2.0}}}), **kwargs)
+    with pytest.raises(ValueError, match=message) as err:
+        world_study.merge_studies([a, b])
+    assert str(b) in str(err.value)
+
+
+def test_merging_names_a_file_that_is_not_a_study(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"runs": {}}')
+    with pytest.raises(ValueError, match="bad.json: not a study.json"):
+        world_study.merge_studies([bad])
