@@ -42,11 +42,14 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ("albef", "softmask", "soft_masks_only", "focal_itc_only", "augmentation_only")
 # The metrics of the table, in order (keys of `softmask evaluate world`).
+# Training metrics averaged over the last logged steps of each run, added to its metrics as train_<key>.
+TRAIN_KEYS = ("loss_itc", "loss_itm", "loss_itm_soft", "loss_mlm", "temp")
 ATTRIBUTES = ("colour", "shape", "size", "pattern", "relation")
 TABLE_KEYS = ("tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "r_mean", "itm_all", "itm_salient", "itm_secondary",
               "itm_heldout", *(f"itm_attr_{a}" for a in ATTRIBUTES), "itc_all", "itc_salient", "itc_secondary",
               "itc_heldout", *(f"itc_attr_{a}" for a in ATTRIBUTES), "pointing_all", "pointing_salient",
-              "pointing_secondary", "energy_all", "energy_salient", "energy_secondary")
+              "pointing_secondary", "energy_all", "energy_salient", "energy_secondary",
+              *(f"train_{k}" for k in TRAIN_KEYS))
 # Overrides that change what is logged or saved, not what is trained: studies may differ in them and still merge.
 LOGGING_KEYS = ("train.log_every", "train.save_every")
 
@@ -94,6 +97,14 @@ def step_seconds(run_dir: Path, batch_size: int) -> float:
     return batch_size / statistics.median(rates)
 
 
+def training_summary(run_dir: Path, last: int = 3) -> dict[str, float]:
+    """``train_<key>``: the mean of each of TRAIN_KEYS over the run's last ``last`` logged steps."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    tail = rows[-last:]
+    return {f"train_{key}": statistics.fmean(row[key] for row in tail) for key in TRAIN_KEYS
+            if tail and all(key in row for row in tail)}
+
+
 def calibrate(args, runs, env) -> tuple[int, dict]:
     """Steps that fit ``--budget-s`` when all runs share the machine as they will."""
     from softmask.config import load_config
@@ -129,12 +140,15 @@ def summarise(per_run: dict[str, dict[str, dict]]) -> dict[str, dict[str, list[f
 
 
 def table(summary: dict, keys=TABLE_KEYS) -> str:
+    """Markdown: one row per metric, ``mean ± std`` per variant (percentages to 0.1, training metrics to 0.001)."""
     variants = list(summary)
-    lines = ["| metric | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+    header = [f"{v} (n={max((cell[2] for cell in summary[v].values()), default=0)})" for v in variants]
+    lines = ["| metric | " + " | ".join(header) + " |", "|---" * (len(variants) + 1) + "|"]
     for key in keys:
         if not any(key in summary[v] for v in variants):
             continue
-        cells = [f"{summary[v][key][0]:.1f} ± {summary[v][key][1]:.1f}" if key in summary[v] else "-"
+        digits = 3 if key.startswith("train_") else 1
+        cells = [f"{summary[v][key][0]:.{digits}f} ± {summary[v][key][1]:.{digits}f}" if key in summary[v] else "-"
                  for v in variants]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -174,6 +188,9 @@ def merge_studies(paths: list[Path]) -> tuple[dict, dict[str, dict[str, dict]]]:
             for seed, metrics in seeds.items():
                 if seed in per_run.get(variant, {}):
                     raise ValueError(f"{path}: run {variant} seed {seed} is also in an earlier study")
+                run_dir = Path(path).parent / f"{variant}_s{seed}"
+                if not any(k.startswith("train_") for k in metrics) and (run_dir / "metrics.jsonl").is_file():
+                    metrics = {**metrics, **training_summary(run_dir)}  # a study written before TRAIN_KEYS
                 per_run.setdefault(variant, {})[seed] = metrics
         variants.update(settings["variants"])
         failed += settings.get("failed_runs", [])
@@ -275,7 +292,8 @@ def main() -> int:
     for variant, seed in runs:
         result = out / f"{variant}_s{seed}" / "eval_world.json"
         if result.is_file():
-            per_run.setdefault(variant, {})[str(seed)] = json.loads(result.read_text())
+            per_run.setdefault(variant, {})[str(seed)] = {**json.loads(result.read_text()),
+                                                           **training_summary(result.parent)}
         else:
             failed.append(f"{variant}_s{seed}")
     settings["total_wall_s"] = round(time.perf_counter() - started, 1)

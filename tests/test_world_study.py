@@ -23,6 +23,7 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert summary["albef"]["tr1"] == pytest.approx([2.0, 2 ** 0.5, 2])
     assert summary["softmask"]["tr1"] == [4.0, 0.0, 1]
     text = world_study.table(summary, keys=("tr1", "itm_all"))
+    assert text.startswith("| metric | albef (n=2) | softmask (n=1) |")
     assert "| tr1 | 2.0 ± 1.4 | 4.0 ± 0.0 |" in text and "| itm_all | 51.0 ± 1.4 | - |" in text
 
 
@@ -41,6 +42,8 @@ def test_a_tiny_study_runs_end_to_end(tmp_path):
     metrics = result["runs"]["albef"]["0"]
     assert {"tr1", "ir1", "r_mean", "itm_all", "pointing_all"} <= set(metrics)
     assert result["summary"]["albef"]["tr1"][2] == 1
+    last = json.loads((out / "albef_s0" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["train_loss_itc"] == pytest.approx(last["loss_itc"])  # 2 steps: only step 2 is logged
     assert "| tr1 |" in (out / "study.md").read_text()
 
 
@@ -83,6 +86,19 @@ def test_merging_refuses_studies_that_differ_or_overlap(tmp_path, change, messag
     with pytest.raises(ValueError, match=message) as err:
         world_study.merge_studies([a, b])
     assert str(b) in str(err.value)
+
+
+def test_merging_fills_in_training_losses_from_the_run_folders(tmp_path):
+    a = write_fake_study(tmp_path / "a" / "study.json", {"albef": {"0": {"tr1": 2.0}}})
+    rows = [{"step": 50 * i, "loss_itc": float(i), "loss_itm": 0.6, "loss_mlm": 3.0, "temp": 0.05}
+            for i in (1, 2, 3, 4)]
+    (tmp_path / "a" / "albef_s0").mkdir()
+    (tmp_path / "a" / "albef_s0" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    _, per_run = world_study.merge_studies([a])
+    metrics = per_run["albef"]["0"]
+    assert metrics["train_loss_itc"] == pytest.approx(3.0)  # the mean of the last three logged steps
+    assert metrics["train_temp"] == pytest.approx(0.05) and "train_loss_itm_soft" not in metrics  # albef logs none
+    assert "| train_loss_itc | 3.000 ± 0.000 |" in world_study.table(world_study.summarise(per_run))
 
 
 def test_merging_names_a_file_that_is_not_a_study(tmp_path):
