@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from softmask.side_by_side import run_side_by_side, softmask_command
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Each variant's overrides on top of the config (method albef = every SoftMask switch off).
@@ -54,39 +56,14 @@ TABLE_KEYS = ("tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "r_mean", "itm_all", "
 LOGGING_KEYS = ("train.log_every", "train.save_every")
 
 
-def softmask_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "softmask", "-q", *args]
-
-
-def run_all(commands: list[tuple[list[str], Path]], parallel: int, env: dict) -> list[int]:
-    """Run commands ``parallel`` at a time, each logging to its file; returns the exit codes in order."""
-    codes: list[int | None] = [None] * len(commands)
-    running: dict[int, subprocess.Popen] = {}
-    pending = list(range(len(commands)))
-    while pending or running:
-        while pending and len(running) < parallel:
-            i = pending.pop(0)
-            cmd, log_file = commands[i]
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_file, "w") as handle:
-                handle.write(" ".join(cmd) + "\n")
-                handle.flush()
-                running[i] = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        for i, proc in list(running.items()):
-            if proc.poll() is not None:
-                codes[i] = proc.returncode
-                del running[i]
-        time.sleep(0.5)
-    return [int(c) for c in codes]
-
-
 def pretrain_commands(args, runs: list[tuple[str, int]], out: Path, steps: int, extra: list[str]):
     commands = []
     for variant, seed in runs:
         run_dir = out / f"{variant}_s{seed}"
         overrides = [f"world={args.world}", *VARIANTS[variant], f"seed={seed}", f"output_dir={run_dir}",
                      f"train.max_steps={steps}", f"train.save_every={steps}", *extra, *args.overrides]
-        commands.append((softmask_cmd("pretrain", "--config", args.config, *overrides), run_dir.with_suffix(".log")))
+        commands.append((softmask_command("pretrain", "--config", args.config, *overrides),
+                         run_dir.with_suffix(".log")))
     return commands
 
 
@@ -113,7 +90,8 @@ def calibrate(args, runs, env) -> tuple[int, dict]:
     out = Path(args.out) / "calibration"
     steps = args.calibrate_steps
     start = time.perf_counter()
-    codes = run_all(pretrain_commands(args, runs, out, steps, ["train.log_every=10"]), args.parallel, env)
+    codes = run_side_by_side(pretrain_commands(args, runs, out, steps, ["train.log_every=10"]), args.parallel, env,
+                             cwd=ROOT)
     if any(codes):
         raise SystemExit(f"calibration runs failed (codes {codes}); see the logs in {out}")
     wall = time.perf_counter() - start
@@ -266,7 +244,7 @@ def main() -> int:
     started = time.perf_counter()
     if not args.world:
         args.world = str(out / "world")
-        cmd = softmask_cmd("world", "--out", args.world, "--images", str(args.images), "--size", str(args.size),
+        cmd = softmask_command("world", "--out", args.world, "--images", str(args.images), "--size", str(args.size),
                            "--seed", str(args.world_seed), "--workers", str(min(16, os.cpu_count() or 1)),
                            "--max-objects", str(args.max_objects))
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
@@ -277,16 +255,16 @@ def main() -> int:
         steps, settings["calibration"] = calibrate(args, runs, env)
     settings["steps"] = steps
     train_start = time.perf_counter()
-    codes = run_all(pretrain_commands(args, runs, out, steps, []), args.parallel, env)
+    codes = run_side_by_side(pretrain_commands(args, runs, out, steps, []), args.parallel, env, cwd=ROOT)
     settings["train_wall_s"] = round(time.perf_counter() - train_start, 1)
     evals = []
     for (variant, seed), code in zip(runs, codes, strict=True):
         run_dir = out / f"{variant}_s{seed}"
         if code == 0:
-            evals.append((softmask_cmd("evaluate", "world", "--checkpoint", str(run_dir), "--world", args.world,
+            evals.append((softmask_command("evaluate", "world", "--checkpoint", str(run_dir), "--world", args.world,
                                        "--k", str(args.k), "--json", str(run_dir / "eval_world.json")),
                           run_dir / "eval.log"))
-    run_all(evals, args.parallel, env)
+    run_side_by_side(evals, args.parallel, env, cwd=ROOT)
     per_run: dict[str, dict[str, dict]] = {}
     failed = []
     for variant, seed in runs:

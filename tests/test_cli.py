@@ -40,10 +40,19 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
                  "itc.queue_size=8"]) == 0
     report = (out / "report.md").read_text()
     assert "| metric (%) | albef | softmask |" in report and "minimal edits, ITM" in report
+    assert "... colour edited" in report and "softmask pretrain --config" in report
+    assert "'data.augment.crop_scale=[0.8,1.0]'" in report  # the commands are quoted for a shell
     assert (out / "losses.png").is_file() and list((out / "gradcam").rglob("compare.png"))
     for method in ("albef", "softmask"):
         metrics = json.loads((out / method / "eval_world.json").read_text())
         assert 0 <= metrics["itm_all"] <= 100 and 0 <= metrics["tr1"] <= 100
+
+
+def test_demo_rejects_a_bad_override_before_any_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--out", str(out), "--images", "40", "model.text_pooling=max"]) == 2
+    assert "text_pooling" in capsys.readouterr().err
+    assert not out.exists()  # no world generated, nothing trained
 
 
 def test_module_entry_point():

@@ -144,8 +144,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from softmask.demo import run_demo
 
-    report = run_demo(Path(args.out), images=args.images, size=args.size, steps=args.steps,
-                      batch_size=args.batch_size, seed=args.seed, overrides=args.overrides)
+    budget = {key: getattr(args, key) for key in ("images", "size", "steps", "batch_size", "seed", "world_seed")}
+    report = run_demo(Path(args.out), overrides=args.overrides,
+                      **{key: value for key, value in budget.items() if value is not None})
     print(f"report: {report}")
     return 0
 
@@ -243,11 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="world -> pretrain albef and softmask -> evaluate -> report.md")
     demo.add_argument("--out", default="runs/demo", help="output folder")
-    demo.add_argument("--images", type=int, default=1200, help="world size")
-    demo.add_argument("--size", type=int, default=64, help="image side in pixels")
-    demo.add_argument("--steps", type=int, default=600, help="training steps per method")
-    demo.add_argument("--batch-size", type=int, default=16, help="pairs per step")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--images", type=int, help="world size (default 8000)")
+    demo.add_argument("--size", type=int, help="image side in pixels (default 64)")
+    demo.add_argument("--steps", type=int, help="training steps per method (default 600)")
+    demo.add_argument("--batch-size", type=int, help="pairs per step (default 64)")
+    demo.add_argument("--seed", type=int, help="training seed (default 0)")
+    demo.add_argument("--world-seed", type=int, help="world seed (default 5, the CPU study's world)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both runs")
     demo.set_defaults(func=cmd_demo)
     gradcam = sub.add_parser("gradcam", help="word-level Grad-CAM of the ITM match logit: one overlay per word")
