@@ -47,7 +47,8 @@ DEFAULT_VARIANTS = ("albef", "softmask", "soft_masks_only", "focal_itc_only", "a
 # Training metrics averaged over the last logged steps of each run, added to its metrics as train_<key>.
 TRAIN_KEYS = ("loss_itc", "loss_itm", "loss_itm_soft", "loss_mlm", "temp")
 ATTRIBUTES = ("colour", "shape", "size", "pattern", "relation")
-TABLE_KEYS = ("tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "r_mean", "itm_all", "itm_salient", "itm_secondary",
+TABLE_KEYS = ("tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "r_mean", "itc_tr1", "itc_tr10", "itc_ir1", "itc_ir10",
+              "itc_r_mean", "itm_all", "itm_salient", "itm_secondary",
               "itm_heldout", *(f"itm_attr_{a}" for a in ATTRIBUTES), "itc_all", "itc_salient", "itc_secondary",
               "itc_heldout", *(f"itc_attr_{a}" for a in ATTRIBUTES), "pointing_all", "pointing_salient",
               "pointing_secondary", "energy_all", "energy_salient", "energy_secondary",

@@ -30,6 +30,20 @@ def test_world_metrics_are_complete_and_in_range(world, model):
                 "pointing_all", "energy_all"):
         assert 0.0 <= metrics[key] <= 100.0, key
     assert metrics["grounding_captions"] == 10
+    for key in ("tr1", "tr10", "ir1", "ir10", "r_mean"):
+        assert 0.0 <= metrics[f"itc_{key}"] <= 100.0, key
+
+
+def test_itc_only_recall_equals_the_reranked_recall_when_itm_agrees_with_itc(world, model, monkeypatch):
+    from softmask.eval import retrieval
+
+    def itm_as_itc(model, feats, pairs, batch_size=256, amp=True):
+        return (feats.image_feat[pairs[:, 0]] * feats.text_feat[pairs[:, 1]]).sum(-1)
+
+    monkeypatch.setattr(retrieval, "itm_scores", itm_as_itc)
+    metrics = evaluate_world(model, world, k=16, max_grounding_captions=1)
+    for key in ("tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "r_mean"):
+        assert metrics[key] == pytest.approx(metrics[f"itc_{key}"]), key
 
 
 def test_minimal_edits_count_every_distractor(world, model, monkeypatch):

@@ -21,7 +21,7 @@ from softmask.data.images import load_image, to_tensor
 from softmask.data.text import load_tokenizer, pre_caption, special_token_ids, tokenize
 from softmask.data.transforms import EvalTransform
 from softmask.eval.grounding import energy_in_box, pointing_hit
-from softmask.eval.retrieval import compute_features, evaluate_retrieval, itm_scores
+from softmask.eval.retrieval import compute_features, evaluate_retrieval, itm_scores, recall_at_k
 from softmask.models.vlp import VisionLanguageModel
 
 MAX_WORDS = 30
@@ -143,8 +143,11 @@ def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, l
     captions = [c for record in test for c in record["caption"]]
     text_to_image = np.repeat(np.arange(len(test)), [len(r["caption"]) for r in test])
     ids, mask = enc.text(captions)
-    metrics = dict(evaluate_retrieval(model, enc.pixels(images), ids, mask, text_to_image, k=k,
-                                      batch_size=batch_size).metrics)
+    retrieval = evaluate_retrieval(model, enc.pixels(images), ids, mask, text_to_image, k=k, batch_size=batch_size)
+    metrics = dict(retrieval.metrics)
+    # ITC alone (no re-ranking), as itc_tr1 ... itc_r_mean: re-ranking by an ITM head at chance shuffles ITC's top-k.
+    metrics.update({f"itc_{key}": value for key, value in
+                    recall_at_k(retrieval.itc, retrieval.itc.T, text_to_image).items()})
     metrics.update(minimal_edit_accuracy(model, enc, _read(world, "minimal_edits.json"), batch_size))
     if layer is None:
         layer = default_gradcam_layer(model.config.text.num_fusion_layers)
