@@ -94,7 +94,9 @@ def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures:
               f"{min(100.0, 1000 / max(1, test_images)):.2f} (one right answer among {test_images} images; "
               "text retrieval counts any of the image's captions).", "",
               "## Training losses", "", "![losses](losses.png)", "", "## Where the models look", "",
-              "Word Grad-CAM of each model (rows) for each word of a test caption (columns):", ""]
+              "Word Grad-CAM of each model (rows) for each word of a test caption (columns). A panel of one "
+              "flat colour is an all-zero map: no patch has positive Grad-CAM evidence for that word "
+              "(frequent while ITM is untrained, more so with soft masks; docs/results.md).", ""]
     lines += [f"![gradcam]({fig.relative_to(out)})" for fig in figures]
     lines += ["", "## Reproduce", "", "```"]
     for cmd in commands:
