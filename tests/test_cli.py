@@ -58,3 +58,17 @@ def test_demo_rejects_a_bad_override_before_any_work(tmp_path, capsys):
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "softmask", "--help"], capture_output=True, text=True, check=True)
     assert "demo" in out.stdout and "export" in out.stdout
+
+
+def test_demo_progress_reads_past_a_line_still_being_written(tmp_path, caplog):
+    import logging
+
+    from softmask.demo import _Progress
+
+    run = tmp_path / "albef"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 50, "loss_itc": 6.0, "loss_itm": 0.63,
+                                                   "pairs_per_s": 64.0}) + '\n{"step": 10')
+    with caplog.at_level(logging.INFO, logger="softmask"):
+        _Progress({"albef": run, "softmask": tmp_path / "softmask"}, steps=100, batch_size=64)()
+    assert "albef: step 50/100 (ITC 6.00, ITM 0.630) | softmask: starting; about 1 min left" in caplog.text

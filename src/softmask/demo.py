@@ -117,16 +117,26 @@ class _Progress:
     def __call__(self) -> None:
         parts, left = [], 0.0
         for name, run in self.runs.items():
-            lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
-            if not lines:
+            row = _last_row(run / "metrics.jsonl")
+            if row is None:
                 parts.append(f"{name}: starting")
                 continue
-            row = json.loads(lines[-1])
             parts.append(f"{name}: step {row['step']}/{self.steps} (ITC {row['loss_itc']:.2f}, "
                          f"ITM {row['loss_itm']:.3f})")
             if row.get("pairs_per_s"):
                 left = max(left, (self.steps - row["step"]) * self.batch_size / row["pairs_per_s"])
         log.info("  " + " | ".join(parts) + (f"; about {left / 60:.0f} min left" if left else ""))
+
+
+def _last_row(path: Path) -> dict | None:
+    """The last complete JSON line of a metrics.jsonl that a running child may be writing (None if none)."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:  # a line still being written
+            continue
+    return None
 
 
 def run_demo(out: Path, images: int = DEFAULTS["images"], size: int = DEFAULTS["size"],
