@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from softmask.side_by_side import run_side_by_side, softmask_command
+from softmask.world.vocab import EDIT_ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,11 +47,10 @@ DEFAULT_VARIANTS = ("albef", "softmask", "soft_masks_only", "focal_itc_only", "a
 # The metrics of the table, in order (keys of `softmask evaluate world`).
 # Training metrics averaged over the last logged steps of each run, added to its metrics as train_<key>.
 TRAIN_KEYS = ("loss_itc", "loss_itm", "loss_itm_soft", "loss_mlm", "temp")
-ATTRIBUTES = ("colour", "shape", "size", "pattern", "relation")
 TABLE_KEYS = ("tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "r_mean", "itc_tr1", "itc_tr10", "itc_ir1", "itc_ir10",
               "itc_r_mean", "itm_all", "itm_salient", "itm_secondary",
-              "itm_heldout", *(f"itm_attr_{a}" for a in ATTRIBUTES), "itc_all", "itc_salient", "itc_secondary",
-              "itc_heldout", *(f"itc_attr_{a}" for a in ATTRIBUTES), "pointing_all", "pointing_salient",
+              "itm_heldout", *(f"itm_attr_{a}" for a in EDIT_ATTRIBUTES), "itc_all", "itc_salient", "itc_secondary",
+              "itc_heldout", *(f"itc_attr_{a}" for a in EDIT_ATTRIBUTES), "pointing_all", "pointing_salient",
               "pointing_secondary", "energy_all", "energy_salient", "energy_secondary",
               *(f"train_{k}" for k in TRAIN_KEYS))
 # Overrides that change what is logged or saved, not what is trained: studies may differ in them and still merge.
@@ -146,7 +146,7 @@ def merge_studies(paths: list[Path]) -> tuple[dict, dict[str, dict[str, dict]]]:
     Returns ``(settings, per_run)`` as a single study would have them; raises ``ValueError`` naming the
     file when a study was trained differently from the first or repeats a (variant, seed).
     """
-    first = None
+    first = first_config = None
     per_run: dict[str, dict[str, dict]] = {}
     variants: dict[str, list[str]] = {}
     sources, failed = [], []
@@ -158,7 +158,7 @@ def merge_studies(paths: list[Path]) -> tuple[dict, dict[str, dict[str, dict]]]:
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a study.json written by world_study.py ({err!r})") from None
         if first is None:
-            first = own
+            first, first_config = own, settings["config"]
         for key, value in own.items():
             if value != first[key]:
                 raise ValueError(f"{path}: {key} is {value!r}, but {paths[0]} has {first[key]!r}; "
@@ -181,7 +181,7 @@ def merge_studies(paths: list[Path]) -> tuple[dict, dict[str, dict[str, dict]]]:
     order = [v for v in VARIANTS if v in per_run] + [v for v in per_run if v not in VARIANTS]
     per_run = {v: dict(sorted(per_run[v].items(), key=lambda item: int(item[0]))) for v in order}
     seeds = sorted({int(s) for runs in per_run.values() for s in runs})
-    settings = {**first, "config": json.loads(Path(paths[0]).read_text())["settings"]["config"],
+    settings = {**first, "config": first_config,
                 "variants": {v: variants[v] for v in order if v in variants}, "seeds": seeds,
                 "failed_runs": failed, "merged_from": sources}
     return settings, per_run
@@ -280,6 +280,7 @@ def main() -> int:
     write_study(out, settings, per_run, " ".join(["python", *sys.argv]))
     print(json.dumps({"steps": steps, "failed_runs": failed, "total_wall_s": settings["total_wall_s"]}))
     return 1 if failed else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

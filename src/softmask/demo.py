@@ -19,6 +19,7 @@ from pathlib import Path
 from softmask.config import load_config
 from softmask.side_by_side import run_side_by_side, softmask_command, threads_per_process
 from softmask.train.loop import TrainingError
+from softmask.world.vocab import EDIT_ATTRIBUTES
 
 log = logging.getLogger("softmask")
 
@@ -33,7 +34,6 @@ WORLD_OVERRIDES = ("model.text_pooling=mean", "data.augment.hflip=false", "data.
 RECIPE_OVERRIDES = ("train.lr_peak=1e-3", "itc.queue_size=1024")
 # The defaults of run_demo, which are the CPU study's seed 0 (its world is `softmask world --seed 5`).
 DEFAULTS = {"images": 8000, "size": 64, "steps": 600, "batch_size": 64, "seed": 0, "world_seed": 5}
-ATTRIBUTES = ("colour", "shape", "size", "pattern", "relation")
 REPORT_KEYS = [
     ("tr1", "text retrieval R@1"), ("tr10", "text retrieval R@10"), ("ir1", "image retrieval R@1"),
     ("ir10", "image retrieval R@10"), ("r_mean", "retrieval mean recall"),
@@ -42,7 +42,7 @@ REPORT_KEYS = [
     ("itm_secondary", "  ... edited object secondary"), ("itm_heldout", "  ... held-out combination"),
     ("itc_all", "minimal edits, ITC"), ("itc_salient", "  ... edited object salient"),
     ("itc_secondary", "  ... edited object secondary"), ("itc_heldout", "  ... held-out combination"),
-    *((f"itc_attr_{a}", f"  ... {a} edited") for a in ATTRIBUTES),
+    *((f"itc_attr_{a}", f"  ... {a} edited") for a in EDIT_ATTRIBUTES),
     ("pointing_all", "pointing game"), ("pointing_secondary", "  ... secondary objects"),
     ("energy_all", "energy in box"), ("energy_secondary", "  ... secondary objects"),
 ]

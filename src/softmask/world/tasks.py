@@ -34,7 +34,7 @@ from softmask.world.language import (
     statement_truth,
     words,
 )
-from softmask.world.vocab import INVERSE, SHAPES, UNRENDERED, VALUES
+from softmask.world.vocab import INVERSE, OBJECT_EDITS, SHAPES, UNRENDERED, VALUES
 
 ANSWERS_PER_QUESTION = 10
 WRONG_ANSWERS = (0, 1, 1, 2)  # how many of the 10 answers disagree, drawn uniformly from these
@@ -237,7 +237,7 @@ def ve_items(scene: dict, r: random.Random, forbidden=()) -> list[dict]:
 def _object_edit_item(scene: dict, obj: dict, r: random.Random) -> dict:
     ref = attributes_of(obj)
     distractors = []
-    for key in ("colour", "shape", "size", "pattern"):
+    for key in OBJECT_EDITS:
         values = edit_values(ref, key, scene["objects"])
         if values:
             claim = {"type": "exists", "refs": [{**ref, key: r.choice(values)}]}

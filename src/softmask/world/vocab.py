@@ -25,6 +25,10 @@ PATTERNS = ("plain", "striped", "dotted")
 
 # Adjective order in a phrase ("a big red striped circle"); shape is the noun.
 ATTRIBUTES = ("size", "colour", "pattern", "shape")
+# What a minimal-edit distractor changes (its "attribute"): one attribute of one object, in this order,
+# or a relation.
+OBJECT_EDITS = ("colour", "shape", "size", "pattern")
+EDIT_ATTRIBUTES = (*OBJECT_EDITS, "relation")
 VALUES: dict[str, tuple[str, ...]] = {
     "size": tuple(SIZES),
     "colour": tuple(COLOURS),
