@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from softmask import from_pretrained
 from softmask.cli import main
 
@@ -36,16 +38,30 @@ def test_export_writes_a_loadable_folder(tmp_path, capsys):
 
 def test_demo_end_to_end_on_a_small_budget(tmp_path):
     out = tmp_path / "demo"
-    assert main(["-q", "demo", "--out", str(out), "--images", "40", "--steps", "2", "--batch-size", "4",
-                 "itc.queue_size=8"]) == 0
+    args = ["-q", "demo", "--out", str(out), "--images", "40", "--steps", "2", "--batch-size", "4",
+            "--vision-images", "60", "--vision-steps", "2", "--vision-batch-size", "8", "itc.queue_size=8",
+            "data.augment.crop_scale=[0.9,1.0]"]
+    assert main(args) == 0
     report = (out / "report.md").read_text()
     assert "| metric (%) | albef | softmask |" in report and "minimal edits, ITM" in report
     assert "... colour edited" in report and "softmask pretrain --config" in report
-    assert "'data.augment.crop_scale=[0.8,1.0]'" in report  # the commands are quoted for a shell
-    assert (out / "losses.png").is_file() and list((out / "gradcam").rglob("compare.png"))
+    assert "softmask pretrain-vision --config" in report and "Image encoder, held-out accuracy (%): shape" in report
+    assert "ITM training loss (last logged steps) |" in report and "(prior 0.637)" in report
+    assert "'data.augment.crop_scale=[0.9,1.0]'" in report  # the commands are quoted for a shell
+    assert (out / "losses.png").is_file() and (out / "retrieval.png").is_file()
+    assert list((out / "gradcam").rglob("compare.png"))
+    assert json.loads((out / "vision" / "metrics_test.json").read_text())["images"] == 6  # its world's test split
     for method in ("albef", "softmask"):
         metrics = json.loads((out / method / "eval_world.json").read_text())
         assert 0 <= metrics["itm_all"] <= 100 and 0 <= metrics["tr1"] <= 100
+        examples = json.loads((out / method / "retrieval_examples.json").read_text())
+        assert len(examples) == 4 and all(len(e["top"]) == 4 for e in examples)  # 4 test images in 40
+        # the vision-language runs start from the image encoder the demo pretrained
+        assert f"model.vision.init={out / 'vision' / 'model'}" in (out / f"{method}.log").read_text()
+    # A rerun reuses both worlds.
+    mtime = (out / "world" / "world.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "world" / "world.json").stat().st_mtime_ns == mtime
 
 
 def test_demo_rejects_a_bad_override_before_any_work(tmp_path, capsys):
@@ -70,5 +86,13 @@ def test_demo_progress_reads_past_a_line_still_being_written(tmp_path, caplog):
     (run / "metrics.jsonl").write_text(json.dumps({"step": 50, "loss_itc": 6.0, "loss_itm": 0.63,
                                                    "pairs_per_s": 64.0}) + '\n{"step": 10')
     with caplog.at_level(logging.INFO, logger="softmask"):
-        _Progress({"albef": run, "softmask": tmp_path / "softmask"}, steps=100, batch_size=64)()
-    assert "albef: step 50/100 (ITC 6.00, ITM 0.630) | softmask: starting; about 1 min left" in caplog.text
+        _Progress({"albef": run, "softmask": tmp_path / "softmask"}, steps=100, batch_size=64,
+                  keys={"loss_itc": "ITC", "loss_itm": "ITM"})()
+    assert "albef: step 50/100 (ITC 6.000, ITM 0.630) | softmask: starting; about 1 min left" in caplog.text
+
+
+def test_itm_prior_is_the_entropy_of_the_share_of_positives():
+    from softmask.demo import itm_prior
+
+    assert itm_prior(0.0) == pytest.approx(0.6365, abs=1e-4)  # 1 positive, 2 negatives per image
+    assert itm_prior(1.0) == pytest.approx(0.6931, abs=1e-4)  # + 1 soft-masked positive: half are positives

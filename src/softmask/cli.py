@@ -3,6 +3,8 @@
     softmask info   --config FILE [key=value ...]            resolved config, sizes, checkpoint loading
     softmask export --config FILE --out DIR [key=value ...]  build (loading init checkpoints), save_pretrained
     softmask pretrain --config FILE [key=value ...]          pretrain into output_dir (torchrun for many GPUs)
+    softmask pretrain-vision --config FILE world=DIR [key=value ...]   the image encoder alone (the
+                                                     world's ImageNet), or image_pretrain.folder=DIR
     softmask bench step --config FILE [--methods albef] [--steps N] [--json]   step speed, memory, MFU
     softmask finetune TASK --config FILE [key=value ...]    TASK: retrieval, ve, vqa, nlvr2; then evaluation
     softmask evaluate TASK --checkpoint PATH --config FILE [--split S] [--json OUT] [key=value ...]
@@ -69,13 +71,26 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_vision(args: argparse.Namespace) -> int:
+    from softmask.tasks.image_pretrain import pretrain_vision
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = pretrain_vision(cfg)
+    print("held-out accuracy (%):")
+    for key, value in metrics.items():
+        print(f"  {key:14s} {value:8.2f}" if key != "images" else f"  {key:14s} {value:8.0f}")
+    saved = Path(cfg.output_dir) / "model"
+    print(f"image encoder in {saved} (use: model.vision.init={saved})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from softmask.bench import main_step
 
     return main_step(args)
 
 
-def _write_json(path: str, metrics: dict) -> None:
+def _write_json(path: str, metrics: dict | list) -> None:
     import json
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -118,11 +133,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, _ = load_model(args.checkpoint, device=device)
-        metrics = evaluate_world(model, args.world, k=args.k, layer=args.layer)
+        examples: list = []
+        metrics = evaluate_world(model, args.world, k=args.k, layer=args.layer, examples_out=examples)
         for key, value in metrics.items():
             print(f"{key:24s} {value:8.2f}")
         if args.json:
             _write_json(args.json, metrics)
+        if args.examples:
+            _write_json(args.examples, examples)
         return 0
     from softmask.tasks.finetune import evaluate_task
 
@@ -144,7 +162,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from softmask.demo import run_demo
 
-    budget = {key: getattr(args, key) for key in ("images", "size", "steps", "batch_size", "seed", "world_seed")}
+    budget = {key: getattr(args, key) for key in ("images", "size", "steps", "batch_size", "seed", "world_seed",
+                                                  "vision_images", "vision_steps", "vision_batch_size",
+                                                  "vision_world_seed")}
     report = run_demo(Path(args.out), overrides=args.overrides,
                       **{key: value for key, value in budget.items() if value is not None})
     print(f"report: {report}")
@@ -208,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
 
+    vision = sub.add_parser("pretrain-vision", help="pretrain the image encoder alone on labelled images "
+                            "(a world's objects, or an ImageNet-style folder); the result loads as model.vision.init")
+    _add_config_args(vision, default=str(Path(__file__).resolve().parents[2] / "configs" / "vision" / "world_vit.yaml"))
+    vision.set_defaults(func=cmd_pretrain_vision)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     step = bench_sub.add_parser("step", help="training-step time, pairs/s, peak memory and MFU per method")
@@ -239,17 +264,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--layer", type=int, default=None, help="world: Grad-CAM fusion layer for grounding")
     evaluate.add_argument("--json", default="", help="also write the metrics to this JSON file")
     evaluate.add_argument("--device", default=None, help="world: cpu or cuda (default: cuda when available)")
+    evaluate.add_argument("--examples", default="",
+                          help="world: write the top-5 images retrieved for a few test captions to this JSON file")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="a task's config overrides")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    demo = sub.add_parser("demo", help="world -> pretrain albef and softmask -> evaluate -> report.md")
-    demo.add_argument("--out", default="runs/demo", help="output folder")
-    demo.add_argument("--images", type=int, help="world size (default 8000)")
-    demo.add_argument("--size", type=int, help="image side in pixels (default 64)")
-    demo.add_argument("--steps", type=int, help="training steps per method (default 600)")
-    demo.add_argument("--batch-size", type=int, help="pairs per step (default 64)")
-    demo.add_argument("--seed", type=int, help="training seed (default 0)")
-    demo.add_argument("--world-seed", type=int, help="world seed (default 5, the CPU study's world)")
+    from softmask.demo import DEFAULTS
+
+    demo = sub.add_parser("demo", help="worlds -> image encoder -> pretrain albef and softmask -> evaluate -> "
+                          "report.md")
+    demo.add_argument("--out", default="runs/demo", help="output folder (a rerun reuses its worlds)")
+    demo.add_argument("--images", type=int, help=f"world size (default {DEFAULTS['images']})")
+    demo.add_argument("--size", type=int, help=f"image side in pixels (default {DEFAULTS['size']})")
+    demo.add_argument("--steps", type=int, help=f"training steps per method (default {DEFAULTS['steps']})")
+    demo.add_argument("--batch-size", type=int, help=f"pairs per step (default {DEFAULTS['batch_size']})")
+    demo.add_argument("--seed", type=int, help=f"training seed (default {DEFAULTS['seed']})")
+    demo.add_argument("--world-seed", type=int,
+                      help=f"world seed (default {DEFAULTS['world_seed']}, the study's world)")
+    demo.add_argument("--vision-images", type=int,
+                      help=f"size of the image encoder's world (default {DEFAULTS['vision_images']})")
+    demo.add_argument("--vision-steps", type=int,
+                      help=f"image-encoder pretraining steps (default {DEFAULTS['vision_steps']})")
+    demo.add_argument("--vision-batch-size", type=int,
+                      help=f"images per image-encoder step (default {DEFAULTS['vision_batch_size']})")
+    demo.add_argument("--vision-world-seed", type=int,
+                      help=f"the image encoder's world seed (default {DEFAULTS['vision_world_seed']})")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both runs")
     demo.set_defaults(func=cmd_demo)
     gradcam = sub.add_parser("gradcam", help="word-level Grad-CAM of the ITM match logit: one overlay per word")

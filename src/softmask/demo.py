@@ -1,39 +1,41 @@
-"""``softmask demo`` (what ``make demo`` runs): generate a synthetic world, pretrain the tiny model twice
-(``method: albef`` and ``method: softmask``, same seed and budget, side by side in two processes),
-evaluate both on the world's test split, and write ``OUT/report.md`` with the metrics side by side, a
-loss-curve plot and Grad-CAM grids comparing what the two models look at.
+"""``softmask demo`` (what ``make demo`` runs): the paper's recipe in miniature on two synthetic worlds.
 
-With its defaults the demo is seed 0 of the CPU study in docs/results.md (the same world, recipe and
-budget): the smallest setting in which we saw the tiny model align images with text.
+1. two worlds: one for vision-language pretraining and evaluation, one for the image encoder;
+2. ``softmask pretrain-vision``: the ViT pretrained alone on the second world's objects (our ImageNet);
+3. ``softmask pretrain`` with ``method: albef`` and ``method: softmask`` (configs/pretrain/world_mini.yaml:
+   that ViT and the first layers of the MiniLM BERT), same seed and budget, side by side;
+4. ``softmask evaluate world`` of both on the first world's test split;
+5. ``OUT/report.md``: the metrics side by side, the loss curves with the ITM prior, the top-5 images each
+   model retrieves for a few captions, and Grad-CAM grids comparing what the two models look at.
+
+With its defaults the demo is seed 0 of the study in docs/results.md.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shlex
 import time
 from pathlib import Path
 
-from softmask.config import load_config
+from softmask.config import ConfigError, load_config
 from softmask.side_by_side import run_side_by_side, softmask_command, threads_per_process
 from softmask.train.loop import TrainingError
 from softmask.world.vocab import EDIT_ATTRIBUTES
 
 log = logging.getLogger("softmask")
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "pretrain" / "world_mini.yaml"
+VISION_CONFIG = ROOT / "configs" / "vision" / "world_vit.yaml"
 METHODS = ("albef", "softmask")
-# As configs/pretrain/world.yaml: mean-pooled text features (the tiny model's random [CLS] is nearly one
-# vector for every caption, docs/results.md), no flips (captions say "left of"), crops that keep most of
-# the scene, none of RandAugment's colour-changing operations (colours are what captions name).
-WORLD_OVERRIDES = ("model.text_pooling=mean", "data.augment.hflip=false", "data.augment.crop_scale=[0.8,1.0]",
-                   "data.augment.randaug_exclude=[auto_contrast,equalize,brightness]")
-# The CPU study's recipe on top of tiny.yaml (docs/results.md): a larger learning rate and queue.
-RECIPE_OVERRIDES = ("train.lr_peak=1e-3", "itc.queue_size=1024")
-# The defaults of run_demo, which are the CPU study's seed 0 (its world is `softmask world --seed 5`).
-DEFAULTS = {"images": 8000, "size": 64, "steps": 600, "batch_size": 64, "seed": 0, "world_seed": 5}
+# The defaults of run_demo: the world of the study in docs/results.md (`softmask world --seed 5`), its
+# image encoder pretrained on another world (seed 105) with the first world's held-out pairs left out.
+DEFAULTS = {"images": 8000, "size": 64, "steps": 300, "batch_size": 32, "seed": 0, "world_seed": 5,
+            "vision_images": 8000, "vision_steps": 800, "vision_batch_size": 64, "vision_world_seed": 105}
 REPORT_KEYS = [
     ("tr1", "text retrieval R@1"), ("tr10", "text retrieval R@10"), ("ir1", "image retrieval R@1"),
     ("ir10", "image retrieval R@10"), ("r_mean", "retrieval mean recall"),
@@ -48,55 +50,117 @@ REPORT_KEYS = [
 ]
 
 
+def itm_prior(soft_share: float = 0.0) -> float:
+    """The ITM loss of a head that only knows how often pairs match: entropy (nats) of the share of
+    positives. Per image ALBEF fuses 1 positive and 2 hard negatives (1/3 positive, 0.6365); soft masks add
+    ``soft_share`` soft-masked positives per image."""
+    p = (1.0 + soft_share) / (3.0 + soft_share)
+    return float(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def plot_losses(runs: dict[str, Path], out: Path) -> Path:
-    """loss, loss_itc, loss_itm, loss_mlm against step for every run, one panel each."""
+    """loss, loss_itc, loss_itm, loss_mlm against step for every run, one panel each; the ITM panel
+    draws each run's prior (:func:`itm_prior`) as a dashed line."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 3))
+    fig = Figure(figsize=(12, 3.2))
     keys = ("loss", "loss_itc", "loss_itm", "loss_mlm")
     for panel, key in enumerate(keys):
         ax = fig.add_subplot(1, len(keys), panel + 1)
         for name, run in runs.items():
-            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
+            rows = _rows(run / "metrics.jsonl")
+            line, = ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
+            if key == "loss_itm":
+                shares = [r.get("soft_mask_share", 0.0) for r in rows]
+                prior = itm_prior(sum(shares) / max(1, len(shares)))
+                ax.axhline(prior, color=line.get_color(), linestyle="--", linewidth=1,
+                           label=f"{name}: prior {prior:.3f}")
         ax.set_title(key)
         ax.set_xlabel("step")
+        if key == "loss_itm":
+            ax.legend(fontsize=7)
     fig.axes[0].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     return out
 
 
+def plot_retrieval(examples: dict[str, list[dict]], world: Path, out: Path) -> Path:
+    """For each example caption, a row per model: the top-5 images it retrieves, the right one framed in
+    green (a caption with no green frame: its image is not in that model's top 5)."""
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    names = list(examples)
+    captions = examples[names[0]]
+    top = max(len(e["top"]) for e in captions)
+    rows = len(captions) * len(names)
+    fig = Figure(figsize=(1.3 * (top + 1) + 2.4, 1.25 * rows + 0.3 * len(captions)))
+    grid = fig.add_gridspec(rows, top + 1, width_ratios=[3.2] + [1] * top)
+    for c, example in enumerate(captions):
+        for m, name in enumerate(names):
+            row = c * len(names) + m
+            found = examples[name][c]
+            label = fig.add_subplot(grid[row, 0])
+            label.axis("off")
+            text = (f"\"{example['caption']}\"\n" if m == 0 else "") + f"{name}:"
+            label.text(1.0, 0.5, text, ha="right", va="center", fontsize=7, wrap=True)
+            for k, path in enumerate(found["top"]):
+                ax = fig.add_subplot(grid[row, k + 1])
+                ax.imshow(Image.open(world / path).convert("RGB"))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                right = path == found["image"]
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("limegreen" if right else "lightgrey")
+                    spine.set_linewidth(4 if right else 1)
+                if row == 0:
+                    ax.set_title(f"#{k + 1}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    return out
+
+
 def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures: list[Path], settings: dict,
-            commands: list[list[str]], test_images: int, seconds: float) -> Path:
+            commands: list[list[str]], test_images: int, seconds: float, vision: dict[str, float]) -> Path:
     """``OUT/report.md``: the settings, the metrics side by side, the figures and the exact commands."""
     lines = [
         "# softmask demo", "",
-        f"A synthetic world of {settings['images']} images ({settings['size']} px, world seed "
-        f"{settings['world_seed']}), the tiny model pretrained for {settings['steps']} steps of "
-        f"{settings['batch_size']} pairs with each method (seed {settings['seed']}), evaluated on the world's "
-        f"test split ({test_images} images). Total time {seconds / 60:.1f} min.", "",
-    ]
-    if {k: settings[k] for k in DEFAULTS} == DEFAULTS and not settings["overrides"]:
-        lines += ["These are the settings of seed 0 of the CPU study in `docs/results.md`. There, over 3 seeds, "
-                  "both methods begin to align images and text almost only through colour (distractors that "
-                  "change a colour are rejected far more often than any other), ITM has not started, and "
-                  "SoftMask makes no measurable difference to what is aligned at this budget.", ""]
-    lines += [
-        "Read with care: one seed, a tiny model trained for minutes from random initialisation; differences "
-        "smaller than a few points are within what another seed would change.", "",
+        f"The paper's recipe in miniature. An image encoder (a ViT) is first pretrained alone on a world of "
+        f"{settings['vision_images']} images (world seed {settings['vision_world_seed']}) to name each object's "
+        f"shape, colour, size and pattern, {settings['vision_steps']} steps; then, starting from it and from the "
+        f"MiniLM BERT, vision-language pretraining runs on another world of {settings['images']} images "
+        f"({settings['size']} px, world seed {settings['world_seed']}) for {settings['steps']} steps of "
+        f"{settings['batch_size']} pairs with each method (seed {settings['seed']}). Both are evaluated on "
+        f"that world's test split ({test_images} images, never trained on). Total time {seconds / 60:.1f} min.", "",
+        "Image encoder, held-out accuracy (%): " + ", ".join(
+            f"{key[4:] if key.startswith('acc_') else key} {value:.1f}" for key, value in vision.items()
+            if key != "images"), "",
+        "Read with care: one seed, small models trained for minutes; differences smaller than a few points are "
+        "within what another seed would change (docs/results.md has the study over 3 seeds).", "",
         "| metric (%) | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs),
     ]
     for key, label in REPORT_KEYS:
         if all(key in m for m in metrics.values()):
             lines.append(f"| {label} | " + " | ".join(f"{metrics[name][key]:.1f}" for name in runs) + " |")
+    finals = {name: _final_losses(run / "metrics.jsonl") for name, run in runs.items()}
+    lines.append("| ITM training loss (last logged steps) | " + " | ".join(
+        f"{finals[name]['loss_itm']:.3f} (prior {finals[name]['prior']:.3f})" for name in runs) + " |")
     lines += ["", f"Chance: minimal edits 50; retrieval R@1 {100 / max(1, test_images):.2f}, R@10 "
               f"{min(100.0, 1000 / max(1, test_images)):.2f} (one right answer among {test_images} images; "
-              "text retrieval counts any of the image's captions).", "",
-              "## Training losses", "", "![losses](losses.png)", "", "## Where the models look", "",
+              "text retrieval counts any of the image's captions). The ITM prior is the loss of a head that only "
+              "knows how often pairs match.", "",
+              "## Training losses", "", "![losses](losses.png)", "",
+              "## What each model retrieves", "",
+              "For a few test captions, the five images each model ranks first (ITC candidates re-ranked by ITM); "
+              "the caption's own image is framed in green.", "", "![retrieval](retrieval.png)", "",
+              "## Where the models look", "",
               "Word Grad-CAM of each model (rows) for each word of a test caption (columns). A panel of one "
-              "flat colour is an all-zero map: no patch has positive Grad-CAM evidence for that word "
-              "(frequent while ITM is untrained, more so with soft masks; docs/results.md).", ""]
+              "flat colour is an all-zero map: no patch has positive Grad-CAM evidence for that word.", ""]
     lines += [f"![gradcam]({fig.relative_to(out)})" for fig in figures]
     lines += ["", "## Reproduce", "", "```"]
     for cmd in commands:
@@ -108,11 +172,18 @@ def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures:
     return path
 
 
-class _Progress:
-    """Logs each run's last logged step, a few losses and the time left, from its metrics.jsonl."""
+def _final_losses(path: Path, last: int = 3) -> dict[str, float]:
+    """Mean of the last ``last`` logged values of loss_itm (and the run's ITM prior)."""
+    rows = _rows(path)[-last:]
+    share = sum(r.get("soft_mask_share", 0.0) for r in rows) / max(1, len(rows))
+    return {"loss_itm": sum(r["loss_itm"] for r in rows) / max(1, len(rows)), "prior": itm_prior(share)}
 
-    def __init__(self, runs: dict[str, Path], steps: int, batch_size: int):
-        self.runs, self.steps, self.batch_size = runs, steps, batch_size
+
+class _Progress:
+    """Logs each run's last logged step, some losses and the time left, from its metrics.jsonl."""
+
+    def __init__(self, runs: dict[str, Path], steps: int, batch_size: int, keys: dict[str, str]):
+        self.runs, self.steps, self.batch_size, self.keys = runs, steps, batch_size, keys
 
     def __call__(self) -> None:
         parts, left = [], 0.0
@@ -121,11 +192,11 @@ class _Progress:
             if row is None:
                 parts.append(f"{name}: starting")
                 continue
-            parts.append(f"{name}: step {row['step']}/{self.steps} (ITC {row['loss_itc']:.2f}, "
-                         f"ITM {row['loss_itm']:.3f})")
+            losses = ", ".join(f"{label} {row[key]:.3f}" for key, label in self.keys.items() if key in row)
+            parts.append(f"{name}: step {row['step']}/{self.steps} ({losses})")
             if row.get("pairs_per_s"):
                 left = max(left, (self.steps - row["step"]) * self.batch_size / row["pairs_per_s"])
-        log.info("  " + " | ".join(parts) + (f"; about {left / 60:.0f} min left" if left else ""))
+        log.info("  " + " | ".join(parts) + (f"; about {max(1, round(left / 60))} min left" if left else ""))
 
 
 def _last_row(path: Path) -> dict | None:
@@ -139,62 +210,110 @@ def _last_row(path: Path) -> dict | None:
     return None
 
 
-def run_demo(out: Path, images: int = DEFAULTS["images"], size: int = DEFAULTS["size"],
-             steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size"], seed: int = DEFAULTS["seed"],
-             world_seed: int = DEFAULTS["world_seed"], config: str | Path = CONFIG, overrides: list[str] = (),
-             progress_every_s: float = 30.0) -> Path:
-    """The whole demo; returns the report's path.
-
-    The two pretraining runs (and the two evaluations) run side by side as ``softmask`` child processes,
-    each with half of this machine's cores; their logs are ``OUT/METHOD.log`` and ``OUT/METHOD/eval.log``.
-    Raises ``ConfigError`` for bad settings before anything is computed, ``TrainingError`` naming the
-    log when a child fails.
-    """
-    from softmask.viz.gradcam import gradcam_figures
+def _world(out: Path, images: int, size: int, seed: int, exclude: str = "") -> None:
+    """Generate a world into ``out``, or keep the one there if it was made with the same settings."""
     from softmask.world import generate_world
 
+    done = out / "world.json"
+    if done.is_file():
+        try:
+            made = json.loads(done.read_text())
+            if (made.get("images"), made.get("size"), made.get("seed")) == (images, size, seed):
+                log.info(f"      reusing {out} ({images} images, seed {seed})")
+                return
+        except json.JSONDecodeError:
+            pass
+    log.info(f"      {out}: {images} images at {size} px, world seed {seed}{exclude}")
+    generate_world(out, images=images, size=size, seed=seed)
+
+
+def run_demo(out: Path, images: int = DEFAULTS["images"], size: int = DEFAULTS["size"],
+             steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size"], seed: int = DEFAULTS["seed"],
+             world_seed: int = DEFAULTS["world_seed"], vision_images: int = DEFAULTS["vision_images"],
+             vision_steps: int = DEFAULTS["vision_steps"], vision_batch_size: int = DEFAULTS["vision_batch_size"],
+             vision_world_seed: int = DEFAULTS["vision_world_seed"],
+             config: str | Path = CONFIG, vision_config: str | Path = VISION_CONFIG, overrides: list[str] = (),
+             vision_overrides: list[str] = (), progress_every_s: float = 30.0) -> Path:
+    """The whole demo; returns the report's path.
+
+    The image-encoder pretraining runs as one ``softmask`` child process with every core; the two
+    vision-language runs (and the two evaluations) run side by side, each with half of the cores. Logs:
+    ``OUT/vision.log``, ``OUT/METHOD.log`` and ``OUT/METHOD/eval.log``. Raises ``ConfigError`` for bad
+    settings before anything is computed, ``TrainingError`` naming the log when a child fails.
+    """
+    from softmask.viz.gradcam import gradcam_figures
+
+    if vision_world_seed == world_seed:
+        raise ConfigError("the image encoder must be pretrained on another world than the one it is evaluated "
+                          f"on: vision_world_seed and world_seed are both {world_seed}")
     start = time.perf_counter()
     out = Path(out).resolve()
-    world = out / "world"
+    world, vision_world, vision_run = out / "world", out / "vision_world", out / "vision"
     runs = {method: out / method for method in METHODS}
+    vision_args = [f"world={vision_world}", f"output_dir={vision_run}", f"seed={seed}",
+                   f"image_pretrain.exclude_heldout_of={world}", f"train.max_steps={vision_steps}",
+                   f"train.batch_size={vision_batch_size}", f"train.save_every={vision_steps}", *vision_overrides]
+    load_config(vision_config, [o for o in vision_args if not o.startswith(("world=", "image_pretrain.exclude"))])
+    vision_cmd = softmask_command("pretrain-vision", "--config", str(vision_config), *vision_args, quiet=False)
     train_cmds = []
     for method, run in runs.items():
         method_overrides = [f"world={world}", f"method={method}", f"output_dir={run}", f"seed={seed}",
-                            f"train.max_steps={steps}", f"train.batch_size={batch_size}", f"train.save_every={steps}",
-                            *WORLD_OVERRIDES, *RECIPE_OVERRIDES, *overrides]
-        load_config(config, [o for o in method_overrides if not o.startswith("world=")])  # fail before any work
+                            f"model.vision.init={vision_run / 'model'}", f"train.max_steps={steps}",
+                            f"train.batch_size={batch_size}", f"train.save_every={steps}", *overrides]
+        # Fail on bad settings before any work (the world and the image encoder do not exist yet).
+        load_config(config, [o for o in method_overrides if not o.startswith(("world=", "model.vision.init="))])
         train_cmds.append(softmask_command("pretrain", "--config", str(config), *method_overrides, quiet=False))
     out.mkdir(parents=True, exist_ok=True)
-    log.info(f"[1/4] generating a world of {images} images at {size} px (seed {world_seed}) in {world}")
-    generate_world(world, images=images, size=size, seed=world_seed)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process(len(METHODS))), "PYTHONUNBUFFERED": "1"}
-    log.info(f"[2/4] pretraining the tiny model with {' and '.join(METHODS)} side by side, {steps} steps of "
-             f"{batch_size} each ({env['OMP_NUM_THREADS']} thread(s) per run; logs: {out}/METHOD.log)")
+    log.info("[1/5] the worlds: one for vision-language pretraining and evaluation, one for the image encoder")
+    _world(world, images, size, world_seed)
+    _world(vision_world, vision_images, size, vision_world_seed)
+    threads = os.cpu_count() or 1
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    log.info(f"[2/5] pretraining the image encoder alone on the second world's objects, {vision_steps} steps "
+             f"({threads} thread(s); log: {out / 'vision.log'})")
+    codes = run_side_by_side([(vision_cmd, out / "vision.log")], 1, env,
+                             poll=_Progress({"image encoder": vision_run}, vision_steps, vision_batch_size,
+                                            {"loss_objects": "objects", "loss_presence": "presence"}),
+                             poll_every_s=progress_every_s)
+    _raise_on_failure("image-encoder pretraining", codes, [out / "vision.log"])
+    vision_metrics = json.loads((vision_run / "metrics_test.json").read_text())
+    log.info("      held-out accuracy: " + ", ".join(f"{k} {v:.1f}%" for k, v in vision_metrics.items()
+                                                      if k.startswith("acc_")))
+    env["OMP_NUM_THREADS"] = str(threads_per_process(len(METHODS)))
     train_logs = [out / f"{method}.log" for method in METHODS]
+    log.info(f"[3/5] vision-language pretraining with {' and '.join(METHODS)} side by side, {steps} steps of "
+             f"{batch_size} each ({env['OMP_NUM_THREADS']} thread(s) per run; logs: "
+             f"{', '.join(str(p) for p in train_logs)})")
     codes = run_side_by_side(list(zip(train_cmds, train_logs, strict=True)), len(METHODS), env,
-                             poll=_Progress(runs, steps, batch_size), poll_every_s=progress_every_s)
+                             poll=_Progress(runs, steps, batch_size, {"loss_itc": "ITC", "loss_itm": "ITM"}),
+                             poll_every_s=progress_every_s)
     _raise_on_failure("pretraining", codes, train_logs)
-    log.info("[3/4] evaluating both models on the test split")
+    log.info("[4/5] evaluating both models on the test split")
     eval_cmds = [softmask_command("evaluate", "world", "--checkpoint", str(run), "--world", str(world), "--json",
-                                  str(run / "eval_world.json")) for run in runs.values()]
+                                  str(run / "eval_world.json"), "--examples", str(run / "retrieval_examples.json"))
+                 for run in runs.values()]
     eval_logs = [run / "eval.log" for run in runs.values()]
     _raise_on_failure("evaluation", run_side_by_side(list(zip(eval_cmds, eval_logs, strict=True)), len(METHODS),
                                                       env), eval_logs)
     metrics = {method: json.loads((run / "eval_world.json").read_text()) for method, run in runs.items()}
-    log.info("[4/4] writing the report")
+    log.info("[5/5] writing the report")
     plot_losses(runs, out / "losses.png")
+    plot_retrieval({m: json.loads((run / "retrieval_examples.json").read_text()) for m, run in runs.items()},
+                   world, out / "retrieval.png")
     scenes = [s for s in json.loads((world / "annotations" / "objects.json").read_text()) if s["split"] == "test"]
     figures = []
     for n, scene in enumerate(scenes[:3]):
         caption = next(c["caption"] for c in scene["captions"] if c["kind"] in ("full", "relation"))
-        _, paths = gradcam_figures(list(runs.values()), world / scene["image"], caption, out / "gradcam" / f"{n:02d}")
+        _, paths = gradcam_figures(list(runs.values()), world / scene["image"], caption, out / "gradcam" / f"{n:02d}",
+                                   labels=list(runs))
         figures += [p for p in paths if p.name == "compare.png"]
     settings = {"images": images, "size": size, "steps": steps, "batch_size": batch_size, "seed": seed,
-                "world_seed": world_seed, "overrides": list(overrides)}
-    world_cmd = ["softmask", "world", "--out", str(world), "--images", str(images), "--size", str(size), "--seed",
-                 str(world_seed)]
-    report = _report(out, runs, metrics, figures, settings, [world_cmd, *train_cmds, *eval_cmds], len(scenes),
-                     time.perf_counter() - start)
+                "world_seed": world_seed, "vision_images": vision_images, "vision_steps": vision_steps,
+                "vision_batch_size": vision_batch_size, "vision_world_seed": vision_world_seed}
+    world_cmds = [["softmask", "world", "--out", str(w), "--images", str(n), "--size", str(size), "--seed", str(s)]
+                  for w, n, s in ((world, images, world_seed), (vision_world, vision_images, vision_world_seed))]
+    report = _report(out, runs, metrics, figures, settings, [*world_cmds, vision_cmd, *train_cmds, *eval_cmds],
+                     len(scenes), time.perf_counter() - start, vision_metrics)
     log.info(f"wrote {report}")
     return report
 

@@ -63,8 +63,13 @@ class TextConfig:
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1  # BERT's hidden_dropout_prob
     attention_dropout: float = 0.1  # BERT's attention_probs_dropout_prob
+    # Ours: with ``init`` a deeper BERT, "first" takes its first ``num_layers`` layers and reports the rest
+    # as ignored (a cheaper model from a pretrained one); "all" (default) refuses a depth mismatch.
+    init_layers: str = "all"
 
     def validate(self, key: str) -> None:
+        if self.init_layers not in ("all", "first"):
+            raise ConfigError(f"{key}.init_layers must be 'all' or 'first', got '{self.init_layers}'")
         _positive(
             self, key, "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
             "max_positions", "type_vocab_size",
@@ -336,6 +341,32 @@ class FinetuneConfig:
         return "nlvr2_text_assignment" if self.task == "nlvr2" and self.stage == "text_assignment" else self.task
 
 
+@dataclass
+class ImagePretrainConfig:
+    """``softmask pretrain-vision`` (ours): supervised pretraining of the image encoder alone, the
+    stand-in for an ImageNet-pretrained DeiT. Labelled images come from the top-level ``world`` folder
+    (each object's shape, colour, size and pattern, and which attribute values and colour-shape pairs
+    the image holds) or from ``folder``, an ImageNet-style ``class_name/image.jpg`` tree (one class per
+    image)."""
+
+    folder: str = ""  # an ImageNet-style folder, instead of world=DIR
+    val_share: float = 0.1  # folder: share of each class's images held out for the accuracy report
+    # A world folder whose held-out (colour, shape) pairs the image encoder must never see: training
+    # images holding one are left out (so that a later world study's held-out pairs stay unseen).
+    exclude_heldout_of: str = ""
+    object_weight: float = 1.0  # world: per-object attribute losses (box-pooled patch tokens)
+    presence_weight: float = 1.0  # world: multi-label presence loss on the [CLS] token
+
+    def validate(self, key: str) -> None:
+        if not 0.0 < self.val_share < 1.0:
+            raise ConfigError(f"{key}.val_share must be in (0, 1), got {self.val_share}")
+        for name in ("object_weight", "presence_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")
+        if self.object_weight == 0 and self.presence_weight == 0:
+            raise ConfigError(f"{key}.object_weight and {key}.presence_weight are both 0: nothing to learn")
+
+
 # What `method` sets; any switch given explicitly in the config wins.
 METHOD_DEFAULTS = {
     "albef": {"soft_masks": False, "text_masking": False, "image_distortion": False, "gamma": 0.0},
@@ -361,6 +392,7 @@ class Config:
     mlm: MLMConfig = field(default_factory=MLMConfig)
     softmask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    image_pretrain: ImagePretrainConfig = field(default_factory=ImagePretrainConfig)
     # A folder written by `softmask world`: fills data.image_root and the annotation lists left empty
     # (data.train for pretraining, finetune.train/val/test for a task).
     world: str = ""
@@ -374,7 +406,7 @@ class Config:
         if self.data.max_tokens > self.model.text.max_positions:
             raise ConfigError(f"data.max_tokens ({self.data.max_tokens}) exceeds model.text.max_positions "
                               f"({self.model.text.max_positions})")
-        for name in ("data", "train", "distill", "itc", "itm", "mlm", "softmask", "finetune"):
+        for name in ("data", "train", "distill", "itc", "itm", "mlm", "softmask", "finetune", "image_pretrain"):
             getattr(self, name).validate(name)
 
     def _fill_from_world(self) -> None:

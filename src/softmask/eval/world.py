@@ -132,9 +132,26 @@ def grounding(model: VisionLanguageModel, enc: _Encoder, scenes: list[dict], lay
     return out
 
 
+def retrieval_examples(t2i: np.ndarray, captions: list[str], images: list[str], text_to_image: np.ndarray,
+                       count: int, top: int = 5) -> list[dict]:
+    """For ``count`` captions spread evenly over the test split (the first caption of every
+    ``len(images) / count``-th image): the caption, its image and the ``top`` images ranked first by
+    the final scores ``t2i`` (C, I)."""
+    first_caption = {int(img): c for c, img in reversed(list(enumerate(text_to_image)))}
+    picks = np.linspace(0, len(images) - 1, num=min(count, len(images))).round().astype(int) if count > 0 else []
+    out = []
+    for img in picks:
+        c = first_caption[int(img)]
+        ranked = np.argsort(-t2i[c], kind="stable")[:top]
+        out.append({"caption": captions[c], "image": images[int(img)], "top": [images[int(i)] for i in ranked]})
+    return out
+
+
 def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, layer: int | None = None,
-                   max_grounding_captions: int | None = 500, batch_size: int = 256) -> dict[str, float]:
-    """All world metrics for one model on the world's test split (percentages)."""
+                   max_grounding_captions: int | None = 500, batch_size: int = 256,
+                   examples_out: list | None = None, examples: int = 6) -> dict[str, float]:
+    """All world metrics for one model on the world's test split (percentages). With ``examples_out`` (a
+    list), :func:`retrieval_examples` of ``examples`` captions are appended to it."""
     world = Path(world)
     model.eval()
     enc = _Encoder(model, world)
@@ -145,6 +162,8 @@ def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, l
     ids, mask = enc.text(captions)
     retrieval = evaluate_retrieval(model, enc.pixels(images), ids, mask, text_to_image, k=k, batch_size=batch_size)
     metrics = dict(retrieval.metrics)
+    if examples_out is not None:
+        examples_out.extend(retrieval_examples(retrieval.t2i, captions, images, text_to_image, examples))
     # ITC alone (no re-ranking), as itc_tr1 ... itc_r_mean: re-ranking by an ITM head at chance shuffles ITC's top-k.
     metrics.update({f"itc_{key}": value for key, value in
                     recall_at_k(retrieval.itc, retrieval.itc.T, text_to_image).items()})

@@ -136,8 +136,9 @@ _BERT_SIMPLE = {
 }
 
 
-def bert_rule(fusion_layer: int) -> Callable[[str], Target | Ignore | None]:
-    """Hugging Face BERT names (optionally under ``bert.``; ALBEF's ``crossattention`` included)."""
+def bert_rule(fusion_layer: int, keep_layers: int | None = None) -> Callable[[str], Target | Ignore | None]:
+    """Hugging Face BERT names (optionally under ``bert.``; ALBEF's ``crossattention`` included).
+    ``keep_layers``: layers from this index on are ignored (``model.text.init_layers=first``)."""
 
     def rule(key: str) -> Target | Ignore | None:
         key = strip_prefix(key, ("bert.",))
@@ -154,6 +155,8 @@ def bert_rule(fusion_layer: int) -> Callable[[str], Target | Ignore | None]:
         m = re.fullmatch(r"encoder\.layer\.(?P<i>\d+)\.(?P<rest>.+)", key)
         if m:
             i = int(m["i"])
+            if keep_layers is not None and i >= keep_layers:
+                return Ignore("beyond model.text.num_layers (model.text.init_layers=first)")
             stack = f"text_encoder.layers.{i}" if i < fusion_layer else f"fusion_encoder.layers.{i - fusion_layer}"
             return _layer_target(_BERT_LAYER, m["rest"], stack)
         return None

@@ -272,7 +272,7 @@ def _check_vit(model, sd: dict, source: Path, key: str, hf_config: dict | None) 
 
 
 def _check_bert(model, sd: dict, source: Path, key: str, hf_config: dict | None,
-                expect_fusion: bool) -> None:
+                expect_fusion: bool, first_layers: bool = False) -> None:
     """``sd`` in Hugging Face BERT naming without the ``bert.`` prefix."""
     cfg = model.config.text
     word = sd.get("embeddings.word_embeddings.weight")
@@ -283,6 +283,8 @@ def _check_bert(model, sd: dict, source: Path, key: str, hf_config: dict | None,
               ("max_positions", cfg.max_positions, "position embeddings", None if pos is None else pos.shape[0]),
               ("intermediate_size", cfg.intermediate_size, "intermediate size", None if fc1 is None else fc1.shape[0]),
               ("num_layers", cfg.num_layers, "layers", _count(sd, r"encoder\.layer\.(\d+)\."))]
+    if first_layers and checks[-1][3] is not None and checks[-1][3] >= cfg.num_layers:
+        checks.pop()  # model.text.init_layers=first: the deeper layers are reported as ignored
     if hf_config:
         checks.append(("num_heads", cfg.num_heads, "num_attention_heads", hf_config.get("num_attention_heads")))
         act = hf_config.get("hidden_act", "gelu")
@@ -419,8 +421,11 @@ def load_text_checkpoint(model, path: str | Path, key: str = "model.text.init") 
     if fmt != "hf-bert":
         raise _wrong_format(source, key, fmt, "a BERT checkpoint (Hugging Face folder or state dict)")
     bare = {strip_prefix(k, ("bert.",)): v for k, v in sd.items()}
-    _check_bert(model, bare, source, "model.text", _read_hf_config(source), expect_fusion=False)
-    mapped = _map(sd, bert_rule(model.config.text.fusion_layer), report)
+    first = model.config.text.init_layers == "first"
+    _check_bert(model, bare, source, "model.text", _read_hf_config(source), expect_fusion=False,
+                first_layers=first)
+    depth = model.config.text.num_layers
+    mapped = _map(sd, bert_rule(model.config.text.fusion_layer, keep_layers=depth if first else None), report)
     report = _apply(model, mapped, report, source, ("text_encoder.", "fusion_encoder.", "mlm_head."))
     new_cross = [k for k in report.missing if ".cross_attn." in k or ".cross_norm." in k]
     if new_cross:

@@ -12,6 +12,10 @@ from tqdm import tqdm
 log = logging.getLogger("softmask")
 
 
+# The losses a log line shows (those a task reports): pretraining's, then pretrain-vision's.
+LOGGED_LOSSES = ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_objects", "loss_presence", "loss_label")
+
+
 class RunLogger:
     """Writes metrics on the main process; on other ranks every method does nothing."""
 
@@ -59,8 +63,7 @@ class RunLogger:
         if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
         else:  # no terminal (a log file, CI): one line per logged step instead of the bar
-            parts = " ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "loss_itc", "loss_itm", "loss_mlm")
-                             if k in metrics)
+            parts = " ".join(f"{k} {metrics[k]:.4g}" for k in LOGGED_LOSSES if k in metrics)
             log.info(f"step {step}/{self.total}: {parts}, {metrics['pairs_per_s']:.1f} pairs/s")
 
     def close(self) -> None:

@@ -332,7 +332,8 @@ def prepare_image(path: str | Path, image_size: int, max_pixels: int = DEFAULT_M
 
 
 def gradcam_figures(checkpoints: Sequence[str | Path], image_path: str | Path, text: str, out_dir: str | Path,
-                    layer: int | None = None, source: str = "gradcam") -> tuple[list[tuple[str, dict]], list[Path]]:
+                    layer: int | None = None, source: str = "gradcam", labels: Sequence[str] | None = None,
+                    ) -> tuple[list[tuple[str, dict]], list[Path]]:
     """Load each model with :func:`softmask.inference.load_model`, compute :func:`word_gradcam` for the
     image and the cleaned caption, and draw the figures of the first model into ``out_dir``; with more
     than one model also ``out_dir/compare.png`` (a row per model).
@@ -345,6 +346,7 @@ def gradcam_figures(checkpoints: Sequence[str | Path], image_path: str | Path, t
         out_dir: where the PNGs go.
         layer: fusion-layer index; None = :func:`default_layer` of each model.
         source: ``"gradcam"`` or ``"attention"``.
+        labels: a name per model for the figures (default: the paths as given).
 
     Returns:
         ((label, result) per model, the paths written).
@@ -361,7 +363,8 @@ def gradcam_figures(checkpoints: Sequence[str | Path], image_path: str | Path, t
     image_path = Path(image_path)
     if not image_path.is_file():
         raise FileNotFoundError(f"image not found: {image_path}")
-    loaded = [(str(path), *load_model(path)) for path in checkpoints]
+    names = list(labels) if labels is not None else [str(path) for path in checkpoints]
+    loaded = [(name, *load_model(path)) for name, path in zip(names, checkpoints, strict=True)]
     max_tokens = min(min(m.config.text.max_positions for _, m, _ in loaded), MAX_TOKENS)
     caption = pre_caption(text, max_words=max_tokens)
     if not caption:

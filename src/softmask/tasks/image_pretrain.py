@@ -1,0 +1,261 @@
+"""``softmask pretrain-vision``: supervised pretraining of the image encoder alone, our stand-in for
+the ImageNet-pretrained DeiT that ALBEF (and the paper) start from.
+
+On a world folder, each image teaches two things (both on by default):
+  * **objects**: for every object, its shape, colour, size and pattern, classified from the mean of
+    the patch tokens under its visible box (:func:`box_pool`). Per object rather than per image, because
+    the captions bind attributes to objects ("a red circle and a blue square"): an image-level label
+    cannot say which object is red, a box-pooled one makes the patch tokens carry what is where;
+  * **presence**: from the [CLS] token, which attribute values and which colour-shape pairs the image
+    holds (multi-label), so that the [CLS] that ITC projects summarises the whole scene.
+On an ImageNet-style folder (``image_pretrain.folder``): one class per image, from the [CLS] token.
+
+The result, ``OUTPUT_DIR/model/model.safetensors``, is a ViT state dict in timm's key names (the
+heads under ``head.``, which the loader ignores as a classifier head), so ``model.vision.init``
+loads it through the same path as a DeiT checkpoint; ``image_encoder.json`` beside it records the
+ViT's shape and the class names. Training runs on the shared loop (checkpoints, ``resume=auto``,
+``metrics.jsonl``); at the end the held-out images are scored per attribute into
+``OUTPUT_DIR/metrics_test.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softmask.config import Config, ConfigError, VisionConfig, to_dict
+from softmask.data.labelled_images import (
+    OBJECT_ATTRIBUTES,
+    InMemorySource,
+    LabelledImages,
+    image_folder,
+    world_objects,
+)
+from softmask.models.vit import VisionTransformer
+from softmask.train import dist
+
+log = logging.getLogger("softmask")
+
+WEIGHTS_FILE = "model.safetensors"
+INFO_FILE = "image_encoder.json"
+
+
+def box_pool(patch_tokens: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Mean of the patch tokens under each box, each patch weighted by the share of it the box covers.
+
+    Args:
+        patch_tokens: (B, N, D), N = g * g patches in row-major order (as the ViT's patch embedding).
+        boxes: (B, K, 4) ``[x0, y0, x1, y1]`` in pixels of an ``image_size`` square (x1/y1 exclusive);
+            a box that covers no patch (e.g. all zeros) pools to zeros.
+        image_size: the side of the image the boxes are measured in.
+
+    Returns:
+        (B, K, D).
+    """
+    b, n, _ = patch_tokens.shape
+    grid = int(round(n ** 0.5))
+    if grid * grid != n:
+        raise ValueError(f"box_pool needs a square patch grid, got {n} patches")
+    edges = torch.arange(grid + 1, device=boxes.device, dtype=boxes.dtype) * (image_size / grid)
+    lo, hi = edges[:-1], edges[1:]  # (g,) each
+
+    def overlap(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, K, g)
+        return (torch.minimum(end[..., None], hi) - torch.maximum(start[..., None], lo)).clamp_min(0)
+
+    ox, oy = overlap(boxes[..., 0], boxes[..., 2]), overlap(boxes[..., 1], boxes[..., 3])
+    weights = (oy[..., :, None] * ox[..., None, :]).flatten(-2)  # (B, K, g*g), rows then columns
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
+    return weights.to(patch_tokens.dtype) @ patch_tokens
+
+
+class ImageEncoderWithHeads(nn.Module):
+    """The ViT of ``vision`` and the pretraining heads for ``classes`` (see the module docstring)."""
+
+    def __init__(self, vision: VisionConfig, classes: dict[str, list[str]]):
+        super().__init__()
+        self.config, self.classes = vision, classes
+        self.visual_encoder = VisionTransformer(vision)
+        width = vision.width
+        if "label" in classes:
+            self.head = nn.ModuleDict({"label": nn.Linear(width, len(classes["label"]))})
+        else:
+            self.head = nn.ModuleDict({name: nn.Linear(width, len(classes[name]))
+                                       for name in (*OBJECT_ATTRIBUTES, "presence")})
+        for layer in self.head.values():
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, pixels: torch.Tensor, boxes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """(B, 3, S, S) normalised pixels [and (B, K, 4) object boxes] -> logits: ``label`` (B, C), or
+        ``presence`` (B, P) and per attribute (B, K, values)."""
+        tokens = self.visual_encoder(pixels)
+        cls = tokens[:, 0]
+        if "label" in self.head:
+            return {"label": self.head["label"](cls)}
+        out = {"presence": self.head["presence"](cls)}
+        if boxes is not None:
+            pooled = box_pool(tokens[:, 1:], boxes.to(tokens.dtype), self.config.image_size)
+            out.update({a: self.head[a](pooled) for a in OBJECT_ATTRIBUTES})
+        return out
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """``model.safetensors`` (timm key names; heads under ``head.``) and ``image_encoder.json``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k[len("visual_encoder."):] if k.startswith("visual_encoder.") else k: v.detach().contiguous().cpu()
+                   for k, v in self.state_dict().items()}
+        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt", "library": "softmask", "kind": "image_encoder"})
+        tmp.replace(directory / WEIGHTS_FILE)
+        (directory / INFO_FILE).write_text(json.dumps({"vision": to_dict(self.config), "classes": self.classes},
+                                                      indent=1))
+        return directory
+
+
+def load_image_encoder(directory: str | Path) -> ImageEncoderWithHeads:
+    """Read a folder written by :meth:`ImageEncoderWithHeads.save_pretrained` (heads included)."""
+    from safetensors.torch import load_file
+
+    from softmask.config import config_from_dict
+
+    directory = Path(directory)
+    info_path = directory / INFO_FILE
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{directory}: no {INFO_FILE}; not a folder written by softmask pretrain-vision")
+    info = json.loads(info_path.read_text())
+    vision = config_from_dict({"model": {"vision": info["vision"]}}).model.vision
+    model = ImageEncoderWithHeads(vision, info["classes"])
+    sd = load_file(str(directory / WEIGHTS_FILE))
+    model.load_state_dict({k if k.startswith("head.") else f"visual_encoder.{k}": v for k, v in sd.items()})
+    return model
+
+
+def attribute_losses(logits: dict[str, torch.Tensor], batch: dict, cfg: Config) -> dict[str, torch.Tensor]:
+    """The weighted total ``loss`` and its parts from :meth:`ImageEncoderWithHeads.forward`'s logits and a
+    batch's labels (``label``; or ``objects`` (B, K, 4) with -100 for absent objects and ``presence``)."""
+    if "label" in logits:
+        loss = F.cross_entropy(logits["label"].float(), batch["label"])
+        return {"loss": loss, "loss_label": loss.detach()}
+    ip = cfg.image_pretrain
+    presence = F.binary_cross_entropy_with_logits(logits["presence"].float(), batch["presence"].float())
+    objects = sum(F.cross_entropy(logits[a].flatten(0, 1).float(), batch["objects"][..., i].flatten())
+                  for i, a in enumerate(OBJECT_ATTRIBUTES)) / len(OBJECT_ATTRIBUTES)
+    return {"loss": ip.presence_weight * presence + ip.object_weight * objects,
+            "loss_presence": presence.detach(), "loss_objects": objects.detach()}
+
+
+class ImagePretrainTask(nn.Module):
+    """The loop's task: augment (or only normalise) the uint8 images, run the heads, return the losses."""
+
+    def __init__(self, cfg: Config, model: ImageEncoderWithHeads, transform: nn.Module):
+        super().__init__()
+        self.cfg, self.model, self.transform = cfg, model, transform
+
+    def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
+        device = self.model.visual_encoder.cls_token.device
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        logits = self.model(self.transform(batch["images"]), batch.get("boxes"))
+        return attribute_losses(logits, batch, self.cfg)
+
+
+@torch.no_grad()
+def evaluate_image_encoder(model: ImageEncoderWithHeads, data: LabelledImages, batch_size: int = 256,
+                           device: str | torch.device = "cpu") -> dict[str, float]:
+    """Accuracy (%) on held-out images. World: per attribute over the objects (``acc_shape`` ...), all four
+    attributes right (``acc_object``), and the presence labels' micro F1 (``presence_f1``). Folder:
+    ``acc`` (top-1) and ``acc_top5``."""
+    from softmask.data.transforms import EvalTransform
+
+    transform = EvalTransform(model.config.image_size).to(device)
+    model = model.to(device).eval()
+    correct: dict[str, float] = {}
+    counts: dict[str, float] = {}
+
+    def add(key: str, hits: torch.Tensor, total: int) -> None:
+        correct[key] = correct.get(key, 0.0) + float(hits.sum())
+        counts[key] = counts.get(key, 0.0) + total
+
+    tp = fp = fn = 0.0
+    for start in range(0, len(data), batch_size):
+        rows = slice(start, start + batch_size)
+        pixels = transform(data.images[rows].to(device))
+        if "label" in model.head:
+            logits, labels = model(pixels)["label"], data.labels["label"][rows].to(device)
+            add("acc", logits.argmax(-1) == labels, len(labels))
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            add("acc_top5", (top == labels[:, None]).any(-1), len(labels))
+            continue
+        logits = model(pixels, data.labels["boxes"][rows].to(device))
+        objects = data.labels["objects"][rows].to(device)
+        valid = objects[..., 0] != -100
+        all_right = valid.clone()
+        for i, a in enumerate(OBJECT_ATTRIBUTES):
+            right = logits[a].argmax(-1) == objects[..., i]
+            add(f"acc_{a}", right[valid], int(valid.sum()))
+            all_right &= right
+        add("acc_object", all_right[valid], int(valid.sum()))
+        predicted, truth = logits["presence"] > 0, data.labels["presence"][rows].to(device) > 0.5
+        tp += float((predicted & truth).sum())
+        fp += float((predicted & ~truth).sum())
+        fn += float((~predicted & truth).sum())
+    metrics = {key: 100.0 * correct[key] / max(1.0, counts[key]) for key in correct}
+    if "label" not in model.head:
+        metrics["presence_f1"] = 100.0 * 2 * tp / max(1.0, 2 * tp + fp + fn)
+    metrics["images"] = float(len(data))
+    return metrics
+
+
+def _labelled_data(cfg: Config) -> tuple[LabelledImages, LabelledImages, nn.Module]:
+    """(train, held-out, training transform) for the config's world folder or image folder."""
+    from softmask.data.labelled_images import _heldout_pairs
+    from softmask.data.transforms import EvalTransform, training_transform
+
+    ip, size, pixels = cfg.image_pretrain, cfg.model.vision.image_size, cfg.data.max_image_pixels
+    if bool(cfg.world) == bool(ip.folder):
+        raise ConfigError("pretrain-vision needs exactly one of world=DIR (a folder written by `softmask world`) "
+                          "and image_pretrain.folder=DIR (an ImageNet-style class_name/image.jpg folder)")
+    if cfg.world:
+        exclude = _heldout_pairs(ip.exclude_heldout_of) if ip.exclude_heldout_of else set()
+        train_data = world_objects(cfg.world, "train", size, pixels, exclude)
+        if exclude:
+            log.info(f"left out the training images holding {', '.join(' '.join(p) for p in sorted(exclude))} "
+                     f"(held out by {ip.exclude_heldout_of})")
+        # No geometric augmentation: the boxes must stay where the objects are; the world's generator
+        # gives as many distinct images as asked for.
+        return train_data, world_objects(cfg.world, "test", size, pixels), EvalTransform(size)
+    train_data, held_out = image_folder(ip.folder, size, ip.val_share, cfg.seed, pixels)
+    return train_data, held_out, training_transform(size, cfg.data.augment)
+
+
+def pretrain_vision(cfg: Config) -> dict[str, float]:
+    """Train the image encoder of ``cfg.model.vision`` into ``cfg.output_dir``; returns the held-out
+    metrics (also written to ``OUTPUT_DIR/metrics_test.json``)."""
+    from softmask.train.loop import train
+
+    if cfg.model.vision.init:
+        raise ConfigError("pretrain-vision starts from random weights; model.vision.init must be empty")
+    info = dist.init_distributed()
+    try:
+        train_data, held_out, transform = _labelled_data(cfg)
+        log.info(f"image-encoder pretraining on {len(train_data)} images, {len(held_out)} held out")
+        torch.manual_seed(cfg.seed)
+        model = ImageEncoderWithHeads(cfg.model.vision, train_data.classes)
+        task = ImagePretrainTask(cfg, model, transform)
+        source = InMemorySource(train_data, cfg.train.batch_size, cfg.seed, info.rank, info.world_size)
+        torch.manual_seed(cfg.seed + 1 + info.rank)
+        train(cfg, task, source, info)
+        metrics = evaluate_image_encoder(model, held_out, device=info.device)
+        if info.is_main:
+            path = Path(cfg.output_dir) / "metrics_test.json"
+            path.write_text(json.dumps(metrics, indent=2))
+            log.info(f"held-out accuracy written to {path}")
+        return metrics
+    finally:
+        dist.cleanup()

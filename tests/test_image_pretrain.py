@@ -1,0 +1,147 @@
+"""softmask pretrain-vision: box pooling, the world and folder data, learning, and loading the result
+as model.vision.init."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from softmask.cli import main
+from softmask.config import ConfigError, load_config
+from softmask.data.labelled_images import OBJECT_ATTRIBUTES, image_folder, presence_names, world_objects
+from softmask.tasks.image_pretrain import box_pool, load_image_encoder, pretrain_vision
+
+VISION = ["model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=48", "model.vision.depth=2",
+          "model.vision.num_heads=2", "model.vision.mlp_dim=96"]
+
+
+@pytest.fixture(scope="module")
+def vision_world(tmp_path_factory):
+    from softmask.world import generate_world
+
+    out = tmp_path_factory.mktemp("vision_world")
+    generate_world(out, images=400, size=32, seed=11, workers=1)
+    return out
+
+
+def test_box_pool_weights_patches_by_the_share_the_box_covers():
+    tokens = torch.arange(16, dtype=torch.float32).view(1, 16, 1)  # a 4 x 4 grid of 8-px patches (32 px)
+    boxes = torch.tensor([[[8.0, 0.0, 16.0, 8.0],     # exactly patch (row 0, column 1)
+                           [0.0, 8.0, 16.0, 16.0],    # patches (1, 0) and (1, 1)
+                           [4.0, 0.0, 16.0, 8.0],     # half of patch 0, all of patch 1
+                           [0.0, 0.0, 0.0, 0.0]]])    # empty: zeros
+    pooled = box_pool(tokens, boxes, image_size=32)[0, :, 0]
+    assert pooled.tolist() == pytest.approx([1.0, 4.5, (0.5 * 0 + 1.0 * 1) / 1.5, 0.0])
+
+
+def test_box_pool_refuses_a_grid_that_is_not_square():
+    with pytest.raises(ValueError, match="square"):
+        box_pool(torch.zeros(1, 15, 4), torch.zeros(1, 1, 4), 32)
+
+
+def test_world_objects_labels_match_objects_json(vision_world):
+    data = world_objects(vision_world, "test", image_size=64)
+    scenes = [s for s in json.loads((vision_world / "annotations" / "objects.json").read_text())
+              if s["split"] == "test"]
+    assert len(data) == len(scenes) and data.images.shape[1:] == (3, 64, 64)
+    first = scenes[0]
+    for k, obj in enumerate(first["objects"]):
+        for i, attr in enumerate(OBJECT_ATTRIBUTES):
+            assert data.classes[attr][int(data.labels["objects"][0, k, i])] == obj[attr]
+        assert data.labels["boxes"][0, k].tolist() == [2.0 * v for v in obj["box"]]  # 32 px -> 64 px
+        names = presence_names()
+        assert data.labels["presence"][0, names.index(f"{obj['colour']} {obj['shape']}")] == 1
+    assert (data.labels["objects"][0, len(first["objects"]):] == -100).all()
+
+
+def test_excluded_pairs_leave_out_every_image_holding_one(vision_world):
+    every = world_objects(vision_world, "train", 32)
+    pair = ("red", "circle")
+    kept = world_objects(vision_world, "train", 32, exclude_pairs={pair})
+    names = presence_names()
+    assert 0 < len(kept) < len(every)
+    assert kept.labels["presence"][:, names.index("red circle")].sum() == 0
+
+
+def test_pretrain_vision_learns_and_loads_as_model_vision_init(vision_world, tmp_path, caplog):
+    out = tmp_path / "vit"
+    cfg = load_config(None, [f"world={vision_world}", f"output_dir={out}", *VISION, "train.batch_size=32",
+                             "train.max_steps=100", "train.warmup_steps=5", "train.lr_peak=2e-3", "train.log_every=10",
+                             "train.save_every=100", "data.num_workers=0"])
+    metrics = pretrain_vision(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
+    assert rows[-1]["loss_objects"] < rows[0]["loss_objects"]
+    # Above chance on held-out images: colour has 8 values, so chance is 12.5 %.
+    assert metrics["acc_colour"] > 40.0
+    assert metrics["images"] == 40
+    assert json.loads((out / "metrics_test.json").read_text()) == metrics
+
+    # The checkpoint loads into a vision-language model through the timm/DeiT path, with a clean report.
+    from softmask.models.loading import load_vision_checkpoint
+    from softmask.models.vlp import VisionLanguageModel
+
+    model_cfg = load_config(None, [*VISION, "model.text.hidden_size=32", "model.text.num_layers=2",
+                                   "model.text.fusion_layer=1", "model.text.num_heads=2",
+                                   "model.text.intermediate_size=64", "model.text.max_positions=40"]).model
+    vlp = VisionLanguageModel(model_cfg)
+    report = load_vision_checkpoint(vlp, out / "model")
+    assert report.fmt == "timm-vit" and not report.missing and not report.unexpected
+    assert set(report.ignored.values()) == {"ImageNet classifier head"}
+    encoder = load_image_encoder(out / "model")
+    for key, value in encoder.visual_encoder.state_dict().items():
+        assert torch.equal(vlp.visual_encoder.state_dict()[key], value)
+
+
+def test_pretrain_vision_on_an_image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, colour in (("reds", (220, 30, 30)), ("blues", (30, 30, 220))):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(24):
+            pixels = np.clip(np.array(colour) + rng.integers(-30, 30, (20, 20, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
+    (tmp_path / "data" / "reds" / "broken.jpg").write_text("not an image")
+    train, held = image_folder(tmp_path / "data", 32, val_share=0.25)
+    assert train.classes == {"label": ["blues", "reds"]} and len(train) + len(held) == 48 and len(held) == 12
+    out = tmp_path / "run"
+    code = main(["pretrain-vision", f"image_pretrain.folder={tmp_path / 'data'}", f"output_dir={out}", *VISION,
+                 "train.batch_size=8", "train.max_steps=30", "train.warmup_steps=3", "train.lr_peak=1e-3",
+                 "train.save_every=30", "data.augment.enabled=false"])
+    assert code == 0
+    assert json.loads((out / "metrics_test.json").read_text())["acc"] == 100.0
+
+
+def test_pretrain_vision_needs_one_source(vision_world, capsys):
+    assert main(["pretrain-vision", *VISION]) == 2
+    assert "exactly one of world=DIR" in capsys.readouterr().err
+    assert main(["pretrain-vision", f"world={vision_world}", "image_pretrain.folder=/x", *VISION]) == 2
+    assert main(["pretrain-vision", f"world={vision_world}", "image_pretrain.exclude_heldout_of=/nope",
+                 *VISION]) == 2
+    assert "/nope/world.json" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="image_pretrain.val_share"):
+        load_config(None, ["image_pretrain.val_share=1.5"])
+
+
+def test_text_init_layers_first_takes_the_first_layers_of_minilm():
+    from softmask.models.vlp import create_model
+
+    overrides = ["model.text.init=minilm", "model.text.hidden_size=384", "model.text.num_heads=12",
+                 "model.text.intermediate_size=1536", "model.text.num_layers=3", "model.text.fusion_layer=1",
+                 *VISION]
+    with pytest.raises(Exception, match="num_layers is 3 but the checkpoint"):
+        create_model(load_config(None, overrides))
+    model = create_model(load_config(None, [*overrides, "model.text.init_layers=first"]))
+    from transformers import BertModel
+
+    from softmask.models.loading import resolve_checkpoint
+
+    reference = BertModel.from_pretrained(str(resolve_checkpoint("minilm")))
+    # MiniLM layer 2 is our second fusion layer; layers 3-5 are reported as ignored.
+    assert torch.equal(model.fusion_encoder.layers[1].attn.out.weight,
+                       reference.encoder.layer[2].attention.output.dense.weight)
+    words = reference.embeddings.word_embeddings.weight
+    assert torch.equal(model.text_encoder.embeddings.word_embeddings.weight, words)
