@@ -53,6 +53,27 @@ def test_mean_pooled_text_feature_ignores_padding():
     assert not torch.allclose(feat, cls_feat, atol=1e-3)
 
 
+def test_itm_reads_the_fused_cls_or_the_mean_of_the_fused_caption():
+    torch.manual_seed(0)
+    cls_model = create_model(tiny_model_config()).eval()
+    mean_model = create_model(tiny_model_config(fused_pooling="mean")).eval()
+    mean_model.load_state_dict(cls_model.state_dict())
+    ids, mask = text_batch(b=3)
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        fused = cls_model.fuse(cls_model.encode_text(ids, mask), mask, cls_model.encode_image(pixels))
+        assert torch.equal(cls_model.itm_logits(fused), cls_model.itm_head(fused[:, 0]))  # ALBEF, mask not needed
+        mean = mean_model.itm_logits(fused, mask)
+        assert torch.allclose(mean, mean_model.itm_head(pool_text(fused, mask, "mean")))
+        # padding rows change nothing
+        padded = F.pad(fused, (0, 0, 0, 3), value=7.0)
+        assert torch.allclose(mean_model.itm_logits(padded, F.pad(mask, (0, 3))), mean, atol=1e-6)
+    with pytest.raises(ValueError, match="fused_pooling is 'mean'"):
+        mean_model.itm_logits(fused)
+    with pytest.raises(Exception, match="fused_pooling"):
+        load_config(None, ["model.fused_pooling=max"])
+
+
 @pytest.mark.parametrize("layer", [0, 1])
 def test_cross_attention_probabilities(tiny_model, layer):
     pixels, ids, mask = _inputs(tiny_model)

@@ -35,7 +35,7 @@ METHODS = ("albef", "softmask")
 # The defaults of run_demo: the world of the study in docs/results.md (`softmask world --seed 5`), its
 # image encoder pretrained on another world (seed 105) with the first world's held-out pairs left out.
 DEFAULTS = {"images": 8000, "size": 64, "steps": 300, "batch_size": 32, "seed": 0, "world_seed": 5,
-            "vision_images": 8000, "vision_steps": 800, "vision_batch_size": 64, "vision_world_seed": 105}
+            "vision_images": 8000, "vision_steps": 600, "vision_batch_size": 64, "vision_world_seed": 105}
 REPORT_KEYS = [
     ("tr1", "text retrieval R@1"), ("tr10", "text retrieval R@10"), ("ir1", "image retrieval R@1"),
     ("ir10", "image retrieval R@10"), ("r_mean", "retrieval mean recall"),

@@ -108,6 +108,10 @@ class ModelConfig:
     # text/fusion split needs "mean": the MiniLM of configs/pretrain/world.yaml (trained with mean
     # pooling; its [CLS] is the same vector for every caption through layer 5, docs/results.md).
     text_pooling: str = "cls"
+    # What the ITM head (and the VE/NLVR2 classifiers) read: "cls" (ALBEF: the fused [CLS]) or "mean" (ours:
+    # the mean of the fused caption tokens). The MiniLM's [CLS] stays one vector for every pair through its
+    # pretrained fusion layers too (cosine 0.9999 after 300 steps), so ITM never leaves its prior with "cls".
+    fused_pooling: str = "cls"
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
@@ -117,6 +121,9 @@ class ModelConfig:
             raise ConfigError(f"{key}.temp must be in [0.001, 0.5] (ALBEF's clamp), got {self.temp}")
         if self.text_pooling not in TEXT_POOLING:
             raise ConfigError(f"{key}.text_pooling must be one of {', '.join(TEXT_POOLING)}, got '{self.text_pooling}'")
+        if self.fused_pooling not in TEXT_POOLING:
+            raise ConfigError(f"{key}.fused_pooling must be one of {', '.join(TEXT_POOLING)}, "
+                              f"got '{self.fused_pooling}'")
         self.vision.validate(f"{key}.vision")
         self.text.validate(f"{key}.text")
 
@@ -192,12 +199,17 @@ class TrainConfig:
     grad_accum: int = 1
     clip_grad: float = 0.0  # max global gradient norm; 0 = no clipping
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    # Ours: the learning rate of the fusion's cross-attention and the ITM head (new, randomly initialised
+    # layers when the encoders come from unimodal checkpoints) times this; 1 = one rate for all (ALBEF).
+    cross_attention_lr_scale: float = 1.0
     log_every: int = 50
     save_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
     keep_last: int = 3
     max_nonfinite: int = 10  # consecutive non-finite losses that stop the run
 
     def validate(self, key: str) -> None:
+        if self.cross_attention_lr_scale <= 0:
+            raise ConfigError(f"{key}.cross_attention_lr_scale must be > 0, got {self.cross_attention_lr_scale}")
         _positive(self, key, "batch_size", "grad_accum", "log_every", "save_every", "keep_last", "max_nonfinite")
         if self.epochs < 0 or self.max_steps < 0 or (self.epochs == 0 and self.max_steps == 0):
             raise ConfigError(f"{key}: set {key}.epochs or {key}.max_steps to a positive number")
@@ -444,7 +456,7 @@ class Config:
             raise ConfigError("softmask.masked_negatives needs softmask.soft_masks (method=softmask or "
                               "softmask.soft_masks=true): it pairs the soft-masked images with negatives")
         if (self.softmask.soft_masks and self.softmask.mask_source == "gradcam"
-                and self.softmask.layer == fusion - 1):
+                and self.softmask.layer == fusion - 1 and self.model.fused_pooling == "cls"):
             raise ConfigError(
                 f"softmask.layer {self.softmask.layer} is the last fusion layer: only its [CLS] row reaches the "
                 f"ITM head, so every word's Grad-CAM there is zero; choose a layer in [0, {fusion - 1}) "

@@ -160,17 +160,24 @@ def itm_scores(model: VisionLanguageModel, features: Features, pairs: torch.Tens
     """The ITM match logit (P,) of each (image, caption) pair, as ALBEF ranks candidates by it."""
     device = model.temp.device
     rows = _shard(pairs.shape[0])
-    out = []
+    mine = pairs[rows]
+    # Shortest captions first (stable: pairs of one length stay sorted by image), each chunk cut to its
+    # longest caption: padding is most of the tokens otherwise (world captions: 12 of 26 on average).
+    lengths = features.text_mask.sum(1)[mine[:, 1]] if len(mine) else torch.zeros(0, dtype=torch.long)
+    order = torch.argsort(lengths, stable=True)
+    scores = torch.zeros(len(mine), device=device)
     with _autocast(device, amp):
-        for start in range(rows.start, rows.stop, batch_size):
-            chunk = pairs[start:min(start + batch_size, rows.stop)]
-            # Pairs come sorted by image: each distinct image's keys/values are projected once.
+        for start in range(0, len(mine), batch_size):
+            picked = order[start:start + batch_size]
+            chunk = mine[picked]
+            # Each distinct image's keys/values are projected once per chunk.
             images, index = torch.unique(chunk[:, 0], return_inverse=True)
             txt = chunk[:, 1]
-            fused = model.fuse(features.text_embeds[txt], features.text_mask[txt], features.image_embeds[images],
+            length = int(lengths[picked].max())
+            mask = features.text_mask[txt, :length]
+            fused = model.fuse(features.text_embeds[txt, :length], mask, features.image_embeds[images],
                                image_index=index)
-            out.append(model.itm_logits(fused).float()[:, 1])
-    scores = torch.cat(out) if out else torch.zeros(0, device=device)
+            scores[picked] = model.itm_logits(fused, mask).float()[:, 1]
     return _gather_rows(scores, pairs.shape[0])
 
 

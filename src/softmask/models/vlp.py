@@ -33,6 +33,16 @@ def pool_text(text_embeds: torch.Tensor, attention_mask: torch.Tensor, pooling: 
     raise ValueError(f"text pooling must be 'cls' or 'mean', got '{pooling}'")
 
 
+def summarise_fused(fused: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """(B, T, D) fused tokens -> (B, D): the fused [CLS] ("cls", ALBEF) or the mean over the caption's
+    tokens ("mean"; needs the (B, T) ``attention_mask``)."""
+    if pooling == "cls":
+        return fused[:, 0]
+    if attention_mask is None:
+        raise ValueError("model.fused_pooling is 'mean': pass the attention mask of the fused tokens")
+    return pool_text(fused, attention_mask, pooling)
+
+
 class VisionLanguageModel(nn.Module):
     """Encoders, fusion and heads. Shapes: B batch, T text tokens, N image patches, D widths."""
 
@@ -85,9 +95,15 @@ class VisionLanguageModel(nn.Module):
 
     # ---- heads --------------------------------------------------------------------------------
 
-    def itm_logits(self, fused: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) fused tokens -> (B, 2) [no-match, match] logits from the fused [CLS]."""
-        return self.itm_head(fused[:, 0])
+    def fused_summary(self, fused: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) fused tokens -> (B, D): the fused [CLS] (``config.fused_pooling`` "cls", ALBEF), or the
+        mean over the caption's tokens ("mean"; needs the (B, T) ``attention_mask``)."""
+        return summarise_fused(fused, attention_mask, self.config.fused_pooling)
+
+    def itm_logits(self, fused: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) fused tokens [and their (B, T) mask] -> (B, 2) [no-match, match] logits from
+        :meth:`fused_summary`."""
+        return self.itm_head(self.fused_summary(fused, attention_mask))
 
     def mlm_logits(self, fused: torch.Tensor) -> torch.Tensor:
         """(B, T, D) fused tokens -> (B, T, vocab) logits; decoder tied to the word embeddings."""

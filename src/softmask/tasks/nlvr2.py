@@ -43,7 +43,7 @@ from softmask.data.task_data import Field, TaskDataset, load_task_records, train
 from softmask.models.loading import CheckpointError
 from softmask.models.nlvr2 import TwoImageModel, classifier_head, two_image_state
 from softmask.models.vit import resize_pos_embed
-from softmask.models.vlp import CONFIG_FILE, create_model
+from softmask.models.vlp import CONFIG_FILE, create_model, summarise_fused
 from softmask.tasks.classify import ClassifierTask, accuracy_metrics, predict_classes
 from softmask.tasks.finetune import RUN_CONFIG, RUN_MODEL_DIR, TaskModel, saved_state, saved_task_name
 from softmask.tasks.pretrain import LoaderSource
@@ -134,7 +134,8 @@ class NLVR2Model(TaskModel):
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Normalised image pairs (B, 2, 3, S, S), tokens and mask (B, T) -> (B, C) logits."""
-        return self.cls_head(self.backbone(pixels, input_ids, attention_mask)[:, 0])
+        fused = self.backbone(pixels, input_ids, attention_mask)
+        return self.cls_head(summarise_fused(fused, attention_mask, self.backbone.config.fused_pooling))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ class PretrainTask(nn.Module):
         layer = sm.layer if sm.soft_masks else None
         fused_pos = model.fuse(text_embeds, mask, image_embeds, attention_layer=layer)
         fused_pos, attn = fused_pos if layer is not None else (fused_pos, None)
-        logits_pos = model.itm_logits(fused_pos)
+        logits_pos = model.itm_logits(fused_pos, mask)
         soft_images, soft_rows = None, torch.zeros(b, dtype=torch.bool, device=device)
         if sm.soft_masks:
             # Word choice draws from its own per-rank stream, so that the shared stream (hard negatives)
@@ -205,7 +205,8 @@ class PretrainTask(nn.Module):
                 masks.append(mask_neg[soft_rows & valid])
                 images_fused.append(soft_images[keep])
                 num_soft_neg = int(keep.sum())
-        logits_rest = model.itm_logits(model.fuse(torch.cat(texts), torch.cat(masks), torch.cat(images_fused)))
+        masks_rest = torch.cat(masks)
+        logits_rest = model.itm_logits(model.fuse(torch.cat(texts), masks_rest, torch.cat(images_fused)), masks_rest)
         num_neg, num_soft = 2 * int(valid.sum()), int(soft_rows.sum())
         labels = torch.cat([torch.ones(b, dtype=torch.long, device=device),
                             torch.zeros(num_neg, dtype=torch.long, device=device),

@@ -231,7 +231,7 @@ class RetrievalTask(nn.Module):
         texts = torch.cat([text_embeds, text_embeds[valid], text_neg[valid]])
         masks = torch.cat([mask, mask[valid], mask_neg[valid]])
         images = torch.cat([image_embeds, image_neg[valid], image_embeds[valid]])
-        logits = model.itm_logits(model.fuse(texts, masks, images))
+        logits = model.itm_logits(model.fuse(texts, masks, images), masks)
         b, num_neg = ids.shape[0], 2 * int(valid.sum())
         labels = torch.cat([torch.ones(b, dtype=torch.long, device=device),
                             torch.zeros(num_neg, dtype=torch.long, device=device)])

@@ -75,7 +75,7 @@ class VEModel(TaskModel):
         """Normalised pixels (B, 3, S, S), tokens and mask (B, T) -> (B, 3) logits in ``LABELS`` order."""
         net = self.backbone
         fused = net.fuse(net.encode_text(input_ids, attention_mask), attention_mask, net.encode_image(pixels))
-        return self.cls_head(fused[:, 0])
+        return self.cls_head(net.fused_summary(fused, attention_mask))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -126,7 +126,8 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
     out = Path(cfg.output_dir)
     total_steps = total_steps_for(cfg, data.batches_per_epoch)
     task.to(info.device)
-    optimizer = torch.optim.AdamW(param_groups(task, cfg.train.weight_decay), lr=cfg.train.lr_start)
+    optimizer = torch.optim.AdamW(param_groups(task, cfg.train.weight_decay, cfg.train.cross_attention_lr_scale),
+                                  lr=cfg.train.lr_start)
     scaler = torch.amp.GradScaler(enabled=cfg.train.precision == "fp16")
     state = TrainState()
 
@@ -177,7 +178,7 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
                 if batch is None:  # every sample of some rank's batch was bad
                     continue
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(state.step, cfg.train, total_steps)
+                    group["lr"] = lr_at(state.step, cfg.train, total_steps) * group.get("lr_scale", 1.0)
                 last_micro = micro == accum - 1
                 sync = module.no_sync() if isinstance(module, DistributedDataParallel) and not last_micro \
                     else contextlib.nullcontext()

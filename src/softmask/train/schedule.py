@@ -9,6 +9,8 @@ from torch import nn
 from softmask.config import TrainConfig
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "temp")
+# Modules whose parameters train.cross_attention_lr_scale applies to.
+CROSS_ATTENTION_NAMES = ("cross_attn", "cross_norm", "itm_head")
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -21,18 +23,25 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr_end + (cfg.lr_peak - cfg.lr_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(module: nn.Module, weight_decay: float, cross_attention_lr_scale: float = 1.0) -> list[dict]:
     """AdamW groups: weight decay on weight matrices only; none on biases, norms, embeddings of
-    position/[CLS] and the temperature."""
-    decay, no_decay = [], []
+    position/[CLS] and the temperature. With ``cross_attention_lr_scale`` != 1 the parameters named in
+    :data:`CROSS_ATTENTION_NAMES` get their own groups whose ``lr_scale`` the loop multiplies the rate by."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+        scaled = cross_attention_lr_scale != 1.0 and any(part in name.split(".") for part in CROSS_ATTENTION_NAMES)
+        groups.setdefault((no_decay, scaled), []).append(param)
+    out = []
+    for scaled in (False, True):
+        for no_decay in (False, True):
+            if (no_decay, scaled) in groups or not scaled:
+                out.append({"params": groups.get((no_decay, scaled), []),
+                            "weight_decay": 0.0 if no_decay else weight_decay,
+                            "lr_scale": cross_attention_lr_scale if scaled else 1.0})
+    return out
 
 
 def alpha_warmup_steps(cfg, batches_per_epoch: int | None) -> int:

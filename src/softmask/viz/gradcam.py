@@ -130,7 +130,7 @@ def word_gradcam(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention
             # autograd.grad below differentiates only with respect to the attention.
             text_embeds = text_embeds.detach().requires_grad_(True)
             fused, attn = model.fuse(text_embeds, attention_mask, image_embeds.detach(), attention_layer=layer)
-            logits = model.itm_logits(fused)  # (1, 2)
+            logits = model.itm_logits(fused, attention_mask)  # (1, 2)
             if source == "gradcam":
                 (grad,) = torch.autograd.grad(logits[:, 1].sum(), attn)
                 token_maps = gradcam_maps(attn.detach(), grad)  # (1, T, N)
@@ -383,7 +383,7 @@ def gradcam_figures(checkpoints: Sequence[str | Path], image_path: str | Path, t
         chosen = default_layer(model, cfg) if layer is None else layer
         if not 0 <= chosen < fusion:
             raise ConfigError(f"{label}: --layer must be a fusion-layer index in [0, {fusion}), got {chosen}")
-        if source == "gradcam" and chosen == fusion - 1:
+        if source == "gradcam" and chosen == fusion - 1 and model.config.fused_pooling == "cls":
             log.warning(f"{label}: fusion layer {chosen} is the last one: only its [CLS] row reaches the ITM head, "
                         f"so every word's Grad-CAM map is zero; pass --layer below {chosen}")
         max_pixels = cfg.data.max_image_pixels if cfg is not None else DEFAULT_MAX_PIXELS
