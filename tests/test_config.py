@@ -98,3 +98,20 @@ def test_list_overrides_keep_brace_patterns_and_quotes(cfg_file):
     cfg = load_config(cfg_file, ["data.train=[a.json,'b,c.json']", "data.augment.crop_scale=[0.5, 1]"])
     assert cfg.data.train == ["a.json", "b,c.json"] and cfg.data.augment.crop_scale == [0.5, 1.0]
     assert load_config(cfg_file, ["data.train=one.json"]).data.train == ["one.json"]
+
+
+def test_every_shipped_config_validates():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert {"world_mini.yaml", "world_vit.yaml", "tiny.yaml", "4m.yaml"} <= {f.name for f in files}
+    for path in files:
+        task = path.stem.split("_")[0] if path.parent.name == "finetune" else ""
+        load_config(path, [f"finetune.task={task}"] if task else [])  # raises ConfigError on a bad value
+
+
+def test_world_mini_recipe_starts_from_the_pretrained_encoders():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "world_mini.yaml")
+    vit = load_config(Path(__file__).resolve().parents[1] / "configs" / "vision" / "world_vit.yaml")
+    assert cfg.model.vision == vit.model.vision  # the image encoder pretrain-vision makes fits it
+    assert cfg.model.text.init == "minilm" and cfg.model.text.init_layers == "first"
+    assert cfg.model.text_pooling == "mean" and cfg.model.fused_pooling == "mean"

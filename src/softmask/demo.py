@@ -39,7 +39,8 @@ DEFAULTS = {"images": 8000, "size": 64, "steps": 300, "batch_size": 32, "seed": 
 REPORT_KEYS = [
     ("tr1", "text retrieval R@1"), ("tr10", "text retrieval R@10"), ("ir1", "image retrieval R@1"),
     ("ir10", "image retrieval R@10"), ("r_mean", "retrieval mean recall"),
-    ("itc_tr10", "text retrieval R@10, ITC alone"), ("itc_ir10", "image retrieval R@10, ITC alone"),
+    ("itc_tr1", "text retrieval R@1, ITC alone"), ("itc_tr10", "text retrieval R@10, ITC alone"),
+    ("itc_ir1", "image retrieval R@1, ITC alone"), ("itc_ir10", "image retrieval R@10, ITC alone"),
     ("itm_all", "minimal edits, ITM"), ("itm_salient", "  ... edited object salient"),
     ("itm_secondary", "  ... edited object secondary"), ("itm_heldout", "  ... held-out combination"),
     ("itc_all", "minimal edits, ITC"), ("itc_salient", "  ... edited object salient"),
