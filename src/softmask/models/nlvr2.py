@@ -1,4 +1,4 @@
-"""The two-image model of NLVR2 (METHOD.md section 5), built from a single-image model.
+"""The two-image model of NLVR2, built from a single-image model.
 
 ALBEF's scheme, as its released code does it (``NLVR.py`` / ``model_nlvr.py``): the fusion encoder's
 BERT is made deeper, each single-image fusion layer ``L`` becoming two consecutive blocks, both

@@ -1,4 +1,4 @@
-"""NLVR2 (METHOD.md section 5): is a sentence true of a pair of images? Two stages, ``finetune.stage``:
+"""NLVR2: is a sentence true of a pair of images? Two stages, ``finetune.stage``:
 
 - ``text_assignment``: ALBEF's extra pretraining of the new two-image layers, a 3-way classifier:
   records ``{"images": [a, b], "sentence", "label": 0|1|2}`` where 0 = the sentence describes image

@@ -1,4 +1,4 @@
-"""Image-text retrieval: fine-tuning (ALBEF's recipe; METHOD.md section 5) and evaluation.
+"""Image-text retrieval: fine-tuning (ALBEF's recipe) and evaluation.
 
 Fine-tuning trains the plain :class:`~softmask.models.vlp.VisionLanguageModel` with
 

@@ -1,4 +1,4 @@
-"""Visual entailment (SNLI-VE; METHOD.md section 5): does the image entail, contradict or say nothing
+"""Visual entailment (SNLI-VE): does the image entail, contradict or say nothing
 about the sentence?
 
 The model (:class:`VEModel`) is the pretrained backbone with ALBEF's classifier on the fused [CLS]:
