@@ -25,19 +25,18 @@ import torch
 
 from softmask.config import ConfigError
 from softmask.data.images import BadSample, load_image, to_tensor
-from softmask.world.vocab import COLOURS, PATTERNS, SHAPES, SIZES
+from softmask.world.vocab import COLOURS, SHAPES, VALUES
 
 log = logging.getLogger("softmask")
 
-OBJECT_ATTRIBUTES = ("shape", "colour", "size", "pattern")
-ATTRIBUTE_VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "pattern": PATTERNS}
+OBJECT_ATTRIBUTES = ("shape", "colour", "size", "pattern")  # the order of the ``objects`` columns
 MAX_OBJECTS = 4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def presence_names() -> list[str]:
     """The world's presence labels: ``attribute=value`` for every value, then ``colour shape`` pairs."""
-    names = [f"{a}={v}" for a in OBJECT_ATTRIBUTES for v in ATTRIBUTE_VALUES[a]]
+    names = [f"{a}={v}" for a in OBJECT_ATTRIBUTES for v in VALUES[a]]
     return names + [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
 
@@ -73,7 +72,7 @@ def _read_images(paths: list[Path], size: int, max_pixels: int) -> tuple[list[to
     return tensors, kept
 
 
-def _heldout_pairs(world: str | Path) -> set[tuple[str, str]]:
+def heldout_pairs_of(world: str | Path) -> set[tuple[str, str]]:
     path = Path(world) / "world.json"
     try:
         return {tuple(pair) for pair in json.loads(path.read_text())["heldout_pairs"]}
@@ -94,7 +93,7 @@ def world_objects(world: str | Path, split: str, image_size: int, max_pixels: in
         scenes = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    index = {a: {v: i for i, v in enumerate(ATTRIBUTE_VALUES[a])} for a in OBJECT_ATTRIBUTES}
+    index = {a: {v: i for i, v in enumerate(VALUES[a])} for a in OBJECT_ATTRIBUTES}
     presence_index = {name: i for i, name in enumerate(presence_names())}
     chosen, objects, boxes, presence = [], [], [], []
     for n, scene in enumerate(scenes):
@@ -127,7 +126,7 @@ def world_objects(world: str | Path, split: str, image_size: int, max_pixels: in
     tensors, kept = _read_images(chosen, image_size, max_pixels)
     if not kept:
         raise ConfigError(f"world: none of the {len(chosen)} '{split}' images could be read (e.g. {chosen[0]})")
-    classes = {**{a: list(ATTRIBUTE_VALUES[a]) for a in OBJECT_ATTRIBUTES}, "presence": presence_names()}
+    classes = {**{a: list(VALUES[a]) for a in OBJECT_ATTRIBUTES}, "presence": presence_names()}
     return LabelledImages(torch.stack(tensors),
                           {"objects": torch.stack([objects[i] for i in kept]),
                            "boxes": torch.stack([boxes[i] for i in kept]),

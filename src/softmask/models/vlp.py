@@ -36,9 +36,7 @@ def pool_text(text_embeds: torch.Tensor, attention_mask: torch.Tensor, pooling: 
 def summarise_fused(fused: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
     """(B, T, D) fused tokens -> (B, D): the fused [CLS] ("cls", ALBEF) or the mean over the caption's
     tokens ("mean"; needs the (B, T) ``attention_mask``)."""
-    if pooling == "cls":
-        return fused[:, 0]
-    if attention_mask is None:
+    if pooling == "mean" and attention_mask is None:
         raise ValueError("model.fused_pooling is 'mean': pass the attention mask of the fused tokens")
     return pool_text(fused, attention_mask, pooling)
 

@@ -214,7 +214,7 @@ def evaluate_image_encoder(model: ImageEncoderWithHeads, data: LabelledImages, b
 
 def _labelled_data(cfg: Config) -> tuple[LabelledImages, LabelledImages, nn.Module]:
     """(train, held-out, training transform) for the config's world folder or image folder."""
-    from softmask.data.labelled_images import _heldout_pairs
+    from softmask.data.labelled_images import heldout_pairs_of
     from softmask.data.transforms import EvalTransform, training_transform
 
     ip, size, pixels = cfg.image_pretrain, cfg.model.vision.image_size, cfg.data.max_image_pixels
@@ -222,7 +222,7 @@ def _labelled_data(cfg: Config) -> tuple[LabelledImages, LabelledImages, nn.Modu
         raise ConfigError("pretrain-vision needs exactly one of world=DIR (a folder written by `softmask world`) "
                           "and image_pretrain.folder=DIR (an ImageNet-style class_name/image.jpg folder)")
     if cfg.world:
-        exclude = _heldout_pairs(ip.exclude_heldout_of) if ip.exclude_heldout_of else set()
+        exclude = heldout_pairs_of(ip.exclude_heldout_of) if ip.exclude_heldout_of else set()
         train_data = world_objects(cfg.world, "train", size, pixels, exclude)
         if exclude:
             log.info(f"left out the training images holding {', '.join(' '.join(p) for p in sorted(exclude))} "

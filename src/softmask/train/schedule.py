@@ -27,21 +27,17 @@ def param_groups(module: nn.Module, weight_decay: float, cross_attention_lr_scal
     """AdamW groups: weight decay on weight matrices only; none on biases, norms, embeddings of
     position/[CLS] and the temperature. With ``cross_attention_lr_scale`` != 1 the parameters named in
     :data:`CROSS_ATTENTION_NAMES` get their own groups whose ``lr_scale`` the loop multiplies the rate by."""
-    groups: dict[tuple[bool, bool], list] = {}
+    # (no decay?, scaled?) -> parameters, in the order of the returned groups
+    groups: dict[tuple[bool, bool], list] = {(nd, s): [] for s in (False, True) for nd in (False, True)}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
         no_decay = param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
         scaled = cross_attention_lr_scale != 1.0 and any(part in name.split(".") for part in CROSS_ATTENTION_NAMES)
-        groups.setdefault((no_decay, scaled), []).append(param)
-    out = []
-    for scaled in (False, True):
-        for no_decay in (False, True):
-            if (no_decay, scaled) in groups or not scaled:
-                out.append({"params": groups.get((no_decay, scaled), []),
-                            "weight_decay": 0.0 if no_decay else weight_decay,
-                            "lr_scale": cross_attention_lr_scale if scaled else 1.0})
-    return out
+        groups[no_decay, scaled].append(param)
+    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+             "lr_scale": cross_attention_lr_scale if scaled else 1.0}
+            for (no_decay, scaled), params in groups.items() if params or not scaled]
 
 
 def alpha_warmup_steps(cfg, batches_per_epoch: int | None) -> int:
