@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from softmask.config import ConfigError, merge_overrides, override_key, refuse_repeated_keys
 from softmask.side_by_side import run_side_by_side, softmask_command
 from softmask.world.vocab import EDIT_ATTRIBUTES
 
@@ -53,6 +55,8 @@ TABLE_KEYS = ("tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "r_mean", "itc_tr1", "
               "itc_heldout", *(f"itc_attr_{a}" for a in EDIT_ATTRIBUTES), "pointing_all", "pointing_salient",
               "pointing_secondary", "energy_all", "energy_salient", "energy_secondary",
               *(f"train_{k}" for k in TRAIN_KEYS))
+# Keys the study sets for every run itself (from its options).
+OWNED_KEYS = ("world", "seed", "output_dir", "train.max_steps", "method", "resume")
 # Overrides that change what is logged or saved, not what is trained: studies may differ in them and still merge.
 LOGGING_KEYS = ("train.log_every", "train.save_every")
 
@@ -61,8 +65,10 @@ def pretrain_commands(args, runs: list[tuple[str, int]], out: Path, steps: int, 
     commands = []
     for variant, seed in runs:
         run_dir = out / f"{variant}_s{seed}"
-        overrides = [f"world={args.world}", *VARIANTS[variant], f"seed={seed}", f"output_dir={run_dir}",
-                     f"train.max_steps={steps}", f"train.save_every={steps}", *extra, *args.overrides]
+        # A rerun after Ctrl-C continues each run from its checkpoint (resume=auto); a finished run stays finished.
+        overrides = merge_overrides([f"world={args.world}", *VARIANTS[variant], f"seed={seed}", f"output_dir={run_dir}",
+                                     f"train.max_steps={steps}", f"train.save_every={steps}", "resume=auto"],
+                                    extra, args.overrides)
         commands.append((softmask_command("pretrain", "--config", args.config, *overrides),
                          run_dir.with_suffix(".log")))
     return commands
@@ -229,6 +235,14 @@ def main() -> int:
         write_study(out, settings, per_run, " ".join(["python", *sys.argv]))
         return 0
 
+    try:
+        refuse_repeated_keys(args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    owned = [o for o in args.overrides if override_key(o) in OWNED_KEYS]
+    if owned:
+        parser.error(f"{owned[0]}: the study sets {override_key(owned[0])} itself (--world, --seeds, --steps, "
+                     "--variants, --out)")
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -282,5 +296,17 @@ def main() -> int:
     return 1 if failed else 0
 
 
+def interruptible_main() -> int:
+    """main(), with Ctrl-C (or SIGTERM) ending in one line: the training children got the signal too,
+    finished their step and saved a checkpoint; the same command again continues them."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("world_study: stopped; the training runs saved checkpoints: run the same command again to continue",
+              file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interruptible_main())

@@ -77,15 +77,16 @@ def test_loss_falls(world, tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
-def test_resume_equals_uninterrupted(world, tmp_path):
-    common = ("train.batch_size=4", "train.max_steps=6", "train.save_every=3", "train.keep_last=5")
+@pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch; the last batch of an epoch (16 pairs in batches of 4)
+def test_resume_equals_uninterrupted(world, tmp_path, stop_at):
+    common = ("train.batch_size=4", "train.max_steps=6", f"train.save_every={stop_at}", "train.keep_last=5")
     full = tmp_path / "full"
     pretrain(load_config(TINY, overrides(world, full, *common)))
-    # Same run, "stopped" after step 3: remove what came later, then resume.
+    # Same run, "stopped" after step stop_at: remove what came later, then resume.
     part = tmp_path / "part"
     pretrain(load_config(TINY, overrides(world, part, *common)))
     for ckpt in list_checkpoints(part):
-        if not ckpt.name.endswith("00000003.pt"):
+        if not ckpt.name.endswith(f"{stop_at:08d}.pt"):
             ckpt.unlink()
     pretrain(load_config(TINY, overrides(world, part, *common, "resume=auto")))
     assert [m["loss"] for m in metrics(part)] == [m["loss"] for m in metrics(full)]

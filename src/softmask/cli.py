@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import yaml
 
-from softmask.config import ConfigError, load_config, to_dict
+from softmask.config import ConfigError, load_config, override_key, refuse_repeated_keys, to_dict
 from softmask.models.loading import CheckpointError
+from softmask.train.checkpoint import CHECKPOINT_DIR
 from softmask.train.loop import TrainingError
 
 log = logging.getLogger("softmask")
@@ -116,7 +120,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _task_config(args)
     results = finetune(cfg)
     _print_results(results)
-    print(f"metrics and model in {cfg.output_dir}")
+    what = "metrics and model" if results else "model (no evaluation split has files: no metrics)"
+    print(f"{what} in {cfg.output_dir}")
     return 0
 
 
@@ -149,14 +154,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.world:
         args.overrides = [f"world={args.world}", *args.overrides]
     cfg = _task_config(args)
-    splits = [args.split] if args.split else None
-    out = args.out or cfg.output_dir
+    splits = [args.split] if args.split else [s for s in cfg.finetune.eval_splits if getattr(cfg.finetune, s)]
+    explicit = args.out or next((o.partition("=")[2] for o in args.overrides if override_key(o) == "output_dir"), "")
+    out = Path(explicit) if explicit else evaluation_folder(args.checkpoint, args.task)
+    existing = [out / f"metrics_{split}.json" for split in splits if (out / f"metrics_{split}.json").is_file()]
+    if explicit and existing and not args.overwrite:
+        raise ConfigError(f"{existing[0]} exists (another evaluation's or a run's own results); give --overwrite "
+                          f"to replace it, or another --out")
     results = evaluate_task(cfg, args.checkpoint, splits, out_dir=out)
     _print_results(results)
     print(f"metrics in {out}")
     if args.json:
         _write_json(args.json, results if len(results) != 1 else next(iter(results.values())))
     return 0
+
+
+def evaluation_folder(checkpoint: str | Path, task: str) -> Path:
+    """Where ``evaluate TASK`` writes by default: inside the evaluated model's own folder, so that it
+    never replaces another run's results. A run or saved-model folder: ``FOLDER/eval/TASK``; a checkpoint
+    file: ``RUN/eval/TASK_STEP`` (for a file outside a run, next to it)."""
+    path = Path(checkpoint).expanduser()
+    if path.is_file():
+        owner = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+        return owner / "eval" / f"{task}_{path.stem}"
+    return path / "eval" / task
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -178,7 +199,7 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
     checkpoints = [args.checkpoint] + ([args.compare] if args.compare else [])
     try:
         results, written = gradcam_figures(checkpoints, args.image, args.text, args.out, args.layer, args.source)
-    except BadSample as exc:  # an unreadable image: one line, like the other errors
+    except BadSample as exc:  # an unreadable image: one line, not the data.on_bad_sample advice
         print(f"softmask: error: {exc}", file=sys.stderr)
         return 2
     for label, result in results:
@@ -259,8 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("val", "test"), default=None,
                           help="one split (default: finetune.eval_splits)")
     evaluate.add_argument("--out", default=None,
-                          help="a task's folder for metrics_SPLIT.json and result files (default: output_dir)")
-    evaluate.add_argument("--k", type=int, default=16, help="world: retrieval candidates re-ranked by ITM")
+                          help="a task's folder for metrics_SPLIT.json and result files (default: inside the "
+                               "evaluated model's folder, eval/TASK/; output_dir=DIR works as --out DIR)")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="a task: replace metrics files already in --out")
+    evaluate.add_argument("--k", type=int, default=16, help="world: retrieval candidates re-ranked by ITM (>= 1)")
     evaluate.add_argument("--layer", type=int, default=None, help="world: Grad-CAM fusion layer for grounding")
     evaluate.add_argument("--json", default="", help="also write the metrics to this JSON file")
     evaluate.add_argument("--device", default=None, help="world: cpu or cuda (default: cuda when available)")
@@ -318,7 +342,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _continue_command(argv: list[str], resume_override: str) -> str:
+    """The command line that continues an interrupted one: the same words, with ``resume_override``
+    in place of any ``resume=`` given."""
+    words = ["softmask", *(a for a in argv if not a.startswith("resume="))]
+    return shlex.join([*words, resume_override] if resume_override else words)
+
+
+def _first_bad_sample(exc: Exception) -> str:
+    """The "path: reason" of a BadSample, also when a DataLoader worker re-raised it with its traceback."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    return last.split("BadSample: ", 1)[-1]
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    from softmask.data.images import BadSample
+    from softmask.train.stop import Interrupted
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # TASK and the key=value overrides are both positionals, which argparse fills before the first option:
     # overrides given after --config come back as extras, appended here in order.
@@ -328,11 +374,35 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    # SIGTERM (what clusters send before preempting a job) ends a command like Ctrl-C does; training
+    # catches both itself, to stop at a step boundary with a checkpoint.
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
+        refuse_repeated_keys(getattr(args, "overrides", []))
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError, TrainingError) as exc:
         print(f"softmask: error: {exc}", file=sys.stderr)
         return 2
+    except BadSample as exc:  # an unreadable image: in training, with data.on_bad_sample=raise
+        training = args.command in ("pretrain", "pretrain-vision", "finetune")
+        hint = (" (data.on_bad_sample=raise stops at the first bad sample; 'skip' skips and counts them)"
+                if training else "")
+        print(f"softmask: error: {_first_bad_sample(exc)}{hint}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        how = (f"to continue exactly: {_continue_command(argv, exc.resume_override)}" if exc.resume_override
+               else f"to continue, run the same command again: {_continue_command(argv, '')}")
+        print(f"softmask: {exc}; {how}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("softmask: interrupted (a second Ctrl-C, or before training started): nothing more was saved; a "
+              "training run continues from its newest checkpoint with resume=auto", file=sys.stderr)
+        return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ import shlex
 import time
 from pathlib import Path
 
-from softmask.config import ConfigError, load_config
+from softmask.config import ConfigError, load_config, override_key
 from softmask.side_by_side import run_side_by_side, softmask_command, threads_per_process
 from softmask.train.loop import TrainingError
+from softmask.train.stop import Interrupted
 from softmask.world.vocab import EDIT_ATTRIBUTES
 
 log = logging.getLogger("softmask")
@@ -36,6 +37,10 @@ METHODS = ("albef", "softmask")
 # image encoder pretrained on another world (seed 105) with the first world's held-out pairs left out.
 DEFAULTS = {"images": 8000, "size": 64, "steps": 300, "batch_size": 32, "seed": 0, "world_seed": 5,
             "vision_images": 8000, "vision_steps": 600, "vision_batch_size": 64, "vision_world_seed": 105}
+# Settings the demo makes itself, with the option that changes them.
+DEMO_KEYS = {"world": "--out", "output_dir": "--out", "method": "(both methods run)", "seed": "--seed",
+             "train.max_steps": "--steps / --vision-steps", "train.batch_size": "--batch-size / --vision-batch-size",
+             "model.vision.init": "(the image encoder of stage 2)", "resume": "(a rerun resumes by itself)"}
 REPORT_KEYS = [
     ("tr1", "text retrieval R@1"), ("tr10", "text retrieval R@10"), ("ir1", "image retrieval R@1"),
     ("ir10", "image retrieval R@10"), ("r_mean", "retrieval mean recall"),
@@ -247,76 +252,86 @@ def run_demo(out: Path, images: int = DEFAULTS["images"], size: int = DEFAULTS["
     if vision_world_seed == world_seed:
         raise ConfigError("the image encoder must be pretrained on another world than the one it is evaluated "
                           f"on: vision_world_seed and world_seed are both {world_seed}")
+    given = {override_key(o) for o in (*overrides, *vision_overrides)}
+    owned = [key for key in DEMO_KEYS if key in given]
+    if owned:
+        raise ConfigError(f"the demo sets {owned[0]} itself: use {DEMO_KEYS[owned[0]]}")
     start = time.perf_counter()
     out = Path(out).resolve()
     world, vision_world, vision_run = out / "world", out / "vision_world", out / "vision"
     runs = {method: out / method for method in METHODS}
     vision_args = [f"world={vision_world}", f"output_dir={vision_run}", f"seed={seed}",
                    f"image_pretrain.exclude_heldout_of={world}", f"train.max_steps={vision_steps}",
-                   f"train.batch_size={vision_batch_size}", f"train.save_every={vision_steps}", *vision_overrides]
+                   f"train.batch_size={vision_batch_size}", f"train.save_every={vision_steps}", "resume=auto",
+                   *vision_overrides]
     load_config(vision_config, [o for o in vision_args if not o.startswith(("world=", "image_pretrain.exclude"))])
     vision_cmd = softmask_command("pretrain-vision", "--config", str(vision_config), *vision_args, quiet=False)
     train_cmds = []
     for method, run in runs.items():
         method_overrides = [f"world={world}", f"method={method}", f"output_dir={run}", f"seed={seed}",
                             f"model.vision.init={vision_run / 'model'}", f"train.max_steps={steps}",
-                            f"train.batch_size={batch_size}", f"train.save_every={steps}", *overrides]
+                            f"train.batch_size={batch_size}", f"train.save_every={steps}", "resume=auto",
+                            *overrides]
         # Fail on bad settings before any work (the world and the image encoder do not exist yet).
         load_config(config, [o for o in method_overrides if not o.startswith(("world=", "model.vision.init="))])
         train_cmds.append(softmask_command("pretrain", "--config", str(config), *method_overrides, quiet=False))
     out.mkdir(parents=True, exist_ok=True)
-    log.info("[1/5] the worlds: one for vision-language pretraining and evaluation, one for the image encoder")
-    _world(world, images, size, world_seed)
-    _world(vision_world, vision_images, size, vision_world_seed)
-    threads = os.cpu_count() or 1
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    log.info(f"[2/5] pretraining the image encoder alone on the second world's objects, {vision_steps} steps "
-             f"({threads} thread(s); log: {out / 'vision.log'})")
-    codes = run_side_by_side([(vision_cmd, out / "vision.log")], 1, env,
-                             poll=_Progress({"image encoder": vision_run}, vision_steps, vision_batch_size,
-                                            {"loss_objects": "objects", "loss_presence": "presence"}),
-                             poll_every_s=progress_every_s)
-    _raise_on_failure("image-encoder pretraining", codes, [out / "vision.log"])
-    vision_metrics = json.loads((vision_run / "metrics_test.json").read_text())
-    log.info("      held-out accuracy: " + ", ".join(f"{k} {v:.1f}%" for k, v in vision_metrics.items()
-                                                      if k.startswith("acc_")))
-    env["OMP_NUM_THREADS"] = str(threads_per_process(len(METHODS)))
-    train_logs = [out / f"{method}.log" for method in METHODS]
-    log.info(f"[3/5] vision-language pretraining with {' and '.join(METHODS)} side by side, {steps} steps of "
-             f"{batch_size} each ({env['OMP_NUM_THREADS']} thread(s) per run; logs: "
-             f"{', '.join(str(p) for p in train_logs)})")
-    codes = run_side_by_side(list(zip(train_cmds, train_logs, strict=True)), len(METHODS), env,
-                             poll=_Progress(runs, steps, batch_size, {"loss_itc": "ITC", "loss_itm": "ITM"}),
-                             poll_every_s=progress_every_s)
-    _raise_on_failure("pretraining", codes, train_logs)
-    log.info("[4/5] evaluating both models on the test split")
-    eval_cmds = [softmask_command("evaluate", "world", "--checkpoint", str(run), "--world", str(world), "--json",
-                                  str(run / "eval_world.json"), "--examples", str(run / "retrieval_examples.json"))
-                 for run in runs.values()]
-    eval_logs = [run / "eval.log" for run in runs.values()]
-    _raise_on_failure("evaluation", run_side_by_side(list(zip(eval_cmds, eval_logs, strict=True)), len(METHODS),
-                                                      env), eval_logs)
-    metrics = {method: json.loads((run / "eval_world.json").read_text()) for method, run in runs.items()}
-    log.info("[5/5] writing the report")
-    plot_losses(runs, out / "losses.png")
-    plot_retrieval({m: json.loads((run / "retrieval_examples.json").read_text()) for m, run in runs.items()},
-                   world, out / "retrieval.png")
-    scenes = [s for s in json.loads((world / "annotations" / "objects.json").read_text()) if s["split"] == "test"]
-    figures = []
-    for n, scene in enumerate(scenes[:3]):
-        caption = next(c["caption"] for c in scene["captions"] if c["kind"] in ("full", "relation"))
-        _, paths = gradcam_figures(list(runs.values()), world / scene["image"], caption, out / "gradcam" / f"{n:02d}",
-                                   labels=list(runs))
-        figures += [p for p in paths if p.name == "compare.png"]
-    settings = {"images": images, "size": size, "steps": steps, "batch_size": batch_size, "seed": seed,
-                "world_seed": world_seed, "vision_images": vision_images, "vision_steps": vision_steps,
-                "vision_batch_size": vision_batch_size, "vision_world_seed": vision_world_seed}
-    world_cmds = [["softmask", "world", "--out", str(w), "--images", str(n), "--size", str(size), "--seed", str(s)]
-                  for w, n, s in ((world, images, world_seed), (vision_world, vision_images, vision_world_seed))]
-    report = _report(out, runs, metrics, figures, settings, [*world_cmds, vision_cmd, *train_cmds, *eval_cmds],
-                     len(scenes), time.perf_counter() - start, vision_metrics)
-    log.info(f"wrote {report}")
-    return report
+    try:
+        log.info("[1/5] the worlds: one for vision-language pretraining and evaluation, one for the image encoder")
+        _world(world, images, size, world_seed)
+        _world(vision_world, vision_images, size, vision_world_seed)
+        threads = os.cpu_count() or 1
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+        log.info(f"[2/5] pretraining the image encoder alone on the second world's objects, {vision_steps} steps "
+                 f"({threads} thread(s); log: {out / 'vision.log'})")
+        codes = run_side_by_side([(vision_cmd, out / "vision.log")], 1, env,
+                                 poll=_Progress({"image encoder": vision_run}, vision_steps, vision_batch_size,
+                                                {"loss_objects": "objects", "loss_presence": "presence"}),
+                                 poll_every_s=progress_every_s)
+        _raise_on_failure("image-encoder pretraining", codes, [out / "vision.log"])
+        vision_metrics = json.loads((vision_run / "metrics_test.json").read_text())
+        log.info("      held-out accuracy: " + ", ".join(f"{k} {v:.1f}%" for k, v in vision_metrics.items()
+                                                          if k.startswith("acc_")))
+        env["OMP_NUM_THREADS"] = str(threads_per_process(len(METHODS)))
+        train_logs = [out / f"{method}.log" for method in METHODS]
+        log.info(f"[3/5] vision-language pretraining with {' and '.join(METHODS)} side by side, {steps} steps of "
+                 f"{batch_size} each ({env['OMP_NUM_THREADS']} thread(s) per run; logs: "
+                 f"{', '.join(str(p) for p in train_logs)})")
+        codes = run_side_by_side(list(zip(train_cmds, train_logs, strict=True)), len(METHODS), env,
+                                 poll=_Progress(runs, steps, batch_size, {"loss_itc": "ITC", "loss_itm": "ITM"}),
+                                 poll_every_s=progress_every_s)
+        _raise_on_failure("pretraining", codes, train_logs)
+        log.info("[4/5] evaluating both models on the test split")
+        eval_cmds = [softmask_command("evaluate", "world", "--checkpoint", str(run), "--world", str(world), "--json",
+                                      str(run / "eval_world.json"), "--examples", str(run / "retrieval_examples.json"))
+                     for run in runs.values()]
+        eval_logs = [run / "eval.log" for run in runs.values()]
+        _raise_on_failure("evaluation", run_side_by_side(list(zip(eval_cmds, eval_logs, strict=True)), len(METHODS),
+                                                          env), eval_logs)
+        metrics = {method: json.loads((run / "eval_world.json").read_text()) for method, run in runs.items()}
+        log.info("[5/5] writing the report")
+        plot_losses(runs, out / "losses.png")
+        plot_retrieval({m: json.loads((run / "retrieval_examples.json").read_text()) for m, run in runs.items()},
+                       world, out / "retrieval.png")
+        scenes = [s for s in json.loads((world / "annotations" / "objects.json").read_text()) if s["split"] == "test"]
+        figures = []
+        for n, scene in enumerate(scenes[:3]):
+            caption = next(c["caption"] for c in scene["captions"] if c["kind"] in ("full", "relation"))
+            _, paths = gradcam_figures(list(runs.values()), world / scene["image"], caption,
+                                       out / "gradcam" / f"{n:02d}", labels=list(runs))
+            figures += [p for p in paths if p.name == "compare.png"]
+        settings = {"images": images, "size": size, "steps": steps, "batch_size": batch_size, "seed": seed,
+                    "world_seed": world_seed, "vision_images": vision_images, "vision_steps": vision_steps,
+                    "vision_batch_size": vision_batch_size, "vision_world_seed": vision_world_seed}
+        world_cmds = [["softmask", "world", "--out", str(w), "--images", str(n), "--size", str(size), "--seed", str(s)]
+                      for w, n, s in ((world, images, world_seed), (vision_world, vision_images, vision_world_seed))]
+        report = _report(out, runs, metrics, figures, settings, [*world_cmds, vision_cmd, *train_cmds, *eval_cmds],
+                         len(scenes), time.perf_counter() - start, vision_metrics)
+        log.info(f"wrote {report}")
+        return report
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM): the children got it too and saved checkpoints
+        raise Interrupted(f"the demo stopped; its training runs saved checkpoints in {out}",
+                          resume_override="") from None
 
 
 def _raise_on_failure(what: str, codes: list[int], logs: list[Path]) -> None:

@@ -14,7 +14,6 @@ queues and optimiser state are not needed here).
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -51,16 +50,7 @@ def model_state_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The online model's state dict from a training checkpoint: the ``model.``-prefixed tensors of
     its ``"task"`` entry, prefix removed. Read with ``torch.load(weights_only=True)``."""
     path = Path(path)
-    try:
-        ckpt = load_checkpoint(path)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refuses to load: holds pickled objects other than tensors "
-                              f"({str(exc).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
-    task = ckpt.get("task") if isinstance(ckpt, dict) else None
-    if not isinstance(task, dict):
-        raise CheckpointError(f"{path}: not a softmask training checkpoint (no 'task' state dict)")
+    task = load_checkpoint(path, entries=("task",))["task"]  # a one-line CheckpointError for anything else
     state = {k[len(MODEL_PREFIX):]: v for k, v in task.items() if k.startswith(MODEL_PREFIX)}
     if not state:
         raise CheckpointError(f"{path}: the 'task' state dict has no '{MODEL_PREFIX}*' tensors")
@@ -115,6 +105,7 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None
     if path.is_file():
         run_dir = path.parent.parent
         if path.parent.name != CHECKPOINT_DIR or not (run_dir / RUN_CONFIG).is_file():
+            load_checkpoint(path, entries=("task",))  # not a checkpoint at all: say that, not where they lie
             raise CheckpointError(
                 f"{path}: a checkpoint file must lie in a training run's {CHECKPOINT_DIR}/ folder, next to "
                 f"the run's {RUN_CONFIG} ({run_dir / RUN_CONFIG} not found)")

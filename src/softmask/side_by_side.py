@@ -8,12 +8,15 @@ with two threads, and two multi-threaded torch processes at once are far slower 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+log = logging.getLogger("softmask")
 
 
 def softmask_command(*args: str, quiet: bool = True) -> list[str]:
@@ -57,8 +60,13 @@ def run_side_by_side(commands: Sequence[tuple[list[str], Path]], parallel: int, 
                 poll()
                 last_poll = time.monotonic()
             time.sleep(0.5)
-    finally:  # interrupted (Ctrl-C): do not leave children training in the background
-        for proc in running.values():
+    except KeyboardInterrupt:
+        if running:
+            log.warning(f"stopping {len(running)} running command(s): a training run finishes its step and saves a "
+                        "checkpoint first")
+        raise
+    finally:  # interrupted: do not leave children running in the background. SIGTERM makes a training
+        for proc in running.values():  # child stop at its next step boundary with a checkpoint
             proc.terminate()
         for proc in running.values():
             proc.wait()

@@ -14,9 +14,12 @@ from softmask.config.parse import (
     apply_override,
     config_from_dict,
     load_config,
+    merge_overrides,
     model_config_from_dict,
+    override_key,
     parse_override_value,
     read_yaml,
+    refuse_repeated_keys,
     save_config,
     to_dict,
 )
@@ -47,6 +50,6 @@ __all__ = [
     "FINETUNE_TASKS", "METHODS", "METHOD_DEFAULTS", "TEXT_POOLING", "WORLD_FILES", "AugmentConfig", "Config",
     "ConfigError", "DataConfig", "DistillConfig", "FinetuneConfig", "ITCConfig", "ITMConfig", "MLMConfig",
     "ModelConfig", "SoftMaskConfig", "TextConfig", "TrainConfig", "VisionConfig", "apply_override",
-    "config_from_dict", "default_gradcam_layer", "load_config", "model_config_from_dict", "parse_override_value",
-    "read_yaml", "save_config", "to_dict",
+    "config_from_dict", "default_gradcam_layer", "load_config", "merge_overrides", "model_config_from_dict",
+    "override_key", "parse_override_value", "read_yaml", "refuse_repeated_keys", "save_config", "to_dict",
 ]

@@ -183,6 +183,34 @@ def apply_override(data: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+def refuse_repeated_keys(overrides: list[str] | tuple[str, ...]) -> None:
+    """A key given twice is a mistake (often a shell expanding an unquoted brace or glob pattern into
+    several ``key=`` words, of which only the last would count): refuse it, naming both values."""
+    seen: dict[str, str] = {}
+    for override in overrides:
+        key, value = override_key(override), override.partition("=")[2]
+        if key in seen:
+            raise ConfigError(
+                f"{key} is given twice ({key}={seen[key]} and {key}={value}); give it once. If the shell expanded an "
+                f"unquoted brace or glob pattern into several words, quote the whole argument ('{key}=...')")
+        seen[key] = value
+
+
+def override_key(override: str) -> str:
+    """The dotted key of a ``key=value`` override."""
+    return override.partition("=")[0].strip()
+
+
+def merge_overrides(*lists: list[str] | tuple[str, ...]) -> list[str]:
+    """Overrides composed by a program (e.g. the demo's own, then the user's): each key once, a later
+    list's value replacing an earlier one's, in the order keys first appear."""
+    merged: dict[str, str] = {}
+    for overrides in lists:
+        for override in overrides:
+            merged[override_key(override)] = override
+    return list(merged.values())
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply dotted ``key=value`` overrides, and validate it.
 

@@ -168,6 +168,10 @@ class DataConfig:
     max_tokens: int = 30  # WordPiece tokens, [CLS] and [SEP] included
     tokenizer: str = ""  # vocab.txt, a folder holding one, or an alias; empty = the bert-base-uncased vocab
     on_bad_sample: str = "skip"  # skip (count and log) | raise
+    # Ours: training stops when more than this share of the last bad_sample_window samples read (or of an
+    # epoch's, for less data) cannot be read: a wrong image_root, not a few broken files.
+    max_bad_share: float = 0.5
+    bad_sample_window: int = 1000
     num_workers: int = 2
     max_image_pixels: int = 100_000_000  # decoded-size cap against decompression bombs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -175,7 +179,10 @@ class DataConfig:
     def validate(self, key: str) -> None:
         if self.on_bad_sample not in ("skip", "raise"):
             raise ConfigError(f"{key}.on_bad_sample must be 'skip' or 'raise', got '{self.on_bad_sample}'")
-        _positive(self, key, "max_words", "max_tokens", "max_image_pixels")
+        _positive(self, key, "max_words", "max_tokens", "max_image_pixels", "bad_sample_window")
+        if not 0 < self.max_bad_share <= 1:
+            raise ConfigError(f"{key}.max_bad_share must be in (0, 1] (1: stop only when no sample can be read), "
+                              f"got {self.max_bad_share}")
         if self.max_tokens < 3:
             raise ConfigError(f"{key}.max_tokens must be at least 3 ([CLS], a word, [SEP]), got {self.max_tokens}")
         if self.num_workers < 0:

@@ -9,8 +9,11 @@ drops and counts, so every batch reports how many samples it lost and why.
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Callable, Sequence
 
+import braceexpand
 import numpy as np
 import torch
 from PIL import Image
@@ -22,6 +25,7 @@ from softmask.data.annotations import Record, load_annotations
 from softmask.data.images import BadSample, load_image, to_tensor
 from softmask.data.sampler import ResumableSampler
 from softmask.data.text import load_tokenizer, pre_caption, tokenize
+from softmask.data.workers import ignore_ctrl_c
 
 ON_BAD_SAMPLE = ("skip", "raise")
 
@@ -29,6 +33,27 @@ ON_BAD_SAMPLE = ("skip", "raise")
 def is_shard_entry(entry: str) -> bool:
     """Whether a ``data.train`` entry names webdataset tar shards (rather than a JSON annotation file)."""
     return entry.endswith(".tar")
+
+
+def expand_entries(entries: Sequence[str], key: str = "data.train") -> list[str]:
+    """``data.train`` entries -> file names, in order: brace patterns (``part-{000..009}.tar``) and then
+    glob patterns (``shards/*.tar``, sorted) of local paths are expanded; URLs and ``pipe:`` commands
+    are kept as they are.
+
+    Raises:
+        ConfigError: a glob pattern that matches no file.
+    """
+    files = []
+    for entry in entries:
+        for path in braceexpand.braceexpand(entry):
+            if "://" in path or path.startswith("pipe:") or not glob.has_magic(path):
+                files.append(path)
+                continue
+            matches = sorted(glob.glob(os.path.expanduser(path)))
+            if not matches:
+                raise ConfigError(f"{key}: the pattern '{path}' matches no file")
+            files.extend(matches)
+    return files
 
 
 def choose_caption(captions: Sequence[str], seed: int, epoch: int, index: int) -> str:
@@ -172,7 +197,7 @@ def build_pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[Data
             :func:`softmask.data.shards.build_shard_loader`); AnnotationError for a bad file.
         ValueError: the data is smaller than one global batch.
     """
-    files = list(cfg.data.train)
+    files = expand_entries(cfg.data.train)
     if not files:
         raise ConfigError("data.train is empty: list ALBEF JSON annotation files or .tar shards")
     shards = [entry for entry in files if is_shard_entry(entry)]
@@ -193,6 +218,7 @@ def build_pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[Data
     loader = DataLoader(
         dataset, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collator, num_workers=workers,
         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), drop_last=False,
+        worker_init_fn=ignore_ctrl_c,
         # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run
         # (which creates one mid-epoch) would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.seed),

@@ -45,7 +45,6 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import braceexpand
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import TarWriter
@@ -53,10 +52,11 @@ from webdataset.tariterators import tarfile_samples
 
 from softmask.config import Config, ConfigError
 from softmask.data.annotations import Record
-from softmask.data.dataset import ON_BAD_SAMPLE, Collator, is_shard_entry, make_item
+from softmask.data.dataset import ON_BAD_SAMPLE, Collator, expand_entries, is_shard_entry, make_item
 from softmask.data.images import BadSample, decode_image
 from softmask.data.sampler import mix_seed
 from softmask.data.text import load_tokenizer
+from softmask.data.workers import ignore_ctrl_c
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,23 @@ SHUFFLE_BUFFER = 1000  # undecoded samples held per worker for shuffling
 INDEX_STRIDE = 2**32  # index = shard position * INDEX_STRIDE + sample position in the shard
 
 
+def describe_shard_error(exc: Exception) -> str:
+    """A readable sentence for an error webdataset's tar reader hands its handler: it appends the stream
+    and the shard's URL to the exception's args, and the file object's repr to its message."""
+    args = [a for a in getattr(exc, "args", ()) if a is not None]
+    reason = str(args[0]).split(" @ ")[0] if args else type(exc).__name__
+    url = next((a for a in reversed(args[1:]) if isinstance(a, str)), None)
+    where = f"shard {url}" if url else "a shard"
+    return f"skipping the rest of damaged {where}: {reason or type(exc).__name__}"
+
+
 def expand_shards(entries: Iterable[str]) -> list[str]:
-    """Brace-expand the ``.tar`` entries of ``data.train`` into shard paths, in order.
+    """Brace- and glob-expand the ``.tar`` entries of ``data.train`` into shard paths, in order.
 
     Raises:
         ConfigError: no shards, or local shard files that do not exist (the first few are named).
     """
-    shards = [path for entry in entries if is_shard_entry(entry) for path in braceexpand.braceexpand(entry)]
+    shards = expand_entries([entry for entry in entries if is_shard_entry(entry)])
     if not shards:
         raise ConfigError("data.train names no .tar shards")
     local = [path for path in shards if "://" not in path and not path.startswith("pipe:")]
@@ -156,7 +166,7 @@ class ShardStream(IterableDataset):
     def _handle(self, exc: Exception) -> bool:
         if self.on_bad_sample == "raise":
             raise exc
-        log.warning("skipping the rest of a damaged shard: %s", exc)
+        log.warning(describe_shard_error(exc))
         return True
 
     def _raw(self, positions: Sequence[int]) -> Iterator[tuple[int, dict]]:
@@ -232,7 +242,7 @@ def build_shard_loader(cfg: Config, rank: int, world_size: int, epoch: int, skip
     collator = Collator(load_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens), cfg.data.max_tokens, image_size)
     return DataLoader(
         dataset, batch_size=cfg.train.batch_size, collate_fn=collator, num_workers=workers,
-        pin_memory=torch.cuda.is_available(), drop_last=False,
+        pin_memory=torch.cuda.is_available(), drop_last=False, worker_init_fn=ignore_ctrl_c,
         # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run
         # (which creates one mid-epoch) would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.seed),

@@ -22,6 +22,7 @@ from softmask.data.annotations import AnnotationError, _read_json, _type_name
 from softmask.data.images import BadSample, load_image, to_tensor
 from softmask.data.sampler import ResumableSampler
 from softmask.data.text import load_tokenizer, pre_caption, tokenize
+from softmask.data.workers import ignore_ctrl_c
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def _describe(types: tuple[type, ...]) -> str:
 
 
 def load_task_records(files: Sequence[str], image_root: str, fields: Sequence[Field],
-                      image_key: str = "image") -> list[dict]:
+                      image_key: str = "image", key: str = "finetune.train") -> list[dict]:
     """Read and check task annotation files.
 
     Args:
@@ -49,6 +50,7 @@ def load_task_records(files: Sequence[str], image_root: str, fields: Sequence[Fi
         image_root: folder joined to relative image paths ("" keeps them as they are).
         fields: the required fields besides ``image_key`` (other keys are kept and ignored).
         image_key: ``"image"`` (one path) or ``"images"`` (a non-empty list of paths).
+        key: the config key ``files`` came from, for the message when it is empty.
 
     Returns:
         The records of all files in file order, as dicts with the image path(s) joined to
@@ -58,7 +60,8 @@ def load_task_records(files: Sequence[str], image_root: str, fields: Sequence[Fi
         AnnotationError: naming the file, the record index and the problem.
     """
     if not files:
-        raise ConfigError("no annotation files given for this split")
+        raise ConfigError(f"{key} is empty: give {key}=[FILE.json,...] (ALBEF-format annotations), or world=DIR "
+                          "for a folder written by `softmask world`")
     records = []
     for path in map(str, files):
         data = _read_json(path)
@@ -176,6 +179,7 @@ def train_loader(cfg: Config, dataset: TaskDataset, rank: int, world_size: int) 
     workers = cfg.data.num_workers
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=TaskCollator(cfg),
                         num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=ignore_ctrl_c,
                         generator=torch.Generator().manual_seed(cfg.seed))
     return loader, sampler
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softmask.config import default_gradcam_layer
+from softmask.config import ConfigError, default_gradcam_layer
 from softmask.data.images import load_image, to_tensor
 from softmask.data.text import load_tokenizer, pre_caption, special_token_ids, tokenize
 from softmask.data.transforms import EvalTransform
@@ -153,6 +153,12 @@ def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, l
     """All world metrics for one model on the world's test split (percentages). With ``examples_out`` (a
     list), :func:`retrieval_examples` of ``examples`` captions are appended to it."""
     world = Path(world)
+    fusion = model.config.text.num_fusion_layers
+    if layer is not None and not 0 <= layer < fusion:  # checked before any work
+        raise ConfigError(f"the Grad-CAM layer (--layer) must be a fusion-layer index in [0, {fusion}) for this "
+                          f"model, got {layer}")
+    if k < 1:
+        raise ConfigError(f"k (--k), the retrieval candidates ITM re-ranks, must be at least 1, got {k}")
     model.eval()
     enc = _Encoder(model, world)
     test = _read(world, "retrieval_test.json")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -29,14 +28,13 @@ from pathlib import Path
 
 import torch
 
+from softmask.checkpoint_files import CheckpointError, read_safetensors, read_torch_file
 from softmask.models.key_maps import Ignore, Target, albef_rule, bert_rule, hf_vit_rule, strip_prefix, vit_rule
 
 log = logging.getLogger("softmask")
 
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the model; the message names file and key."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,22 +84,8 @@ def _read_file(path: Path) -> dict:
             merged.update(_read_file(path.parent / shard))
         return merged
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refuses to load: the file holds pickled objects other than tensors and softmask never "
-            f"executes pickled code (torch.load(weights_only=True)). If you trust the file, re-save its "
-            f"state dict as safetensors. Detail: {str(exc).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+        return read_safetensors(path)
+    return read_torch_file(path, "model weights: a torch.save or .safetensors file, or a Hugging Face folder")
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:

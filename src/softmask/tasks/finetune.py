@@ -91,14 +91,14 @@ class TaskModel(nn.Module):
 def saved_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
     """(model state, the saved config mapping, the file read) from a fine-tuning run folder (newest
     checkpoint, else ``model/``), a checkpoint file in a run's ``checkpoints/``, or a saved model folder."""
-    from safetensors.torch import load_file
-
+    from softmask.checkpoint_files import read_safetensors
     from softmask.inference import model_state_from_checkpoint
     from softmask.train.checkpoint import list_checkpoints
 
     if path.is_file():
         run_config = path.parent.parent / RUN_CONFIG
         if not run_config.is_file():
+            model_state_from_checkpoint(path)  # not a checkpoint at all: say that, not where checkpoints lie
             raise CheckpointError(f"{path}: a checkpoint file must lie in a run's checkpoints/ folder next to "
                                   f"the run's {RUN_CONFIG}")
         return model_state_from_checkpoint(path), yaml.safe_load(run_config.read_text()) or {}, path
@@ -109,7 +109,7 @@ def saved_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
         raise CheckpointError(f"{path}: not a fine-tuning run folder, a checkpoint file or a saved model folder "
                               f"({CONFIG_FILE} + {WEIGHTS_FILE})")
-    return load_file(str(folder / WEIGHTS_FILE)), yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}, folder
+    return read_safetensors(folder / WEIGHTS_FILE), yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}, folder
 
 
 def saved_task_name(saved: dict) -> str:

@@ -121,8 +121,7 @@ class ImageEncoderWithHeads(nn.Module):
 
 def load_image_encoder(directory: str | Path) -> ImageEncoderWithHeads:
     """Read a folder written by :meth:`ImageEncoderWithHeads.save_pretrained` (heads included)."""
-    from safetensors.torch import load_file
-
+    from softmask.checkpoint_files import read_safetensors
     from softmask.config import config_from_dict
 
     directory = Path(directory)
@@ -132,7 +131,7 @@ def load_image_encoder(directory: str | Path) -> ImageEncoderWithHeads:
     info = json.loads(info_path.read_text())
     vision = config_from_dict({"model": {"vision": info["vision"]}}).model.vision
     model = ImageEncoderWithHeads(vision, info["classes"])
-    sd = load_file(str(directory / WEIGHTS_FILE))
+    sd = read_safetensors(directory / WEIGHTS_FILE)
     model.load_state_dict({k if k.startswith("head.") else f"visual_encoder.{k}": v for k, v in sd.items()})
     return model
 

@@ -108,7 +108,7 @@ def load_records(cfg: Config, split: str) -> list[dict]:
     """The checked records of ``finetune.<split>`` for the configured stage (AnnotationError naming
     the file and record otherwise)."""
     return load_task_records(getattr(cfg.finetune, split), cfg.data.image_root, FIELDS[cfg.finetune.stage],
-                             image_key="images")
+                             image_key="images", key=f"finetune.{split}")
 
 
 def make_dataset(cfg: Config, records: list[dict]) -> TaskDataset:

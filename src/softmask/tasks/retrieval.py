@@ -376,7 +376,8 @@ class NormalisedImages:
 def evaluate(cfg: Config, model: VisionLanguageModel, split: str, out_dir: Path | None) -> dict[str, float]:
     """Recall@1/5/10 (in %) of text retrieval (tr*, image queries) and image retrieval (ir*, caption
     queries) and their mean (r_mean) on ``finetune.<split>``, plus ``k`` and the split's sizes."""
-    records = load_task_records(getattr(cfg.finetune, split), cfg.data.image_root, EVAL_FIELDS)
+    records = load_task_records(getattr(cfg.finetune, split), cfg.data.image_root, EVAL_FIELDS,
+                                key=f"finetune.{split}")
     images = load_eval_images(cfg, records)
     texts, text_to_image = eval_captions(records, cfg.data.max_words)
     input_ids, attention_mask = tokenize(load_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens), texts)

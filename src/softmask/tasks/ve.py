@@ -108,7 +108,7 @@ def evaluate(cfg: Config, model: VEModel, split: str, out_dir: Path | None) -> d
     """Accuracy on ``finetune.<split>`` (every rank returns the same metrics)."""
     if not isinstance(model, VEModel):
         raise TypeError(f"ve evaluation needs a VEModel, got {type(model).__name__}")
-    records = load_task_records(getattr(cfg.finetune, split), cfg.data.image_root, FIELDS)
+    records = load_task_records(getattr(cfg.finetune, split), cfg.data.image_root, FIELDS, key=f"finetune.{split}")
     model.eval()
     dataset = TaskDataset(records, cfg, "sentence", extras=_label_index)
     rows, skipped = predict_classes(cfg, model, dataset, "ve")

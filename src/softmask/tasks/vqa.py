@@ -173,7 +173,8 @@ def _eval_extras(record: dict) -> dict:
 
 def load_eval_records(cfg: Config, split: str) -> list[dict]:
     """The checked records of ``finetune.<split>`` (``answer`` optional)."""
-    records = load_task_records(getattr(cfg.finetune, split), cfg.data.image_root, EVAL_FIELDS)
+    records = load_task_records(getattr(cfg.finetune, split), cfg.data.image_root, EVAL_FIELDS,
+                                key=f"finetune.{split}")
     check_optional_answers(records)
     return records
 

@@ -6,6 +6,7 @@ plain containers, so it loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -14,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from softmask.checkpoint_files import CheckpointError, read_torch_file
 from softmask.config import ConfigError
+
+log = logging.getLogger("softmask")
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"step_(\d{8})\.pt$")
@@ -22,6 +26,11 @@ _NAME = re.compile(r"step_(\d{8})\.pt$")
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / CHECKPOINT_DIR
+
+
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` goes: ``OUTPUT_DIR/checkpoints/step_{step:08d}.pt``."""
+    return checkpoint_dir(output_dir) / f"step_{step:08d}.pt"
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -37,7 +46,7 @@ def save_checkpoint(state: dict, output_dir: str | Path, step: int, keep_last: i
     ``keep_last`` checkpoints."""
     folder = checkpoint_dir(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:08d}.pt"
+    path = checkpoint_path(output_dir, step)
     tmp = folder / f".{path.name}.tmp"
     with open(tmp, "wb") as fh:
         torch.save(state, fh)
@@ -68,8 +77,53 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+TRAINING_ENTRIES = ("task", "optimizer", "state")
+
+
+def load_checkpoint(path: str | Path, entries: tuple[str, ...] = TRAINING_ENTRIES) -> dict:
+    """A training checkpoint written by :func:`save_checkpoint`, checked for the ``entries`` the caller
+    needs (all three to resume; ``("task",)`` to read the model).
+
+    Raises:
+        CheckpointError: one line, when the file is not one (not a torch.save file, damaged, or
+            lacking one of ``entries``).
+    """
+    what = f"a softmask training checkpoint ({CHECKPOINT_DIR}/step_*.pt of a run)"
+    ckpt = read_torch_file(path, what)
+    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in entries):
+        keys = ", ".join(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: not a checkpoint of a softmask training run (expected {what} with "
+                              f"{'/'.join(entries)} entries; it holds {keys[:80] or 'nothing'})")
+    return ckpt
+
+
+def load_resume_checkpoint(resume: str, output_dir: str | Path) -> tuple[Path, dict] | None:
+    """The checkpoint ``resume`` names (see :func:`resolve_resume`), loaded; None when there is none.
+
+    With ``auto`` (or a run folder), a damaged newest checkpoint (e.g. a write cut short by a crash) is
+    reported and the one before it used.
+
+    Raises:
+        CheckpointError: the named file is not a training checkpoint, or no checkpoint of the run is readable.
+        ConfigError: the named file or folder does not exist.
+    """
+    path = resolve_resume(resume, output_dir)
+    if path is None:
+        return None
+    if resume != "auto" and not Path(resume).expanduser().is_dir():
+        return path, load_checkpoint(path)
+    candidates = list_checkpoints(path.parent.parent)
+    problems = []
+    for candidate in reversed(candidates):
+        try:
+            ckpt = load_checkpoint(candidate)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log.warning(f"{exc}; trying the checkpoint before it")
+            continue
+        return candidate, ckpt
+    raise CheckpointError(f"{checkpoint_dir(path.parent.parent)}: no readable checkpoint to resume from "
+                          f"({len(problems)} damaged; the newest: {problems[0]})")
 
 
 def rng_state() -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -24,15 +25,25 @@ from torch.nn.parallel import DistributedDataParallel
 
 from softmask.config import Config, save_config
 from softmask.train import dist
-from softmask.train.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from softmask.train.bad_samples import BadDataError, BadSampleMonitor
+from softmask.train.checkpoint import (
+    checkpoint_path,
+    list_checkpoints,
+    load_resume_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from softmask.train.log import RunLogger
 from softmask.train.schedule import lr_at, param_groups
+from softmask.train.stop import Interrupted, StopRequest, signal_name
 
 log = logging.getLogger("softmask")
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many consecutive non-finite losses); a checkpoint was saved."""
+    """Training cannot go on: too many consecutive non-finite losses (a checkpoint was saved), or
+    training data that cannot be read."""
 
 
 class DataSource(Protocol):
@@ -61,14 +72,17 @@ def total_steps_for(cfg: Config, batches_per_epoch: int | None) -> int:
 
 
 def _batch_size(batch: dict) -> int:
-    return next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
+    """Samples in a batch (0 for a task batch whose every sample was bad: it holds no tensor)."""
+    return next((v.shape[0] for v in batch.values() if torch.is_tensor(v)), 0)
 
 
-def _synced(batches: Iterator[dict], device: torch.device) -> Iterator[tuple[dict | None, int]]:
+def _synced(batches: Iterator[dict], device: torch.device, monitor: BadSampleMonitor
+            ) -> Iterator[tuple[dict | None, int]]:
     """Yield ``(batch, bad samples skipped on all ranks)`` while every rank has a batch; the epoch ends
     on all ranks together when one runs out (shard streams can differ in length). Every rank must
     run the same collectives, so batches are trimmed to the smallest local batch (after bad samples
-    were dropped); ``batch`` is None when some rank has no good sample."""
+    were dropped); ``batch`` is None when some rank has no good sample. Every batch's good and bad
+    samples (summed over ranks, so that all ranks decide alike) go to ``monitor``."""
     it = iter(batches)
     while True:
         batch = next(it, None)
@@ -76,9 +90,11 @@ def _synced(batches: Iterator[dict], device: torch.device) -> Iterator[tuple[dic
         common = -dist.all_reduce_max_int(-size, device)
         if common < 0:
             return
-        for sample in batch.get("skipped_samples", []):
-            log.warning(f"skipped bad sample: {sample}")
-        skipped = int(_reduce(float(batch.get("skipped", 0)), device))
+        local_bad = list(batch.get("skipped_samples", []))
+        counts = dist.all_reduce_sum(torch.tensor([float(batch.get("skipped", 0)), float(size)],
+                                                  dtype=torch.float64, device=device)).tolist()
+        skipped, good = int(counts[0]), int(counts[1])
+        monitor.record(good, local_bad, bad_elsewhere=skipped - len(local_bad))
         yield (_trim(batch, common) if common > 0 else None), skipped
 
 
@@ -87,6 +103,15 @@ def _trim(batch: dict, n: int) -> dict:
     if n == size:
         return batch
     return {k: (v[:n] if torch.is_tensor(v) and v.shape[:1] == (size,) else v) for k, v in batch.items()}
+
+
+def _bad_data_hint(cfg: Config) -> str:
+    """What to check when most samples cannot be read, for the stop message."""
+    if cfg.data.train and all(entry.endswith(".tar") for entry in cfg.data.train):
+        return "the shards of data.train"
+    root = cfg.data.image_root
+    return (f"data.image_root (now '{root}'), the folder the annotation files' image paths start from" if root
+            else "data.image_root (not set: the annotation files' image paths are used as they are)")
 
 
 def _reduce(value: float, device: torch.device) -> float:
@@ -131,9 +156,9 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
     scaler = torch.amp.GradScaler(enabled=cfg.train.precision == "fp16")
     state = TrainState()
 
-    resume_path = resolve_resume(cfg.resume, out)
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
+    resumed = load_resume_checkpoint(cfg.resume, out)
+    if resumed is not None:
+        resume_path, ckpt = resumed
         task.load_state_dict(ckpt["task"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -151,8 +176,13 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
         module = DistributedDataParallel(task, device_ids=ids, **_no_buffer_sync())
 
     logger = RunLogger(out, info.is_main, total_steps, state.step)
+    monitor = BadSampleMonitor(cfg.data.max_bad_share, cfg.data.bad_sample_window, _bad_data_hint(cfg))
+    stop = StopRequest()
+    saved_at = -1
+    in_step = False
 
-    def checkpoint() -> None:
+    def checkpoint() -> Path | None:
+        nonlocal saved_at
         rngs = [rng_state()]
         if dist.is_distributed():
             rngs = [None] * info.world_size
@@ -162,16 +192,25 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
                        "scaler": scaler.state_dict(), "state": asdict(state), "rng": rngs}
             path = save_checkpoint(payload, out, state.step, cfg.train.keep_last)
             log.info(f"saved {path}")
+        saved_at = state.step
         dist.barrier()
+        return checkpoint_path(out, state.step)
+
+    def stop_here(signum: int) -> None:
+        """Save the state at this step boundary (unless just saved) and raise Interrupted."""
+        path = checkpoint() if saved_at != state.step else checkpoint_path(out, state.step)
+        raise Interrupted(f"stopped by {signal_name(signum)} at step {state.step} of {total_steps}; saved {path}",
+                          signum)
 
     accum = cfg.train.grad_accum
     sums: dict[str, torch.Tensor] = {}
     micro, pairs, last_log = 0, 0, time.perf_counter()
     module.train()
+    stop.install()
     try:
         while state.step < total_steps:
-            seen = 0
-            for batch, skipped in _synced(data.batches(state.epoch, state.batch_in_epoch), info.device):
+            seen, resumed_at = 0, state.batch_in_epoch  # > 0 when resuming mid-epoch (or at its very end)
+            for batch, skipped in _synced(data.batches(state.epoch, state.batch_in_epoch), info.device, monitor):
                 seen += 1
                 state.batch_in_epoch += 1
                 state.skipped_samples += skipped
@@ -182,6 +221,7 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
                 last_micro = micro == accum - 1
                 sync = module.no_sync() if isinstance(module, DistributedDataParallel) and not last_micro \
                     else contextlib.nullcontext()
+                in_step = True  # from here until the optimiser step (or its skip), not a step boundary
                 with sync, _autocast(cfg.train.precision, info.device):
                     outputs = module(batch, state.step, micro)
                     loss = outputs["loss"] / accum
@@ -195,14 +235,17 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
                 if micro < accum:
                     continue
                 micro = 0
-                finite = torch.isfinite(sums["loss"]).to(info.device, torch.float64)
-                if dist.all_reduce_sum(finite).item() < info.world_size:  # the step's one sync
+                # The step's one sync: is the loss finite on every rank, and has any rank been told to stop?
+                flags = torch.stack([torch.isfinite(sums["loss"]).to(info.device, torch.float64),
+                                     torch.tensor(float(stop.requested), dtype=torch.float64, device=info.device)])
+                finite_ranks, stopping_ranks = dist.all_reduce_sum(flags).tolist()
+                if finite_ranks < info.world_size:
                     optimizer.zero_grad(set_to_none=True)
                     state.nonfinite_steps += 1
                     state.nonfinite_in_a_row += 1
                     log.warning(f"step {state.step}: non-finite loss, step skipped "
                                 f"({state.nonfinite_in_a_row} in a row)")
-                    sums = {}
+                    sums, in_step = {}, False
                     if state.nonfinite_in_a_row >= cfg.train.max_nonfinite:
                         checkpoint()
                         raise TrainingError(
@@ -217,6 +260,7 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
+                in_step = False
                 logger.step()
                 if state.step % cfg.train.log_every == 0 or state.step == total_steps:
                     elapsed = time.perf_counter() - last_log
@@ -231,20 +275,36 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
                     checkpoint()
                 if state.step >= total_steps:
                     break
+                if stopping_ranks > 0:  # a step boundary: the state a regular checkpoint holds
+                    stop_here(stop.signum or signal.SIGTERM)  # (no signum: another rank was told)
             if state.step >= total_steps:
                 break
-            if seen == 0:
+            if seen == 0 and resumed_at == 0:
                 raise TrainingError(f"epoch {state.epoch} produced no batches: is the training data empty?")
+            monitor.end_epoch()
             state.epoch += 1
             state.batch_in_epoch = 0
             micro, sums = 0, {}
             optimizer.zero_grad(set_to_none=True)  # an incomplete accumulation does not carry over
-    except KeyboardInterrupt:
-        log.warning("interrupted: saving a checkpoint of the last completed step")
-        state.batch_in_epoch -= micro  # batches of an unfinished accumulation are seen again on resume
-        checkpoint()
-        raise
+    except BadDataError as exc:
+        raise TrainingError(str(exc)) from None
+    except Exception as exc:
+        # A SIGTERM to every process of the job (as some clusters send) also ends the DataLoader workers,
+        # and PyTorch then raises in this process: between steps the state is still exact, so save it;
+        # inside a step it is not, so say where the run can continue from.
+        if not stop.requested or isinstance(exc, (Interrupted, TrainingError)):
+            raise
+        log.info(f"the data stopped with the signal ({type(exc).__name__}: {str(exc).strip()[:200]})")
+        if micro == 0 and not in_step:
+            stop_here(stop.signum)
+        found = list_checkpoints(out)
+        last = found[-1] if found else "the start"
+        raise Interrupted(f"stopped by {signal_name(stop.signum)} inside step {state.step + 1} of {total_steps}, "
+                          f"which the data workers did not live to finish: nothing was saved; resume=auto "
+                          f"continues from {last}", stop.signum) from None
     finally:
+        stop.restore()
+        monitor.summary()
         logger.close()
     if info.is_main:
         _unwrap(module).model.save_pretrained(out / "model")

@@ -1,0 +1,101 @@
+"""Reading checkpoint files safely: ``torch.save`` files and safetensors, with one-line errors.
+
+Every command that reads a checkpoint (``resume=``, ``model.init``, ``model.vision.init``,
+``model.text.init``, ``--checkpoint``) goes through here, so a file that is not a checkpoint (a text
+file, a truncated download, a zip of something else) gets the same one-line :class:`CheckpointError`
+naming the file and what was expected. Pickled objects other than tensors are never unpickled
+(``torch.load(weights_only=True)``), and no message suggests turning that off.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+# torch.save writes a zip archive; files from before PyTorch 1.6 are a bare pickle (protocol byte 0x80).
+_LEGACY_PICKLE = b"\x80"
+_ZIP = b"PK\x03\x04"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model; the message names file and key."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _describe_start(head: bytes) -> str:
+    """What the first bytes of a file look like, for a message: text is quoted, binary is hex."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"bytes {head[:8].hex(' ')}"
+    shown = " ".join(text.split())[:40]
+    return f"text {shown!r}" if shown else "blank text"
+
+
+def _open_head(path: Path, expected: str) -> bytes:
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found (expected {expected})")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder (expected {expected})")
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(64)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def read_torch_file(path: str | Path, expected: str = "a PyTorch checkpoint written by torch.save") -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU, or a one-line :class:`CheckpointError`.
+
+    Args:
+        path: the file.
+        expected: what the caller needs, for the message (e.g. "a softmask training checkpoint").
+
+    Raises:
+        CheckpointError: missing, a folder, empty, not a torch.save file, damaged, or holding pickled
+            objects other than tensors and plain containers.
+    """
+    path = Path(path)
+    head = _open_head(path, expected)
+    if not head:
+        raise CheckpointError(f"{path}: is empty (expected {expected})")
+    if head.startswith(_ZIP) and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: damaged or not a checkpoint (a zip archive that cannot be read, e.g. a "
+                              f"write cut short; expected {expected})")
+    if not (zipfile.is_zipfile(path) or head.startswith(_LEGACY_PICKLE)):
+        raise CheckpointError(f"{path}: not a checkpoint: it starts with {_describe_start(head)} (expected {expected})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
+        if found:
+            raise CheckpointError(
+                f"{path}: holds pickled objects other than tensors, and softmask never executes pickled code; "
+                f"re-save its tensors (e.g. as safetensors) to use it ({found})") from None
+        raise CheckpointError(f"{path}: damaged or not a checkpoint (expected {expected}; "
+                              f"{_first_line(exc)})") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError, ... for damaged files
+        raise CheckpointError(f"{path}: damaged or not a checkpoint (expected {expected}; "
+                              f"{type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file on the CPU, or a one-line :class:`CheckpointError`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    head = _open_head(path, "a safetensors file")
+    if not head:
+        raise CheckpointError(f"{path}: is empty (expected a safetensors file)")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file (it starts with {_describe_start(head)}; "
+                              f"{_first_line(exc)})") from None
