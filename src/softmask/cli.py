@@ -13,6 +13,7 @@
     softmask gradcam --checkpoint PATH --image FILE --text "..." --out DIR [--layer L]
                      [--source gradcam|attention] [--compare PATH2]   word Grad-CAM figures
     softmask world  --out DIR [--images N] [--size PX] [--seed S] [--shards]   the synthetic world
+    softmask score vqa --results R --questions Q --annotations A [--json OUT]   official VQA accuracy
 
 Errors in configs or checkpoints print one line naming the file and key, and exit with status 2.
 """
@@ -210,6 +211,24 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from softmask.eval.vqa_official import read_official_files, score
+
+    predictions, annotations = read_official_files(args.results, args.questions, args.annotations)
+    try:
+        result = score(predictions, annotations)
+    except ValueError as exc:
+        raise ConfigError(f"{args.results}: {exc}") from None
+    print(f"overall accuracy {result['overall']:.2f}  ({result['questions']} questions)")
+    for section, title in (("perAnswerType", "answer type"), ("perQuestionType", "question type")):
+        print(f"per {title}:")
+        for name, value in result[section].items():
+            print(f"  {name:32s} {value:6.2f}")
+    if args.json:
+        _write_json(args.json, result)
+    return 0
+
+
 def cmd_world(args: argparse.Namespace) -> int:
     import time
 
@@ -328,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     gradcam.add_argument("--compare", default=None, metavar="PATH2",
                          help="a second model: also write compare.png with a row per model")
     gradcam.set_defaults(func=cmd_gradcam)
+
+    score_cmd = sub.add_parser("score", help="score a results file as the official evaluator does (VQA)")
+    score_cmd.add_argument("task", choices=("vqa",))
+    score_cmd.add_argument("--results", required=True,
+                           help="results in the evaluation server's format: [{question_id, answer}, ...]")
+    score_cmd.add_argument("--questions", required=True, help="the VQA questions file ({questions: [...]})")
+    score_cmd.add_argument("--annotations", required=True, help="the VQA annotations file ({annotations: [...]})")
+    score_cmd.add_argument("--json", default="", help="also write {overall, perAnswerType, perQuestionType} here")
+    score_cmd.set_defaults(func=cmd_score)
 
     world = sub.add_parser("world", help="generate the synthetic image-caption world (images and annotations)")
     world.add_argument("--out", required=True, help="output folder (images/, annotations/, world.json)")

@@ -12,8 +12,8 @@ the answer from the fused question-image states.
 - **Inference** (:func:`rank_answers`): the decoder's first step scores the first token of every
   answer of ``finetune.answer_list``; the ``finetune.answer_candidates`` best answers are scored whole
   (first-token log-prob + the log-probs of the rest, [SEP] included) and the best one is the answer.
-- **Evaluation**: VQA accuracy (:func:`vqa_accuracy`, and the 10-choose-9 averaged form of the official
-  evaluation, :func:`vqa_accuracy_averaged`), overall and per question type; results written as
+- **Evaluation**: VQA accuracy with the official evaluator's rules (:func:`vqa_metrics`, from
+  :mod:`softmask.eval.vqa_official`), overall and per answer type; results written as
   ``vqa_{split}_results.json`` in the evaluation server's format. Test records may lack answers.
 
 Record format (ALBEF's): ``{"question_id", "question", "answer": [str, ...] or str, "image",
@@ -40,6 +40,7 @@ from softmask.data.annotations import AnnotationError, _read_json, _type_name
 from softmask.data.task_data import Field, TaskDataset, eval_loader, load_task_records, train_loader
 from softmask.data.text import load_tokenizer, tokenize
 from softmask.data.transforms import EvalTransform, training_transform
+from softmask.eval.vqa_official import question_accuracy
 from softmask.models.answer_decoder import build_answer_decoder, token_log_probs
 from softmask.objectives.distill import ema_update, momentum_copy
 from softmask.tasks.finetune import TaskModel
@@ -58,52 +59,24 @@ RANK_CHUNK = 256  # answer sequences scored per decoder pass at inference (bound
 # --------------------------------------------------------------------------------------------------
 
 
-def _norm(answer: str) -> str:
-    """Lower-case, whitespace collapsed (the evaluation server normalises further, see below)."""
-    return " ".join(str(answer).lower().split())
-
-
-def vqa_accuracy(prediction: str, human_answers: list[str]) -> float:
-    """The VQA accuracy formula: min(#humans who gave ``prediction`` / 3, 1), in [0, 1].
-
-    Answers are compared after lower-casing and collapsing whitespace. The official evaluation averages
-    this formula over the 10 subsets of 9 of the 10 humans (:func:`vqa_accuracy_averaged`) and also
-    normalises punctuation, number words, articles and contractions; for official numbers, submit the
-    written results JSON to the evaluation server (or run its script on it).
-    """
-    prediction = _norm(prediction)
-    matches = sum(_norm(a) == prediction for a in human_answers)
-    return min(matches / 3.0, 1.0)
-
-
-def vqa_accuracy_averaged(prediction: str, human_answers: list[str]) -> float:
-    """The official evaluation's averaging: the mean of :func:`vqa_accuracy` over the n subsets that
-    leave one of the n humans out (n = 10 in VQA 2.0: 3 matching humans give 0.9, 4 or more give 1).
-    With a single human answer it is :func:`vqa_accuracy`. Answers compared as there."""
-    n = len(human_answers)
-    if n <= 1:
-        return vqa_accuracy(prediction, human_answers)
-    return sum(vqa_accuracy(prediction, human_answers[:i] + human_answers[i + 1:]) for i in range(n)) / n
-
-
 def _slug(value: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", value.lower()).strip("_") or "none"
 
 
 def vqa_metrics(rows: list[dict]) -> dict:
-    """Metrics in % of rows ``{"prediction", "answers": [str] | None, "qtype": str | None}``: ``acc``
-    (the plain formula), ``acc_averaged`` (10-choose-9), ``acc_<type>`` per question type, and the counts
-    ``questions`` and ``scored``. Accuracies are left out when no row has human answers (a test split)."""
-    scored = [row for row in rows if row["answers"]]
+    """Metrics in % of rows ``{"prediction", "answers": [str] | None, "qtype": str | None}``, with the
+    official evaluator's rules (:mod:`softmask.eval.vqa_official`: answer normalisation, 10-choose-9):
+    ``acc`` over the questions with human answers, ``acc_<type>`` per answer type (the record's
+    ``answer_type`` or ``type``), and the counts ``questions`` and ``scored``. Accuracies are left out
+    when no row has human answers (a test split). ``softmask score vqa`` gives the same ``acc`` from
+    the results file and the official question and annotation files."""
+    scored = [(row, question_accuracy(row["prediction"], row["answers"])) for row in rows if row["answers"]]
     metrics: dict = {}
     if scored:
-        metrics["acc"] = 100.0 * sum(vqa_accuracy(r["prediction"], r["answers"]) for r in scored) / len(scored)
-        metrics["acc_averaged"] = 100.0 * sum(vqa_accuracy_averaged(r["prediction"], r["answers"])
-                                              for r in scored) / len(scored)
-        for qtype in sorted({r["qtype"] for r in scored if r["qtype"]}):
-            group = [r for r in scored if r["qtype"] == qtype]
-            metrics[f"acc_{_slug(qtype)}"] = 100.0 * sum(vqa_accuracy(r["prediction"], r["answers"])
-                                                         for r in group) / len(group)
+        metrics["acc"] = 100.0 * sum(acc for _, acc in scored) / len(scored)
+        for qtype in sorted({r["qtype"] for r, _ in scored if r["qtype"]}):
+            group = [acc for r, acc in scored if r["qtype"] == qtype]
+            metrics[f"acc_{_slug(qtype)}"] = 100.0 * sum(group) / len(group)
     metrics["questions"] = len(rows)
     metrics["scored"] = len(scored)
     return metrics
@@ -482,5 +455,5 @@ def evaluate(cfg: Config, model: VQAModel, split: str, out_dir: Path | None) -> 
 
 
 __all__ = ["AnswerList", "VQAModel", "VQATask", "answer_weights", "build_model", "build_task", "build_train_data",
-           "evaluate", "flatten_answers", "rank_answers", "read_answer_list", "sequence_nll", "vqa_accuracy",
-           "vqa_accuracy_averaged", "vqa_metrics", "weighted_question_loss"]
+           "evaluate", "flatten_answers", "rank_answers", "read_answer_list", "sequence_nll", "vqa_metrics",
+           "weighted_question_loss"]
