@@ -115,3 +115,11 @@ def test_world_mini_recipe_starts_from_the_pretrained_encoders():
     assert cfg.model.vision == vit.model.vision  # the image encoder pretrain-vision makes fits it
     assert cfg.model.text.init == "minilm" and cfg.model.text.init_layers == "first"
     assert cfg.model.text_pooling == "mean" and cfg.model.fused_pooling == "mean"
+
+
+def test_retrieval_ranks_by_the_itm_logit_alone_as_albef_by_default_and_in_every_shipped_config():
+    from softmask.config import Config
+
+    assert Config().finetune.score == "itm"
+    for name in ("retrieval_coco", "retrieval_flickr", "retrieval_tiny"):
+        assert load_config(CONFIGS / "finetune" / f"{name}.yaml").finetune.score == "itm", name

@@ -196,8 +196,9 @@ def evaluate_retrieval(model: VisionLanguageModel, pixels: torch.Tensor, input_i
 
     Args:
         k: candidates per query (the paper: 128 Flickr30K, 256 COCO).
-        score: "itm" (the ITM match logit decides among the candidates) or "itm+itc" (the match logit plus
-            the ITC cosine similarity, as ALBEF's evaluation code does).
+        score: "itm" (the ITM match logit alone decides among the candidates, as ALBEF's evaluation code
+            does: it computes the candidates' ITC similarities and never uses them) or "itm+itc" (the match
+            logit plus the ITC cosine similarity, a later rule: BLIP's).
     Non-candidates score -inf, so they rank below every candidate.
     """
     if score not in ("itm", "itm+itc"):
