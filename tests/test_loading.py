@@ -1,5 +1,7 @@
 """Whole-model checkpoints (ALBEF/TCL format, softmask folders) and the loaders' error handling."""
 
+import logging
+
 import pytest
 import torch
 
@@ -197,3 +199,56 @@ def test_ddp_prefix_and_nesting_are_unwrapped(tmp_path):
 def test_compact_keys():
     keys = [f"blocks.{i}.attn.{p}" for i in range(3) for p in ("weight", "bias")] + ["norm.weight", "head.5.x.w"]
     assert compact_keys(keys) == "blocks.{0-2}.attn.{bias,weight}, head.5.x.w, norm.weight"
+
+
+def _pretrain_task(tiny_cfg, init: str, queue_size: int = 64):
+    from softmask.config import config_from_dict, to_dict
+    from softmask.tasks.pretrain import PretrainTask, continue_from_albef
+
+    cfg = config_from_dict({"model": {**to_dict(tiny_cfg), "init": init}, "itc": {"queue_size": queue_size}})
+    torch.manual_seed(0)
+    task = PretrainTask(cfg, create_model(cfg.model), {"cls": 1, "sep": 2, "pad": 0, "mask": 3}, 10)
+    continue_from_albef(task, init)
+    return task
+
+
+def test_continued_pretraining_starts_from_the_checkpoints_momentum_encoders_and_queues(tmp_path, tiny_cfg,
+                                                                                       caplog):
+    sd = albef_state_dict(tiny_cfg)
+    g = torch.Generator().manual_seed(1)
+    for key in [k for k in sd if k.split(".")[0].endswith("_m")]:  # a trained momentum model differs
+        sd[key] = sd[key] + 0.1 * torch.randn(sd[key].shape, generator=g)
+    c = "text_encoder_m.cls.predictions."  # tied in ALBEF's checkpoints, as in the online copy
+    sd[c + "decoder.bias"] = sd[c + "bias"]
+    sd[c + "decoder.weight"] = sd["text_encoder_m.bert.embeddings.word_embeddings.weight"]
+    sd["queue_ptr"] = torch.tensor([24])
+    path = tmp_path / "ALBEF_tiny.pth"
+    torch.save({"model": sd}, path)
+    caplog.set_level(logging.INFO, logger="softmask")
+    task = _pretrain_task(tiny_cfg, str(path))
+    online, momentum = task.model.state_dict(), task.momentum_model.state_dict()
+    assert torch.equal(online["visual_encoder.blocks.1.attn.qkv.weight"], sd["visual_encoder.blocks.1.attn.qkv.weight"])
+    assert torch.equal(momentum["visual_encoder.blocks.1.attn.qkv.weight"],
+                       sd["visual_encoder_m.blocks.1.attn.qkv.weight"])
+    b = "text_encoder_m.bert.encoder.layer.3.crossattention.self."
+    assert torch.equal(momentum["fusion_encoder.layers.1.cross_attn.kv.weight"],
+                       torch.cat([sd[b + "key.weight"], sd[b + "value.weight"]]))
+    assert torch.equal(momentum["text_proj.weight"], sd["text_proj_m.weight"])
+    assert torch.equal(momentum["mlm_head.bias"], sd["text_encoder_m.cls.predictions.bias"])
+    assert torch.equal(momentum["itm_head.weight"], online["itm_head.weight"])  # ALBEF keeps no momentum ITM head
+    assert torch.equal(task.image_queue.feats, sd["image_queue"].t())
+    assert torch.equal(task.text_queue.feats, sd["text_queue"].t())
+    assert int(task.image_queue.ptr) == int(task.text_queue.ptr) == 24 and int(task.image_queue.filled) == 64
+    assert "model.init (momentum model): loaded" in caplog.text and "queue_ptr (24) taken" in caplog.text
+    # Another queue size: the queues are not taken (and the log says why); the momentum model still is.
+    other = _pretrain_task(tiny_cfg, str(path), queue_size=32)
+    assert "queues: not taken" in caplog.text and int(other.image_queue.ptr) == 0
+    assert torch.equal(other.momentum_model.state_dict()["text_proj.weight"], sd["text_proj_m.weight"])
+
+
+def test_a_checkpoint_without_momentum_encoders_keeps_the_online_copy(tmp_path, tiny_cfg):
+    path = tmp_path / "ALBEF_finetuned.pth"
+    torch.save({"model": albef_state_dict(tiny_cfg, momentum=False)}, path)
+    task = _pretrain_task(tiny_cfg, str(path))
+    online, momentum = task.model.state_dict(), task.momentum_model.state_dict()
+    assert all(torch.equal(online[k], momentum[k]) for k in online)

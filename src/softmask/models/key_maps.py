@@ -180,7 +180,7 @@ def albef_rule(fusion_layer: int) -> Callable[[str], Target | Ignore | None]:
         if heads.fullmatch(key):
             return key, None
         if _ALBEF_MOMENTUM.match(key) or key in _ALBEF_QUEUES:
-            return Ignore("momentum copy / feature queue (rebuilt from the online weights for pretraining)")
+            return Ignore("momentum copy / feature queue, not part of the model (pretraining continues from them)")
         return None
 
     return rule

@@ -433,6 +433,37 @@ def load_model_checkpoint(model, path: str | Path, key: str = "model.init") -> L
     return _apply(model, mapped, report, source, ("",))
 
 
+# An ALBEF/TCL pretraining checkpoint's momentum encoders, and the online names they mirror.
+ALBEF_MOMENTUM_PREFIXES = {"visual_encoder_m.": "visual_encoder.", "text_encoder_m.": "text_encoder.",
+                           "vision_proj_m.": "vision_proj.", "text_proj_m.": "text_proj."}
+ALBEF_QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr")
+
+
+def read_albef_training_state(path: str | Path, key: str = "model.init"
+                              ) -> tuple[Path, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """What continued pretraining takes from an ALBEF/TCL pretraining checkpoint besides the online
+    weights: ``(file, momentum tensors under the online model's ALBEF names, queue tensors)``, or None
+    for a checkpoint without momentum encoders (a fine-tuned one, a softmask folder, ...). Queues are
+    ALBEF's ``image_queue``/``text_queue`` (dim, size) and ``queue_ptr`` (1,), as stored."""
+    source, sd, fmt, _ = _open(path, key)
+    if fmt != "albef":
+        return None
+    momentum = {online + k[len(prefix):]: v for k, v in sd.items()
+                for prefix, online in ALBEF_MOMENTUM_PREFIXES.items() if k.startswith(prefix)}
+    if not momentum:
+        return None
+    return source, momentum, {k: sd[k] for k in ALBEF_QUEUE_KEYS if k in sd}
+
+
+def load_albef_momentum(momentum_model, source: Path, momentum: dict[str, torch.Tensor],
+                        key: str = "model.init") -> LoadReport:
+    """Load :func:`read_albef_training_state`'s momentum tensors into ``momentum_model`` (the online
+    model's copy). ALBEF keeps no momentum ITM head or temperature: they stay the online model's."""
+    report = LoadReport(str(source), f"{key} (momentum model)", "albef")
+    mapped = _map(momentum, albef_rule(momentum_model.config.text.fusion_layer), report)
+    return _apply(momentum_model, mapped, report, source, ("",))
+
+
 def load_softmask_folder(model, directory: str | Path, strict: bool = True) -> LoadReport:
     """Load ``model.safetensors`` of a ``save_pretrained`` folder; with ``strict`` every tensor of the
     model must be present and every tensor of the file must be used."""

@@ -121,6 +121,26 @@ class PretrainTask(nn.Module):
         """Distillation weight, ramped linearly from 0 over the first epoch (or alpha_warmup_steps)."""
         return ramped_alpha(self.cfg.distill.alpha, step, self.alpha_warmup_steps)
 
+    @torch.no_grad()
+    def load_albef_queues(self, queues: dict[str, torch.Tensor], source: str) -> str:
+        """Take an ALBEF checkpoint's ``image_queue``/``text_queue`` (dim, size) and ``queue_ptr`` (1,) into
+        the feature queues (size, dim); returns what was done, for the log. Queues of another shape than
+        ``(model.embed_dim, itc.queue_size)`` are not taken (the queues stay random)."""
+        dim, size = self.cfg.model.embed_dim, self.cfg.itc.queue_size
+        image, text, ptr = (queues.get(k) for k in ("image_queue", "text_queue", "queue_ptr"))
+        if image is None or text is None or ptr is None:
+            return f"queues: {source} holds none; they start random"
+        if tuple(image.shape) != (dim, size) or tuple(text.shape) != (dim, size):
+            return (f"queues: not taken from {source}: they are {tuple(image.shape)} (dim x entries) but "
+                    f"model.embed_dim x itc.queue_size is ({dim}, {size}); they start random")
+        position = int(ptr.reshape(-1)[0]) % size
+        for queue, feats in ((self.image_queue, image), (self.text_queue, text)):
+            queue.feats.copy_(feats.t())
+            queue.ptr.fill_(position)
+            queue.filled.fill_(size)
+        return (f"queues: image_queue and text_queue ({size} entries of {dim}) and queue_ptr ({position}) taken "
+                f"from {source}")
+
     def momentum_update(self) -> None:
         ema_update(self.model, self.momentum_model, self.cfg.distill.momentum)
 
@@ -375,7 +395,25 @@ def build_task(cfg: Config, model: VisionLanguageModel, alpha_warmup_steps: int)
     continuation = continuation_table(vocab)
     if continuation.numel() < cfg.model.text.vocab_size:  # ids the tokenizer never produces
         continuation = F.pad(continuation, (0, cfg.model.text.vocab_size - continuation.numel()))
-    return PretrainTask(cfg, model, special_token_ids(tokenizer), alpha_warmup_steps, continuation)
+    task = PretrainTask(cfg, model, special_token_ids(tokenizer), alpha_warmup_steps, continuation)
+    if cfg.model.init:
+        continue_from_albef(task, cfg.model.init)
+    return task
+
+
+def continue_from_albef(task: PretrainTask, init: str) -> None:
+    """Continued pretraining, as ALBEF's own script does it: when ``model.init`` is an ALBEF/TCL
+    pretraining checkpoint holding momentum encoders and queues, the momentum model and the queues
+    start from them instead of from a copy of the online weights and random vectors. Other checkpoints
+    (fine-tuned ones, softmask folders) change nothing. Both steps are logged."""
+    from softmask.models.loading import load_albef_momentum, read_albef_training_state
+
+    state = read_albef_training_state(init)
+    if state is None:
+        return
+    source, momentum, queues = state
+    log.info(load_albef_momentum(task.momentum_model, source, momentum).summary())
+    log.info(task.load_albef_queues(queues, str(source)))
 
 
 def pretrain(cfg: Config):
