@@ -1,8 +1,9 @@
 """Visual entailment (SNLI-VE): does the image entail, contradict or say nothing
 about the sentence?
 
-The model (:class:`VEModel`) is the pretrained backbone with ALBEF's classifier on the fused [CLS]:
-``Linear(D, 2D) -> ReLU -> Linear(2D, 3)``. Training minimises the cross-entropy of the three
+The model (:class:`VEModel`) is the pretrained backbone with a classifier on the fused [CLS]:
+``Linear(D, 2D) -> ReLU -> Linear(2D, 3)`` (ALBEF's hidden layer is D wide; docs/method.md lists
+the difference). Training minimises the cross-entropy of the three
 labels; with ``distill.alpha > 0`` a momentum (EMA) copy of the whole model supplies soft targets
 as in ALBEF: ``(1 - alpha) * CE(logits, label) + alpha * CE(logits, softmax(momentum logits))``,
 alpha ramped from 0 over ``distill.alpha_warmup_steps`` (0: the first epoch).
