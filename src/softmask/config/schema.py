@@ -275,6 +275,9 @@ class ITMConfig:
 class MLMConfig:
     probability: float = 0.15  # share of tokens chosen; of those 80% [MASK], 10% random, 10% unchanged
     weight: float = 1.0
+    # [SEP] may be chosen, as in ALBEF's code ([CLS] and [PAD] never are); false never chooses it
+    # (configs/pretrain/world_mini.yaml keeps false: its results were measured so).
+    mask_sep: bool = True
 
     def validate(self, key: str) -> None:
         if not 0 < self.probability < 1:

@@ -113,7 +113,10 @@ class PretrainTask(nn.Module):
         self.register_buffer("continuation", continuation if continuation is not None
                              else torch.zeros(0, dtype=torch.bool), persistent=False)
         self._last_weight_fraction = torch.zeros(())
-        self.special_ids = sorted({special_ids["cls"], special_ids["sep"], special_ids["pad"]})
+        self.special_ids = sorted({special_ids["cls"], special_ids["sep"], special_ids["pad"]})  # not words
+        # Never chosen for MLM: [CLS] and [PAD] (ALBEF), and [SEP] too with mlm.mask_sep=false.
+        self.mlm_excluded = sorted({special_ids["cls"], special_ids["pad"],
+                                    *([] if cfg.mlm.mask_sep else [special_ids["sep"]])})
         self.mask_id = special_ids["mask"]
         self.alpha_warmup_steps = max(1, alpha_warmup_steps)
 
@@ -162,7 +165,7 @@ class PretrainTask(nn.Module):
 
         # MLM masks, drawn for the whole global batch so that every rank draws the same stream.
         ids_all, mask_all = dist.all_gather(ids), dist.all_gather(mask)
-        masked_all, targets_all = mask_tokens(ids_all, mask_all, cfg.model.text.vocab_size, self.special_ids,
+        masked_all, targets_all = mask_tokens(ids_all, mask_all, cfg.model.text.vocab_size, self.mlm_excluded,
                                               cfg.mlm.probability, gen, self.mask_id)
         masked_ids, mlm_targets = masked_all[rows], targets_all[rows]
         chosen = mlm_targets != -100
