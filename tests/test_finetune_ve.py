@@ -132,3 +132,45 @@ def test_loss_falls_on_a_fixed_batch(world):
         accs.append(out["acc"].item())
     assert losses[0] > math.log(3) - 0.2
     assert sum(losses[-3:]) / 3 < 0.6 * losses[0] and accs[-1] >= 5 / 6
+
+
+def test_an_albef_ve_checkpoint_loads_and_gives_its_classifiers_outputs(world, tmp_path, capsys):
+    """A checkpoint in the layout of ALBEF's VE script ({"model": ...}: a BertModel text encoder, cls_head.0/2,
+    momentum copies, no projections or ITM head) loads for evaluation; its logits are the file's
+    classifier on the fused [CLS] of the file's backbone."""
+    from softmask.models.loading import load_model_checkpoint
+    from softmask.models.vlp import create_model
+    from softmask.tasks.finetune import load_task_model
+
+    from conftest import tiny_model_config
+    from test_loading import albef_state_dict
+
+    model_cfg = tiny_model_config()
+    sd = {k.replace("text_encoder.bert.", "text_encoder."): v for k, v in albef_state_dict(model_cfg).items()
+          if not k.startswith(("text_encoder.cls.", "text_encoder_m.cls.", "vision_proj", "text_proj", "itm_head"))
+          and k not in ("temp", "image_queue", "text_queue", "queue_ptr")}
+    g = torch.Generator().manual_seed(3)
+    d = model_cfg.text.hidden_size
+    head = {"cls_head.0.weight": torch.randn(d, d, generator=g), "cls_head.0.bias": torch.randn(d, generator=g),
+            "cls_head.2.weight": torch.randn(3, d, generator=g), "cls_head.2.bias": torch.randn(3, generator=g)}
+    sd.update(head)
+    sd.update({k.replace("cls_head.", "cls_head_m."): v.clone() for k, v in head.items()})
+    path = tmp_path / "ALBEF_ve.pth"
+    torch.save({"model": sd, "epoch": 4}, path)
+    cfg = load_config(CONFIG, [f"world={world}", "finetune.task=ve"])
+    cfg.model = model_cfg
+    model = load_task_model(cfg, path).eval()
+    pixels, ids = torch.randn(2, 3, 32, 32), torch.randint(5, 120, (2, 7))
+    mask = torch.ones_like(ids)
+    backbone = create_model(model_cfg).eval()
+    load_model_checkpoint(backbone, path)
+    with torch.no_grad():
+        cls = backbone.fuse(backbone.encode_text(ids, mask), mask, backbone.encode_image(pixels))[:, 0]
+        expected = F.relu(cls @ head["cls_head.0.weight"].T + head["cls_head.0.bias"]) @ head["cls_head.2.weight"].T \
+            + head["cls_head.2.bias"]
+        assert torch.allclose(model(pixels, ids, mask), expected, atol=1e-5)
+    # A pretraining checkpoint (no cls_head) is not a VE checkpoint: one line naming what is missing.
+    pre = tmp_path / "ALBEF_4M.pth"
+    torch.save({"model": albef_state_dict(model_cfg)}, pre)
+    with pytest.raises(CheckpointError, match=r"does not fit the ve model .* not in the file .*cls_head"):
+        load_task_model(cfg, pre)

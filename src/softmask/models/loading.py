@@ -464,6 +464,40 @@ def load_albef_momentum(momentum_model, source: Path, momentum: dict[str, torch.
     return _apply(momentum_model, mapped, report, source, ("",))
 
 
+def load_albef_task_checkpoint(task_model, path: str | Path, heads: tuple[str, ...],
+                               key: str = "--checkpoint") -> LoadReport:
+    """Load an ALBEF fine-tuned task checkpoint (its scripts save ``{"model": state_dict}``) into a task
+    model: the backbone (``visual_encoder.*``, ``text_encoder.*`` as a BertModel or BertForMaskedLM) into
+    ``task_model.backbone``, and the tensors under the ``heads`` prefixes (e.g. ``cls_head.``, the same
+    names in both) into the task's heads. Momentum copies (``*_m``) are reported and skipped.
+
+    Raises:
+        CheckpointError: not ALBEF's layout, sizes that do not fit, or tensors that fit nowhere.
+    """
+    source, sd, fmt, report = _open(path, key)
+    if fmt != "albef":
+        raise _wrong_format(source, key, fmt, "an ALBEF fine-tuned task checkpoint")
+    backbone = albef_rule(task_model.backbone.config.text.fusion_layer)
+    momentum_heads = tuple(prefix.rstrip(".") + "_m." for prefix in heads)
+
+    def rule(name: str) -> Target | Ignore | None:
+        if name.startswith(heads):
+            return name, None
+        if name.startswith(momentum_heads):
+            return Ignore("momentum copy of the task head (used by distillation in fine-tuning only)")
+        target = backbone(name)
+        if isinstance(target, tuple):
+            return "backbone." + target[0], target[1]
+        return target
+
+    vit = {k[len("visual_encoder."):]: v for k, v in sd.items() if k.startswith("visual_encoder.")}
+    _check_vit(task_model.backbone, vit, source, "model.vision", None)
+    bert = {strip_prefix(k[len("text_encoder."):], ("bert.",)): v
+            for k, v in sd.items() if k.startswith("text_encoder.")}
+    _check_bert(task_model.backbone, bert, source, "model.text", None, expect_fusion=True)
+    return _apply(task_model, _map(sd, rule, report), report, source, ("",))
+
+
 def load_softmask_folder(model, directory: str | Path, strict: bool = True) -> LoadReport:
     """Load ``model.safetensors`` of a ``save_pretrained`` folder; with ``strict`` every tensor of the
     model must be present and every tensor of the file must be used."""

@@ -60,6 +60,11 @@ class TaskModel(nn.Module):
     evaluation rebuilds the same architecture. ``config`` is the model section."""
 
     task_name = ""
+    # ALBEF's fine-tuned checkpoints of this task: the prefixes of its head tensors (the same names
+    # here), and the backbone modules the task does not use (absent from such a checkpoint). Empty
+    # ``albef_heads``: loading them is not supported.
+    albef_heads: tuple[str, ...] = ()
+    unused_modules: tuple[str, ...] = ()
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -112,6 +117,33 @@ def saved_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
     return read_safetensors(folder / WEIGHTS_FILE), yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}, folder
 
 
+def load_albef_task_model(cfg: Config, path: Path) -> nn.Module:
+    """The model of ``cfg.finetune.task`` (architecture from ``cfg.model``) with an ALBEF fine-tuned task
+    checkpoint's weights. Every tensor the task uses must come from the file.
+
+    Raises:
+        CheckpointError: the file is not one (not a checkpoint, not ALBEF's layout, another architecture),
+            or the task does not support ALBEF's checkpoints yet.
+    """
+    from softmask.models.loading import compact_keys, load_albef_task_checkpoint
+
+    task_name = cfg.finetune.task
+    cfg.model.init = cfg.model.vision.init = cfg.model.text.init = ""
+    model = get_task(task_name).build_model(cfg)
+    if not model.albef_heads:
+        raise CheckpointError(f"{path}: loading ALBEF's fine-tuned {task_name} checkpoints is not supported yet "
+                              "(docs/method.md lists what differs); fine-tune from its pretraining checkpoint")
+    report = load_albef_task_checkpoint(model, path, model.albef_heads)
+    unused = tuple(f"backbone.{name}" for name in (*model.unused_modules, "temp"))
+    needed = [k for k in report.missing if not k.startswith(unused)]
+    if needed or report.unexpected:
+        problems = [f"{label} ({len(keys)}): {compact_keys(keys)}"
+                    for label, keys in (("not in the file", needed), ("not understood", report.unexpected)) if keys]
+        raise CheckpointError(f"{path}: does not fit the {task_name} model of the config; " + "; ".join(problems))
+    log.info(report.summary())
+    return model
+
+
 def saved_task_name(saved: dict) -> str:
     """The task a saved config belongs to: a model folder's ``task``, a run config's ``finetune.task``."""
     return saved.get("task") or (saved.get("finetune") or {}).get("task") or ""
@@ -131,8 +163,10 @@ def load_task_model(cfg: Config, path: str | Path) -> nn.Module:
     try:
         state, saved, source = saved_state(path)
     except CheckpointError:
-        if task_name != "retrieval" or not path.is_file():
+        if not path.is_file():
             raise
+        if task_name != "retrieval":
+            return load_albef_task_model(cfg, path)
         state, saved, source = None, {}, path  # a foreign checkpoint: loaded through model.init
     found = saved_task_name(saved)
     if task_name == "retrieval" and found in ("", "retrieval"):

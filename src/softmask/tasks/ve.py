@@ -1,9 +1,9 @@
 """Visual entailment (SNLI-VE): does the image entail, contradict or say nothing
 about the sentence?
 
-The model (:class:`VEModel`) is the pretrained backbone with a classifier on the fused [CLS]:
-``Linear(D, 2D) -> ReLU -> Linear(2D, 3)`` (ALBEF's hidden layer is D wide; docs/method.md lists
-the difference). Training minimises the cross-entropy of the three
+The model (:class:`VEModel`) is the pretrained backbone with ALBEF's classifier on the fused [CLS]:
+``Linear(D, D) -> ReLU -> Linear(D, 3)`` (``cls_head``, ALBEF's names, so its fine-tuned VE checkpoints
+load: ``softmask evaluate ve --checkpoint ALBEF_ve.pth``). Training minimises the cross-entropy of the three
 labels; with ``distill.alpha > 0`` a momentum (EMA) copy of the whole model supplies soft targets
 as in ALBEF: ``(1 - alpha) * CE(logits, label) + alpha * CE(logits, softmax(momentum logits))``,
 alpha ramped from 0 over ``distill.alpha_warmup_steps`` (0: the first epoch).
@@ -62,11 +62,13 @@ class VEModel(TaskModel):
     initialisation, as ALBEF's)."""
 
     task_name = "ve"
+    albef_heads = ("cls_head.",)
+    unused_modules = UNUSED_MODULES
 
     def __init__(self, backbone: VisionLanguageModel):
         super().__init__(backbone)
         width = backbone.config.text.hidden_size
-        self.cls_head = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, len(LABELS)))
+        self.cls_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, len(LABELS)))
         for name in UNUSED_MODULES:
             for param in getattr(backbone, name).parameters():
                 param.requires_grad_(False)
