@@ -312,3 +312,58 @@ def test_shipped_configs_follow_the_recipe():
     assert nlvr2._architecture(ta.model) == nlvr2._architecture(ft.model) == nlvr2._architecture(four_m.model)
     tiny = load_config(TINY, ["finetune.task=nlvr2", "world=/w", "finetune.stage=text_assignment"])
     assert tiny.finetune.train == ["/w/annotations/nlvr_ta.json"] and tiny.finetune.val == []
+
+
+def test_an_albef_nlvr2_checkpoint_loads_its_paired_layers_and_head(task_world, tmp_path):
+    """ALBEF's NLVR2 layout: its BERT holds fusion layers in pairs (fusion_layer + 2i for image 1, + 2i + 1
+    for image 2, the second's cross-attention key/value tied to the first's) and a D-wide cls_head."""
+    import torch.nn.functional as F
+
+    from softmask.tasks.finetune import load_task_model
+
+    from test_loading import albef_state_dict
+
+    model_cfg = tiny_model_config()
+    fusion, layers = model_cfg.text.fusion_layer, model_cfg.text.num_layers
+    single = albef_state_dict(model_cfg, momentum=False)
+    sd = {k: v for k, v in single.items() if k.startswith("visual_encoder.")}
+    g = torch.Generator().manual_seed(5)
+    for key, value in single.items():
+        m = re.fullmatch(r"text_encoder\.bert\.(encoder\.layer\.(\d+)\.(.+))", key)
+        if m is None:
+            if key.startswith("text_encoder.bert.embeddings."):
+                sd[key.replace("text_encoder.bert.", "text_encoder.")] = value
+            continue
+        j, rest = int(m[2]), m[3]
+        if j < fusion:
+            sd[f"text_encoder.encoder.layer.{j}.{rest}"] = value
+            continue
+        first, second = fusion + 2 * (j - fusion), fusion + 2 * (j - fusion) + 1
+        sd[f"text_encoder.encoder.layer.{first}.{rest}"] = value
+        tied = rest.startswith(("crossattention.self.key.", "crossattention.self.value."))
+        sd[f"text_encoder.encoder.layer.{second}.{rest}"] = value if tied else value + torch.randn(
+            value.shape, generator=g)
+    d = model_cfg.text.hidden_size
+    head = {"cls_head.0.weight": torch.randn(d, d, generator=g), "cls_head.0.bias": torch.randn(d, generator=g),
+            "cls_head.2.weight": torch.randn(2, d, generator=g), "cls_head.2.bias": torch.randn(2, generator=g)}
+    sd.update(head)
+    path = tmp_path / "ALBEF_nlvr.pth"
+    torch.save({"model": sd}, path)
+    cfg = load_config(TINY, [f"world={task_world}", "finetune.task=nlvr2"])
+    cfg.model = model_cfg
+    model = load_task_model(cfg, path).eval()
+    blocks = model.backbone.fusion_encoder.layers
+    t = "text_encoder.encoder.layer."
+    assert torch.equal(blocks[1].first.ffn.fc2.weight, sd[f"{t}{fusion + 2}.output.dense.weight"])
+    assert torch.equal(blocks[1].second.ffn.fc2.weight, sd[f"{t}{fusion + 3}.output.dense.weight"])
+    assert torch.equal(blocks[0].second.cross_attn.q.weight, sd[f"{t}{fusion + 1}.crossattention.self.query.weight"])
+    kv = torch.cat([sd[f"{t}{fusion + 2}.crossattention.self.{n}.weight"] for n in ("key", "value")])
+    assert torch.equal(blocks[1].first.cross_attn.kv.weight, kv) and blocks[1].second.cross_attn.kv is \
+        blocks[1].first.cross_attn.kv
+    assert len(blocks) == layers - fusion
+    pixels, (ids, mask) = torch.randn(2, 2, 3, 32, 32), text_batch(b=2)
+    with torch.no_grad():
+        cls = model.backbone(pixels, ids, mask)[:, 0]
+        expected = F.relu(cls @ head["cls_head.0.weight"].T + head["cls_head.0.bias"]) @ head["cls_head.2.weight"].T \
+            + head["cls_head.2.bias"]
+        assert torch.allclose(model(pixels, ids, mask), expected, atol=1e-5)

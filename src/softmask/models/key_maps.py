@@ -184,3 +184,23 @@ def albef_rule(fusion_layer: int) -> Callable[[str], Target | Ignore | None]:
         return None
 
     return rule
+
+
+def albef_paired_rule(fusion_layer: int) -> Callable[[str], Target | Ignore | None]:
+    """ALBEF's NLVR2 checkpoints: their BERT has two layers per fusion layer, ``fusion_layer + 2i``
+    (attending to image 1) and ``fusion_layer + 2i + 1`` (image 2), which become our
+    ``fusion_encoder.layers.{i}.first`` and ``.second``; the second's cross-attention key/value is
+    tied to the first's (one tensor here). Everything else as :func:`albef_rule`."""
+    single = albef_rule(fusion_layer)
+    fusion_key = re.compile(r"text_encoder\.(?:bert\.)?encoder\.layer\.(?P<j>\d+)\.(?P<rest>.+)")
+
+    def rule(key: str) -> Target | Ignore | None:
+        m = fusion_key.fullmatch(key)
+        if m is None or int(m["j"]) < fusion_layer:
+            return single(key)
+        i, second = divmod(int(m["j"]) - fusion_layer, 2)
+        if second and re.match(r"crossattention\.self\.(key|value)\.", m["rest"]):
+            return Ignore("the second block's cross-attention key/value, tied to the first block's")
+        return _layer_target(_BERT_LAYER, m["rest"], f"fusion_encoder.layers.{i}.{'second' if second else 'first'}")
+
+    return rule

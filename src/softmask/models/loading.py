@@ -29,7 +29,16 @@ from pathlib import Path
 import torch
 
 from softmask.checkpoint_files import CheckpointError, read_safetensors, read_torch_file
-from softmask.models.key_maps import Ignore, Target, albef_rule, bert_rule, hf_vit_rule, strip_prefix, vit_rule
+from softmask.models.key_maps import (
+    Ignore,
+    Target,
+    albef_paired_rule,
+    albef_rule,
+    bert_rule,
+    hf_vit_rule,
+    strip_prefix,
+    vit_rule,
+)
 
 log = logging.getLogger("softmask")
 
@@ -464,12 +473,13 @@ def load_albef_momentum(momentum_model, source: Path, momentum: dict[str, torch.
     return _apply(momentum_model, mapped, report, source, ("",))
 
 
-def load_albef_task_checkpoint(task_model, path: str | Path, heads: tuple[str, ...],
+def load_albef_task_checkpoint(task_model, path: str | Path, heads: tuple[str, ...], paired_fusion: bool = False,
                                key: str = "--checkpoint") -> LoadReport:
     """Load an ALBEF fine-tuned task checkpoint (its scripts save ``{"model": state_dict}``) into a task
     model: the backbone (``visual_encoder.*``, ``text_encoder.*`` as a BertModel or BertForMaskedLM) into
     ``task_model.backbone``, and the tensors under the ``heads`` prefixes (e.g. ``cls_head.``, the same
-    names in both) into the task's heads. Momentum copies (``*_m``) are reported and skipped.
+    names in both) into the task's heads. Momentum copies (``*_m``) are reported and skipped. With
+    ``paired_fusion`` (NLVR2) the file's fusion layers come in pairs (:func:`albef_paired_rule`).
 
     Raises:
         CheckpointError: not ALBEF's layout, sizes that do not fit, or tensors that fit nowhere.
@@ -477,7 +487,8 @@ def load_albef_task_checkpoint(task_model, path: str | Path, heads: tuple[str, .
     source, sd, fmt, report = _open(path, key)
     if fmt != "albef":
         raise _wrong_format(source, key, fmt, "an ALBEF fine-tuned task checkpoint")
-    backbone = albef_rule(task_model.backbone.config.text.fusion_layer)
+    fusion_layer = task_model.backbone.config.text.fusion_layer
+    backbone = (albef_paired_rule if paired_fusion else albef_rule)(fusion_layer)
     momentum_heads = tuple(prefix.rstrip(".") + "_m." for prefix in heads)
 
     def rule(name: str) -> Target | Ignore | None:
@@ -494,8 +505,19 @@ def load_albef_task_checkpoint(task_model, path: str | Path, heads: tuple[str, .
     _check_vit(task_model.backbone, vit, source, "model.vision", None)
     bert = {strip_prefix(k[len("text_encoder."):], ("bert.",)): v
             for k, v in sd.items() if k.startswith("text_encoder.")}
+    if paired_fusion:  # check the sizes as a single-image BERT: the first layer of each pair
+        bert = {_unpaired(k, fusion_layer): v for k, v in bert.items() if _unpaired(k, fusion_layer)}
     _check_bert(task_model.backbone, bert, source, "model.text", None, expect_fusion=True)
     return _apply(task_model, _map(sd, rule, report), report, source, ("",))
+
+
+def _unpaired(key: str, fusion_layer: int) -> str:
+    """A paired (NLVR2) BERT key renumbered as in a single-image BERT; "" for the second of a pair."""
+    m = re.match(r"encoder\.layer\.(\d+)\.(.+)", key)
+    if m is None or int(m[1]) < fusion_layer:
+        return key
+    i, second = divmod(int(m[1]) - fusion_layer, 2)
+    return "" if second else f"encoder.layer.{fusion_layer + i}.{m[2]}"
 
 
 def load_softmask_folder(model, directory: str | Path, strict: bool = True) -> LoadReport:

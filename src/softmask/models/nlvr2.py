@@ -157,9 +157,8 @@ def two_image_state(single_state: dict[str, torch.Tensor]) -> tuple[dict[str, to
 
 
 def classifier_head(width: int, num_classes: int) -> nn.Sequential:
-    """The classifier on the fused [CLS]: (B, D) -> (B, C) through Linear(D, 2D), ReLU, Linear(2D, C),
-    BERT-initialised. (ALBEF's NLVR head is Linear(D, D), ReLU, Linear(D, 2); the 2D hidden width
-    follows the other softmask task heads.)"""
-    head = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, num_classes))
+    """The classifier on the fused [CLS]: (B, D) -> (B, C) through Linear(D, D), ReLU, Linear(D, C),
+    BERT-initialised: ALBEF's NLVR head (``cls_head.0``/``cls_head.2``, its names)."""
+    head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
     init_bert_weights(head)
     return head

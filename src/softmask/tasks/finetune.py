@@ -65,6 +65,7 @@ class TaskModel(nn.Module):
     # ``albef_heads``: loading them is not supported.
     albef_heads: tuple[str, ...] = ()
     unused_modules: tuple[str, ...] = ()
+    albef_paired_fusion = False  # NLVR2: the file's fusion layers come in pairs, one per image
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -133,7 +134,7 @@ def load_albef_task_model(cfg: Config, path: Path) -> nn.Module:
     if not model.albef_heads:
         raise CheckpointError(f"{path}: loading ALBEF's fine-tuned {task_name} checkpoints is not supported yet "
                               "(docs/method.md lists what differs); fine-tune from its pretraining checkpoint")
-    report = load_albef_task_checkpoint(model, path, model.albef_heads)
+    report = load_albef_task_checkpoint(model, path, model.albef_heads, model.albef_paired_fusion)
     unused = tuple(f"backbone.{name}" for name in (*model.unused_modules, "temp"))
     needed = [k for k in report.missing if not k.startswith(unused)]
     if needed or report.unexpected:

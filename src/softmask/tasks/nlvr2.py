@@ -126,6 +126,8 @@ class NLVR2Model(TaskModel):
     assignment, 2 for fine-tuning) on the fused [CLS]."""
 
     task_name = TASK
+    albef_heads = ("cls_head.",)
+    albef_paired_fusion = True
 
     def __init__(self, backbone: TwoImageModel, classes: int):
         super().__init__(backbone)
