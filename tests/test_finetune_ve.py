@@ -141,9 +141,9 @@ def test_an_albef_ve_checkpoint_loads_and_gives_its_classifiers_outputs(world, t
     from softmask.models.loading import load_model_checkpoint
     from softmask.models.vlp import create_model
     from softmask.tasks.finetune import load_task_model
+    from test_loading import albef_state_dict
 
     from conftest import tiny_model_config
-    from test_loading import albef_state_dict
 
     model_cfg = tiny_model_config()
     sd = {k.replace("text_encoder.bert.", "text_encoder."): v for k, v in albef_state_dict(model_cfg).items()
@@ -174,3 +174,22 @@ def test_an_albef_ve_checkpoint_loads_and_gives_its_classifiers_outputs(world, t
     torch.save({"model": albef_state_dict(model_cfg)}, pre)
     with pytest.raises(CheckpointError, match=r"does not fit the ve model .* not in the file .*cls_head"):
         load_task_model(cfg, pre)
+
+
+def test_evaluate_ve_takes_an_albef_checkpoint_from_the_command_line(world, tmp_path):
+    from test_loading import albef_state_dict
+
+    model_cfg = load_config(CONFIG, [f"world={world}"]).model
+    d = model_cfg.text.hidden_size
+    sd = {k.replace("text_encoder.bert.", "text_encoder."): v for k, v in albef_state_dict(model_cfg).items()
+          if k.startswith(("visual_encoder.", "text_encoder.")) and ".cls." not in k}
+    sd.update({"cls_head.0.weight": torch.randn(d, d), "cls_head.0.bias": torch.zeros(d),
+               "cls_head.2.weight": torch.randn(3, d), "cls_head.2.bias": torch.zeros(3)})
+    path = tmp_path / "ALBEF_ve.pth"
+    torch.save({"model": sd}, path)
+    out = tmp_path / "eval.json"
+    assert main(["-q", "evaluate", "ve", "--checkpoint", str(path), "--config", CONFIG, "--world", str(world),
+                 "--split", "test", "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert 0 <= metrics["acc"] <= 100 and metrics["count"] > 0
+    assert (tmp_path / "eval" / "ve_ALBEF_ve" / "metrics_test.json").is_file()  # next to the file it evaluated

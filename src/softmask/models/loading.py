@@ -442,6 +442,7 @@ def load_model_checkpoint(model, path: str | Path, key: str = "model.init") -> L
     return _apply(model, mapped, report, source, ("",))
 
 
+_ALBEF_MOMENTUM_ENCODERS = re.compile(r"(visual_encoder_m|text_encoder_m|vision_proj_m|text_proj_m)\.")
 # An ALBEF/TCL pretraining checkpoint's momentum encoders, and the online names they mirror.
 ALBEF_MOMENTUM_PREFIXES = {"visual_encoder_m.": "visual_encoder.", "text_encoder_m.": "text_encoder.",
                            "vision_proj_m.": "vision_proj.", "text_proj_m.": "text_proj."}
@@ -473,13 +474,15 @@ def load_albef_momentum(momentum_model, source: Path, momentum: dict[str, torch.
     return _apply(momentum_model, mapped, report, source, ("",))
 
 
-def load_albef_task_checkpoint(task_model, path: str | Path, heads: tuple[str, ...], paired_fusion: bool = False,
+def load_albef_task_checkpoint(task_model, path: str | Path, heads: Callable[[str], Target | Ignore | None],
+                               paired_fusion: bool = False, prepare: Callable[[dict], None] | None = None,
                                key: str = "--checkpoint") -> LoadReport:
     """Load an ALBEF fine-tuned task checkpoint (its scripts save ``{"model": state_dict}``) into a task
     model: the backbone (``visual_encoder.*``, ``text_encoder.*`` as a BertModel or BertForMaskedLM) into
-    ``task_model.backbone``, and the tensors under the ``heads`` prefixes (e.g. ``cls_head.``, the same
-    names in both) into the task's heads. Momentum copies (``*_m``) are reported and skipped. With
-    ``paired_fusion`` (NLVR2) the file's fusion layers come in pairs (:func:`albef_paired_rule`).
+    ``task_model.backbone``, and what ``heads(key)`` places (``cls_head.*``, VQA's ``text_decoder.*``)
+    into the task's heads. Other momentum copies (``*_m``) are reported and skipped. With
+    ``paired_fusion`` (NLVR2) the file's fusion layers come in pairs (:func:`albef_paired_rule`);
+    ``prepare(state_dict)`` runs before anything is loaded.
 
     Raises:
         CheckpointError: not ALBEF's layout, sizes that do not fit, or tensors that fit nowhere.
@@ -487,15 +490,17 @@ def load_albef_task_checkpoint(task_model, path: str | Path, heads: tuple[str, .
     source, sd, fmt, report = _open(path, key)
     if fmt != "albef":
         raise _wrong_format(source, key, fmt, "an ALBEF fine-tuned task checkpoint")
+    if prepare is not None:
+        prepare(sd)
     fusion_layer = task_model.backbone.config.text.fusion_layer
     backbone = (albef_paired_rule if paired_fusion else albef_rule)(fusion_layer)
-    momentum_heads = tuple(prefix.rstrip(".") + "_m." for prefix in heads)
 
     def rule(name: str) -> Target | Ignore | None:
-        if name.startswith(heads):
-            return name, None
-        if name.startswith(momentum_heads):
-            return Ignore("momentum copy of the task head (used by distillation in fine-tuning only)")
+        target = heads(name)
+        if target is not None:
+            return target
+        if re.match(r"[a-z_]+_m\.", name) and not _ALBEF_MOMENTUM_ENCODERS.match(name):
+            return Ignore("momentum copy of a task head (used by distillation in fine-tuning only)")
         target = backbone(name)
         if isinstance(target, tuple):
             return "backbone." + target[0], target[1]

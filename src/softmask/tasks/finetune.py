@@ -67,6 +67,14 @@ class TaskModel(nn.Module):
     unused_modules: tuple[str, ...] = ()
     albef_paired_fusion = False  # NLVR2: the file's fusion layers come in pairs, one per image
 
+    def albef_head_rule(self, key: str):
+        """Where an ALBEF task checkpoint's head tensor ``key`` goes in this model (a ``(target, part)``
+        pair, an ``Ignore`` or None); by default the ``albef_heads`` prefixes keep their names."""
+        return (key, None) if self.albef_heads and key.startswith(self.albef_heads) else None
+
+    def fit_albef_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
+        """Reshape what the file decides before its tensors are loaded (e.g. VQA: the decoder's depth)."""
+
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
@@ -131,10 +139,8 @@ def load_albef_task_model(cfg: Config, path: Path) -> nn.Module:
     task_name = cfg.finetune.task
     cfg.model.init = cfg.model.vision.init = cfg.model.text.init = ""
     model = get_task(task_name).build_model(cfg)
-    if not model.albef_heads:
-        raise CheckpointError(f"{path}: loading ALBEF's fine-tuned {task_name} checkpoints is not supported yet "
-                              "(docs/method.md lists what differs); fine-tune from its pretraining checkpoint")
-    report = load_albef_task_checkpoint(model, path, model.albef_heads, model.albef_paired_fusion)
+    report = load_albef_task_checkpoint(model, path, model.albef_head_rule, model.albef_paired_fusion,
+                                        prepare=model.fit_albef_checkpoint)
     unused = tuple(f"backbone.{name}" for name in (*model.unused_modules, "temp"))
     needed = [k for k in report.missing if not k.startswith(unused)]
     if needed or report.unexpected:

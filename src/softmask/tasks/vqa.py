@@ -41,7 +41,8 @@ from softmask.data.task_data import Field, TaskDataset, eval_loader, load_task_r
 from softmask.data.text import load_tokenizer, tokenize
 from softmask.data.transforms import EvalTransform, training_transform
 from softmask.eval.vqa_official import question_accuracy
-from softmask.models.answer_decoder import build_answer_decoder, token_log_probs
+from softmask.models.answer_decoder import AnswerDecoder, build_answer_decoder, token_log_probs
+from softmask.models.key_maps import Ignore, bert_rule
 from softmask.objectives.distill import ema_update, momentum_copy
 from softmask.tasks.finetune import TaskModel
 from softmask.train import dist
@@ -286,6 +287,7 @@ class VQAModel(TaskModel):
     that DDP sees no trainable parameter without a gradient)."""
 
     task_name = "vqa"
+    unused_modules = ("vision_proj", "text_proj", "itm_head", "mlm_head")
 
     def __init__(self, backbone: nn.Module):
         super().__init__(backbone)
@@ -293,6 +295,29 @@ class VQAModel(TaskModel):
         for module in (backbone.vision_proj, backbone.text_proj, backbone.itm_head, backbone.mlm_head):
             module.requires_grad_(False)
         backbone.temp.requires_grad_(False)
+
+    def albef_head_rule(self, key: str):
+        """ALBEF's answer decoder (``text_decoder.*``: a BertLMHeadModel whose every layer cross-attends to
+        the fused question) -> ``decoder.*``; its momentum copy is skipped."""
+        if key.startswith("text_decoder_m."):
+            return Ignore("momentum copy of the answer decoder (used by distillation in fine-tuning only)")
+        if not key.startswith("text_decoder."):
+            return None
+        target = bert_rule(0)(key[len("text_decoder."):])  # fusion_layer 0: every layer cross-attends
+        if not isinstance(target, tuple):
+            return target
+        name, part = target
+        for ours, theirs in (("text_encoder.embeddings.", "decoder.embeddings."),
+                             ("fusion_encoder.layers.", "decoder.layers."), ("mlm_head.", "decoder.head.")):
+            if name.startswith(ours):
+                return theirs + name[len(ours):], part
+        return None
+
+    def fit_albef_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
+        """The decoder takes the file's depth (ALBEF's has 6 layers whatever the fusion encoder's)."""
+        depth = len({int(m[1]) for k in state if (m := re.match(r"text_decoder\.bert\.encoder\.layer\.(\d+)\.", k))})
+        if depth and depth != len(self.decoder.layers):
+            self.decoder = AnswerDecoder(self.config.text, num_layers=depth)
 
     def encode_questions(self, pixels: torch.Tensor, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor) -> torch.Tensor:
