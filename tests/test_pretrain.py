@@ -213,3 +213,26 @@ def test_bf16_autocast_and_grad_accumulation_run(world, tmp_path):
                                                  "train.max_steps=2", "train.precision=bf16",
                                                  "train.clip_grad=1.0")))
     assert state.step == 2 and all(np.isfinite(m["loss"]) for m in metrics(tmp_path))
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_the_momentum_model_moves_one_ema_step_per_optimiser_step(world, tmp_path, grad_accum):
+    from softmask.models.vlp import create_model
+    from softmask.tasks.pretrain import build_data
+
+    cfg = load_config(TINY, overrides(world, tmp_path, "train.batch_size=4", "train.max_steps=2",
+                                      f"train.grad_accum={grad_accum}", "train.save_every=1", "train.keep_last=5",
+                                      "distill.momentum=0.5"))
+    torch.manual_seed(cfg.seed)  # as pretrain() does: the initial weights
+    build_data(cfg, 0, 1)
+    start = {k: v.detach().clone() for k, v in create_model(cfg).state_dict().items()}
+    pretrain(cfg)
+    first, second = (load_checkpoint(path)["task"] for path in list_checkpoints(tmp_path))
+    online = {k: v for k, v in start.items() if v.is_floating_point() and not k.endswith("position_ids")}
+    for key, value in online.items():
+        theta1, theta2 = first[f"model.{key}"], second[f"model.{key}"]
+        start_m = value.clone().mul_(0.5).add_(value, alpha=0.5)  # ALBEF's EMA of identical models at step 0
+        expected1 = start_m.mul_(0.5).add_(theta1, alpha=0.5)  # one EMA step after optimiser step 1
+        expected2 = expected1.clone().mul_(0.5).add_(theta2, alpha=0.5)
+        assert torch.equal(first[f"momentum_model.{key}"], expected1), key
+        assert torch.equal(second[f"momentum_model.{key}"], expected2), key

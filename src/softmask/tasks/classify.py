@@ -16,10 +16,10 @@ from torch import nn
 from softmask.config import Config
 from softmask.data.task_data import TaskDataset, eval_loader
 from softmask.data.transforms import EvalTransform, training_transform
-from softmask.objectives.distill import distilled_cross_entropy, ema_update, momentum_copy
+from softmask.objectives.distill import distilled_cross_entropy
 from softmask.train import dist
 from softmask.train.loop import inference_autocast
-from softmask.train.schedule import ramped_alpha
+from softmask.train.momentum import DistilledTask
 
 log = logging.getLogger("softmask")
 
@@ -38,22 +38,14 @@ def transform_images(transform: nn.Module, images: torch.Tensor) -> torch.Tensor
     return torch.stack(views, dim=1)
 
 
-class ClassifierTask(nn.Module):
+class ClassifierTask(DistilledTask):
     """Cross-entropy around a classifier (``.model``), with a momentum copy supplying soft targets
     when ``distill.alpha > 0`` (ALBEF): ``(1 - alpha) * CE(label) + alpha * CE(softmax(momentum logits))``,
     alpha ramped from 0 over ``alpha_warmup_steps``."""
 
     def __init__(self, cfg: Config, model: nn.Module, alpha_warmup_steps: int):
-        super().__init__()
-        self.cfg = cfg
-        self.model = model
-        self.momentum_model = momentum_copy(model) if cfg.distill.alpha > 0 else None
-        size = cfg.model.vision.image_size
-        self.augment = training_transform(size, cfg.data.augment)
-        self.alpha_warmup_steps = max(1, alpha_warmup_steps)
-
-    def alpha(self, step: int) -> float:
-        return ramped_alpha(self.cfg.distill.alpha, step, self.alpha_warmup_steps)
+        super().__init__(cfg, model, alpha_warmup_steps, momentum=cfg.distill.alpha > 0)
+        self.augment = training_transform(cfg.model.vision.image_size, cfg.data.augment)
 
     def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """``images`` uint8 (B, 3, S, S) or (B, 2, 3, S, S), ``input_ids``/``attention_mask`` (B, T),
@@ -67,7 +59,6 @@ class ClassifierTask(nn.Module):
         teacher, alpha = None, self.alpha(step)
         if self.momentum_model is not None:
             with torch.no_grad():
-                ema_update(self.model, self.momentum_model, self.cfg.distill.momentum)
                 teacher = self.momentum_model(pixels, ids, mask)
         loss = distilled_cross_entropy(logits, labels, teacher, alpha)
         with torch.no_grad():

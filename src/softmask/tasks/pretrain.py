@@ -16,12 +16,10 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from softmask.config import Config
 from softmask.data.transforms import Distort, training_transform
 from softmask.models.vlp import VisionLanguageModel
-from softmask.objectives.distill import ema_update, momentum_copy
 from softmask.objectives.itc import focal_itc_loss, itc_targets, similarities
 from softmask.objectives.itm import itm_loss, sample_hard_negatives
 from softmask.objectives.mlm import mask_tokens, mlm_loss
@@ -34,7 +32,7 @@ from softmask.objectives.softmask import (
     make_soft_mask,
 )
 from softmask.train import dist
-from softmask.train.schedule import ramped_alpha
+from softmask.train.momentum import DistilledTask
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm")
 # Text features of different captions closer than this (cosine) give ITC nothing to align.
@@ -91,15 +89,12 @@ def identical_rows(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (ids[:, None, :] == ids[None, :, :]).all(-1)
 
 
-class PretrainTask(nn.Module):
+class PretrainTask(DistilledTask):
     """The ALBEF pretraining objectives around a :class:`VisionLanguageModel`."""
 
     def __init__(self, cfg: Config, model: VisionLanguageModel, special_ids: dict[str, int],
                  alpha_warmup_steps: int, continuation: torch.Tensor | None = None):
-        super().__init__()
-        self.cfg = cfg
-        self.model = model
-        self.momentum_model = momentum_copy(model)
+        super().__init__(cfg, model, alpha_warmup_steps)
         dim = cfg.model.embed_dim
         self.image_queue = FeatureQueue(dim, cfg.itc.queue_size)
         self.text_queue = FeatureQueue(dim, cfg.itc.queue_size)
@@ -118,11 +113,6 @@ class PretrainTask(nn.Module):
         self.mlm_excluded = sorted({special_ids["cls"], special_ids["pad"],
                                     *([] if cfg.mlm.mask_sep else [special_ids["sep"]])})
         self.mask_id = special_ids["mask"]
-        self.alpha_warmup_steps = max(1, alpha_warmup_steps)
-
-    def alpha(self, step: int) -> float:
-        """Distillation weight, ramped linearly from 0 over the first epoch (or alpha_warmup_steps)."""
-        return ramped_alpha(self.cfg.distill.alpha, step, self.alpha_warmup_steps)
 
     @torch.no_grad()
     def load_albef_queues(self, queues: dict[str, torch.Tensor], source: str) -> str:
@@ -143,9 +133,6 @@ class PretrainTask(nn.Module):
             queue.filled.fill_(size)
         return (f"queues: image_queue and text_queue ({size} entries of {dim}) and queue_ptr ({position}) taken "
                 f"from {source}")
-
-    def momentum_update(self) -> None:
-        ema_update(self.model, self.momentum_model, self.cfg.distill.momentum)
 
     def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """One micro-batch: ``images`` uint8 (B, 3, S, S), ``input_ids``/``attention_mask`` (B, T).
@@ -182,7 +169,6 @@ class PretrainTask(nn.Module):
         if step == 0 and micro == 0 and rank == 0:
             self._check_text_features(ids, mask)
         with torch.no_grad():
-            self.momentum_update()
             image_embeds_m = mm.encode_image(images_m)
             image_feat_m = mm.image_feat(image_embeds_m)
             text_feat_m = mm.text_feat(mm.encode_text(ids, mask), mask)  # targets from the clean caption

@@ -41,13 +41,13 @@ from softmask.data.text import load_tokenizer, pre_caption, tokenize
 from softmask.data.transforms import EvalTransform, training_transform
 from softmask.eval.retrieval import evaluate_retrieval
 from softmask.models.vlp import VisionLanguageModel, create_model
-from softmask.objectives.distill import ema_update, momentum_copy
 from softmask.objectives.itc import focal_itc_loss, id_positives, itc_targets, similarities
 from softmask.objectives.itm import itm_loss, sample_hard_negatives
 from softmask.objectives.queue import FeatureQueue
 from softmask.tasks.pretrain import LoaderSource, identical_rows, pad_to, step_generator
 from softmask.train import dist
-from softmask.train.schedule import alpha_warmup_steps, ramped_alpha
+from softmask.train.momentum import DistilledTask
+from softmask.train.schedule import alpha_warmup_steps
 
 log = logging.getLogger("softmask")
 
@@ -140,26 +140,17 @@ def freeze_unused(model: nn.Module, names: tuple[str, ...]) -> None:
             param.requires_grad_(False)
 
 
-class RetrievalTask(nn.Module):
+class RetrievalTask(DistilledTask):
     """ITC (id-aware positives, momentum distillation, queues with ids) + ITM (hard negatives) around
     a :class:`VisionLanguageModel`."""
 
     def __init__(self, cfg: Config, model: VisionLanguageModel, alpha_warmup_steps: int):
-        super().__init__()
-        self.cfg = cfg
-        self.model = model
-        freeze_unused(model, UNUSED_MODULES)
-        self.momentum_model = momentum_copy(model)
+        freeze_unused(model, UNUSED_MODULES)  # before the momentum copy, which then has them frozen too
+        super().__init__(cfg, model, alpha_warmup_steps)
         dim = cfg.model.embed_dim
         self.image_queue = FeatureQueue(dim, cfg.itc.queue_size, with_ids=True)  # holds the id queue too
         self.text_queue = FeatureQueue(dim, cfg.itc.queue_size)
-        size = cfg.model.vision.image_size
-        self.augment = training_transform(size, cfg.data.augment)
-        self.alpha_warmup_steps = max(1, alpha_warmup_steps)
-
-    def alpha(self, step: int) -> float:
-        """Distillation weight, ramped linearly from 0 over ``alpha_warmup_steps`` (ALBEF: the first epoch)."""
-        return ramped_alpha(self.cfg.distill.alpha, step, self.alpha_warmup_steps)
+        self.augment = training_transform(cfg.model.vision.image_size, cfg.data.augment)
 
     def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """One micro-batch: ``images`` uint8 (B, 3, S, S), ``input_ids``/``attention_mask`` (B, T),
@@ -193,10 +184,9 @@ class RetrievalTask(nn.Module):
     @torch.no_grad()
     def _momentum_bank(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                        image_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """EMA step, then the momentum features of this batch (B, E) and of the global batch (G, E)
-        with the global ids (G,) and token ids/masks (G, T)."""
+        """The momentum features of this batch (B, E) and of the global batch (G, E) with the global ids
+        (G,) and token ids/masks (G, T)."""
         mm = self.momentum_model
-        ema_update(self.model, mm, self.cfg.distill.momentum)
         image_feat_m = mm.image_feat(mm.encode_image(images))
         text_feat_m = mm.text_feat(mm.encode_text(ids, mask), mask)
         return {"image_m": image_feat_m, "text_m": text_feat_m,

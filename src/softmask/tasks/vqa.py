@@ -43,11 +43,11 @@ from softmask.data.transforms import EvalTransform, training_transform
 from softmask.eval.vqa_official import question_accuracy
 from softmask.models.answer_decoder import AnswerDecoder, build_answer_decoder, token_log_probs
 from softmask.models.key_maps import Ignore, bert_rule
-from softmask.objectives.distill import ema_update, momentum_copy
 from softmask.tasks.finetune import TaskModel
 from softmask.train import dist
 from softmask.train.loop import inference_autocast
-from softmask.train.schedule import alpha_warmup_steps, ramped_alpha
+from softmask.train.momentum import DistilledTask
+from softmask.train.schedule import alpha_warmup_steps
 
 log = logging.getLogger("softmask")
 
@@ -335,23 +335,14 @@ class VQAModel(TaskModel):
         return best
 
 
-class VQATask(nn.Module):
+class VQATask(DistilledTask):
     """The weighted answer NLL (with optional momentum distillation) around a :class:`VQAModel`."""
 
     def __init__(self, cfg: Config, model: VQAModel, alpha_warmup_steps: int):
-        super().__init__()
-        self.cfg = cfg
-        self.model = model
         self.distill = cfg.distill.alpha > 0
-        self.momentum_model = momentum_copy(model) if self.distill else None
-        size = cfg.model.vision.image_size
-        self.augment = training_transform(size, cfg.data.augment)
+        super().__init__(cfg, model, alpha_warmup_steps, momentum=self.distill)
+        self.augment = training_transform(cfg.model.vision.image_size, cfg.data.augment)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.finetune.max_answer_tokens)
-        self.alpha_warmup_steps = max(1, alpha_warmup_steps)
-
-    def alpha(self, step: int) -> float:
-        """Distillation weight, ramped linearly from 0 over the first epoch (or distill.alpha_warmup_steps)."""
-        return ramped_alpha(self.cfg.distill.alpha, step, self.alpha_warmup_steps)
 
     def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """One micro-batch: ``images`` uint8 (B, 3, S, S), question ``input_ids``/``attention_mask`` (B, T),
@@ -372,7 +363,6 @@ class VQATask(nn.Module):
         teacher = None
         if self.distill:
             with torch.no_grad():
-                ema_update(model, self.momentum_model, self.cfg.distill.momentum)
                 mm = self.momentum_model
                 states_m = mm.encode_questions(pixels, ids, mask)
                 teacher = mm.decoder(answer_ids, answer_mask, states_m, mask, question)

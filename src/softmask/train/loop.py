@@ -2,7 +2,8 @@
 
 A task is an ``nn.Module`` whose ``forward(batch, step, micro)`` returns a dict with the total
 ``loss`` (with gradient) and detached scalars to log, and which holds the model to export as
-``task.model``. Data comes from a :class:`DataSource`. The loop owns: the optimiser and schedule,
+``task.model``; a task with a momentum model defines ``momentum_update()``, which the loop calls once
+after every optimiser step. Data comes from a :class:`DataSource`. The loop owns: the optimiser and schedule,
 gradient accumulation and clipping, autocast, DDP, non-finite-loss handling, logging, atomic
 checkpoints and exact resume (model, momentum model, queues, optimiser, step, RNG states, data
 position).
@@ -142,6 +143,14 @@ def _no_buffer_sync() -> dict:
     return {"broadcast_buffers": False}
 
 
+def _momentum_update(module: nn.Module) -> None:
+    """The task's momentum (EMA) step, if it has one: once per optimiser step, right after it, never for
+    a dropped step (so with ``train.grad_accum=k`` the momentum model still moves once per step)."""
+    update = getattr(_unwrap(module), "momentum_update", None)
+    if callable(update):
+        update()
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
@@ -206,6 +215,11 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
     sums: dict[str, torch.Tensor] = {}
     micro, pairs, last_log = 0, 0, time.perf_counter()
     module.train()
+    if state.step == 0:
+        # ALBEF updates the momentum model at the start of every forward, so its first step starts with an
+        # EMA of two identical models (a no-op up to rounding); doing it here keeps every step's momentum
+        # weights bit for bit ALBEF's, while the loop's update after each step moves them once per step.
+        _momentum_update(module)
     stop.install()
     try:
         while state.step < total_steps:
@@ -256,9 +270,12 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
                 if cfg.train.clip_grad > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.train.clip_grad)
+                scale = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                if scaler.get_scale() >= scale:  # fp16: a lowered scale means the step was skipped (inf grads)
+                    _momentum_update(module)
                 state.step += 1
                 in_step = False
                 logger.step()
