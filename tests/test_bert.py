@@ -6,7 +6,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from softmask import CheckpointError, create_model
-from softmask.models.loading import load_text_checkpoint, resolve_checkpoint
+from softmask.checkpoint_files import resolve_checkpoint
+from softmask.models.loading import load_text_checkpoint
 
 from conftest import text_batch, tiny_model_config
 

@@ -320,7 +320,8 @@ def test_an_albef_nlvr2_checkpoint_loads_its_paired_layers_and_head(task_world, 
     import torch.nn.functional as F
 
     from softmask.tasks.finetune import load_task_model
-    from test_loading import albef_state_dict
+
+    from conftest import albef_state_dict
 
     model_cfg = tiny_model_config()
     fusion, layers = model_cfg.text.fusion_layer, model_cfg.text.num_layers

@@ -141,9 +141,8 @@ def test_an_albef_ve_checkpoint_loads_and_gives_its_classifiers_outputs(world, t
     from softmask.models.loading import load_model_checkpoint
     from softmask.models.vlp import create_model
     from softmask.tasks.finetune import load_task_model
-    from test_loading import albef_state_dict
 
-    from conftest import tiny_model_config
+    from conftest import albef_state_dict, tiny_model_config
 
     model_cfg = tiny_model_config()
     sd = {k.replace("text_encoder.bert.", "text_encoder."): v for k, v in albef_state_dict(model_cfg).items()
@@ -177,7 +176,7 @@ def test_an_albef_ve_checkpoint_loads_and_gives_its_classifiers_outputs(world, t
 
 
 def test_evaluate_ve_takes_an_albef_checkpoint_from_the_command_line(world, tmp_path):
-    from test_loading import albef_state_dict
+    from conftest import albef_state_dict
 
     model_cfg = load_config(CONFIG, [f"world={world}"]).model
     d = model_cfg.text.hidden_size

@@ -335,46 +335,20 @@ def test_evaluate_cli_from_the_run_and_a_test_split_without_answers(run, tmp_pat
                                                                        for r in results)
 
 
-def _albef_decoder(cfg, depth: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random tensors under the names of ALBEF's VQA answer decoder (``text_decoder``, a BertLMHeadModel
-    whose every layer cross-attends to the fused question: keys/values of width D)."""
-    r = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
-    t, h = cfg.text, cfg.text.hidden_size
-    b = "text_decoder.bert."
-    sd = {b + "embeddings.word_embeddings.weight": r(t.vocab_size, h),
-          b + "embeddings.position_embeddings.weight": r(t.max_positions, h),
-          b + "embeddings.token_type_embeddings.weight": r(2, h),
-          b + "embeddings.LayerNorm.weight": r(h), b + "embeddings.LayerNorm.bias": r(h)}
-    for i in range(depth):
-        p = f"{b}encoder.layer.{i}."
-        for name, out_dim, in_dim in [("attention.self.query", h, h), ("attention.self.key", h, h),
-                                      ("attention.self.value", h, h), ("attention.output.dense", h, h),
-                                      ("crossattention.self.query", h, h), ("crossattention.self.key", h, h),
-                                      ("crossattention.self.value", h, h), ("crossattention.output.dense", h, h),
-                                      ("intermediate.dense", t.intermediate_size, h),
-                                      ("output.dense", h, t.intermediate_size)]:
-            sd[p + name + ".weight"], sd[p + name + ".bias"] = r(out_dim, in_dim), r(out_dim)
-        for name in ("attention.output.LayerNorm", "crossattention.output.LayerNorm", "output.LayerNorm"):
-            sd[p + name + ".weight"], sd[p + name + ".bias"] = r(h), r(h)
-    c = "text_decoder.cls.predictions."
-    bias = r(t.vocab_size)
-    sd.update({c + "bias": bias, c + "decoder.bias": bias,
-               c + "decoder.weight": sd[b + "embeddings.word_embeddings.weight"],
-               c + "transform.dense.weight": r(h, h), c + "transform.dense.bias": r(h),
-               c + "transform.LayerNorm.weight": r(h), c + "transform.LayerNorm.bias": r(h)})
-    return sd
-
-
 def test_an_albef_vqa_checkpoint_loads_its_answer_decoder_with_the_files_depth(tmp_path):
     from softmask.config import load_config
     from softmask.tasks.finetune import load_task_model
-    from test_loading import albef_state_dict
+
+    from conftest import albef_state_dict, bert_lm_state_dict
 
     model_cfg = tiny_model_config()
     g = torch.Generator().manual_seed(7)
     sd = {k.replace("text_encoder.bert.", "text_encoder."): v for k, v in albef_state_dict(model_cfg).items()
           if k.startswith(("visual_encoder", "text_encoder")) and ".cls." not in k}
-    decoder = _albef_decoder(model_cfg, depth=3, generator=g)  # deeper than the 2 fusion layers
+    # ALBEF's answer decoder: a BertLMHeadModel whose every layer cross-attends to the fused question (width D),
+    # 3 layers deep where the model has 2 fusion layers.
+    decoder = bert_lm_state_dict(lambda *shape: torch.randn(*shape, generator=g), "text_decoder.", model_cfg.text, 3,
+                                 0, model_cfg.text.hidden_size, position_ids=False)
     sd.update(decoder)
     sd.update({k.replace("text_decoder.", "text_decoder_m."): v.clone() for k, v in decoder.items()})
     path = tmp_path / "ALBEF_vqa.pth"

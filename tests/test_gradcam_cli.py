@@ -12,9 +12,10 @@ from softmask.cli import main
 from softmask.config import config_from_dict, save_config, to_dict
 from softmask.data.text import load_tokenizer, special_token_ids, tokenize
 from softmask.data.transforms import EvalTransform
+from softmask.eval.word_gradcam import group_words, vocab_strings, word_gradcam
 from softmask.inference import load_model
 from softmask.objectives.softmask import continuation_table, gradcam_maps
-from softmask.viz.gradcam import group_words, safe_name, vocab_strings, word_gradcam
+from softmask.viz.gradcam import safe_name
 
 from conftest import tiny_model_config
 

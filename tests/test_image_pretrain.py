@@ -12,8 +12,9 @@ from PIL import Image
 
 from softmask.cli import main
 from softmask.config import ConfigError, load_config
-from softmask.data.labelled_images import OBJECT_ATTRIBUTES, image_folder, presence_names, world_objects
+from softmask.data.labelled_images import image_folder
 from softmask.tasks.image_pretrain import box_pool, load_image_encoder, pretrain_vision
+from softmask.world.objects import OBJECT_ATTRIBUTES, presence_names, world_objects
 
 VISION = ["model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=48", "model.vision.depth=2",
           "model.vision.num_heads=2", "model.vision.mlp_dim=96"]
@@ -139,7 +140,7 @@ def test_text_init_layers_first_takes_the_first_layers_of_minilm():
     model = create_model(load_config(None, [*overrides, "model.text.init_layers=first"]))
     from transformers import BertModel
 
-    from softmask.models.loading import resolve_checkpoint
+    from softmask.checkpoint_files import resolve_checkpoint
 
     reference = BertModel.from_pretrained(str(resolve_checkpoint("minilm")))
     # MiniLM layer 2 is our second fusion layer; layers 3-5 are reported as ignored.

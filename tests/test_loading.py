@@ -15,65 +15,7 @@ from softmask.models.loading import (
     read_state_dict,
 )
 
-from conftest import tiny_model_config
-
-
-def albef_state_dict(cfg, momentum=True, seed=0):
-    """Random tensors under the key names of ALBEF's released checkpoints (ALBEF_4M.pth, TCL too):
-    a timm ViT under visual_encoder, a BertForMaskedLM under text_encoder with ``crossattention`` in
-    the layers from fusion_layer on, projections, ITM head, temperature, momentum copies, queues."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    v, t = cfg.vision, cfg.text
-    n = (v.image_size // v.patch_size) ** 2
-    sd = {"visual_encoder.cls_token": r(1, 1, v.width), "visual_encoder.pos_embed": r(1, 1 + n, v.width),
-          "visual_encoder.patch_embed.proj.weight": r(v.width, 3, v.patch_size, v.patch_size),
-          "visual_encoder.patch_embed.proj.bias": r(v.width),
-          "visual_encoder.norm.weight": r(v.width), "visual_encoder.norm.bias": r(v.width)}
-    for i in range(v.depth):
-        p = f"visual_encoder.blocks.{i}."
-        for name, shape in [("norm1", (v.width,)), ("norm2", (v.width,)), ("attn.qkv", (3 * v.width, v.width)),
-                            ("attn.proj", (v.width, v.width)), ("mlp.fc1", (v.mlp_dim, v.width)),
-                            ("mlp.fc2", (v.width, v.mlp_dim))]:
-            sd[p + name + ".weight"] = r(*shape)
-            sd[p + name + ".bias"] = r(shape[0])
-    h = t.hidden_size
-    b = "text_encoder.bert."
-    sd.update({b + "embeddings.word_embeddings.weight": r(t.vocab_size, h),
-               b + "embeddings.position_embeddings.weight": r(t.max_positions, h),
-               b + "embeddings.token_type_embeddings.weight": r(2, h),
-               b + "embeddings.LayerNorm.weight": r(h), b + "embeddings.LayerNorm.bias": r(h),
-               b + "embeddings.position_ids": torch.arange(t.max_positions)[None]})
-    for i in range(t.num_layers):
-        p = f"{b}encoder.layer.{i}."
-        linears = [("attention.self.query", h, h), ("attention.self.key", h, h), ("attention.self.value", h, h),
-                   ("attention.output.dense", h, h), ("intermediate.dense", t.intermediate_size, h),
-                   ("output.dense", h, t.intermediate_size)]
-        norms = ["attention.output.LayerNorm", "output.LayerNorm"]
-        if i >= t.fusion_layer:
-            linears += [("crossattention.self.query", h, h), ("crossattention.self.key", h, v.width),
-                        ("crossattention.self.value", h, v.width), ("crossattention.output.dense", h, h)]
-            norms.append("crossattention.output.LayerNorm")
-        for name, out_dim, in_dim in linears:
-            sd[p + name + ".weight"], sd[p + name + ".bias"] = r(out_dim, in_dim), r(out_dim)
-        for name in norms:
-            sd[p + name + ".weight"], sd[p + name + ".bias"] = r(h), r(h)
-    c = "text_encoder.cls.predictions."
-    bias = r(t.vocab_size)
-    sd.update({c + "bias": bias, c + "decoder.bias": bias,
-               c + "decoder.weight": sd[b + "embeddings.word_embeddings.weight"],
-               c + "transform.dense.weight": r(h, h), c + "transform.dense.bias": r(h),
-               c + "transform.LayerNorm.weight": r(h), c + "transform.LayerNorm.bias": r(h),
-               "vision_proj.weight": r(cfg.embed_dim, v.width), "vision_proj.bias": r(cfg.embed_dim),
-               "text_proj.weight": r(cfg.embed_dim, h), "text_proj.bias": r(cfg.embed_dim),
-               "itm_head.weight": r(2, h), "itm_head.bias": r(2), "temp": torch.tensor(0.05)})
-    if momentum:
-        for key in [k for k in sd if k.split(".")[0] in ("visual_encoder", "text_encoder", "vision_proj", "text_proj")]:
-            head, _, rest = key.partition(".")
-            sd[f"{head}_m.{rest}"] = sd[key].clone()
-        sd.update({"image_queue": r(cfg.embed_dim, 64), "text_queue": r(cfg.embed_dim, 64),
-                   "queue_ptr": torch.zeros(1, dtype=torch.long)})
-    return sd
+from conftest import albef_state_dict, tiny_model_config
 
 
 @pytest.fixture

@@ -3,53 +3,33 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from softmask.cli import main
 from softmask.config import load_config
 from softmask.tasks.pretrain import pretrain
 from softmask.train.checkpoint import list_checkpoints, load_checkpoint
 
+from conftest import make_world
+from conftest import pretrain_overrides as overrides
+from conftest import read_metrics as metrics
+from conftest import torchrun_pretrain as _torchrun
+
 TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
-SHAPES = ("square", "disc")
 
 
-def make_world(root: Path, n: int = 16, seed: int = 0) -> Path:
-    """``n`` 64 px images of one coloured shape each and an ALBEF pretrain JSON describing them."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(n):
-        colour, shape = list(COLOURS)[i % 4], SHAPES[(i // 4) % 2]
-        img = np.full((64, 64, 3), rng.integers(90, 160), dtype=np.uint8)
-        yy, xx = np.mgrid[0:64, 0:64]
-        cx, cy = rng.integers(18, 46, size=2)
-        disc = (xx - cx) ** 2 + (yy - cy) ** 2 < 144
-        inside = (abs(xx - cx) < 12) & (abs(yy - cy) < 12) if shape == "square" else disc
-        img[inside] = COLOURS[colour]
-        Image.fromarray(img).save(root / "images" / f"{i}.png")
-        records.append({"image": f"images/{i}.png", "caption": [f"a {colour} {shape}", f"the {shape} is {colour}"]})
-    ann = root / "pretrain.json"
-    ann.write_text(json.dumps(records))
-    return ann
 
 
-def overrides(root: Path, out: Path, *extra: str) -> list[str]:
-    return [f"data.train=[{root / 'pretrain.json'}]", f"data.image_root={root}", f"output_dir={out}",
-            "data.num_workers=0", "itc.queue_size=20", "train.log_every=1", "train.warmup_steps=2", *extra]
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+
+
 
 
 @pytest.fixture(scope="module")
@@ -144,12 +124,7 @@ def test_duplicate_captions_do_not_crash(tmp_path):
     assert state.step == 2
 
 
-def _torchrun(nproc: int, args: list[str], cwd: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + nproc + os.getpid() % 1000), "-m", "softmask", "-q", "pretrain", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(world, tmp_path):
@@ -217,8 +192,8 @@ def test_bf16_autocast_and_grad_accumulation_run(world, tmp_path):
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_the_momentum_model_moves_one_ema_step_per_optimiser_step(world, tmp_path, grad_accum):
+    from softmask.data.sources import build_pretrain_data as build_data
     from softmask.models.vlp import create_model
-    from softmask.tasks.pretrain import build_data
 
     cfg = load_config(TINY, overrides(world, tmp_path, "train.batch_size=4", "train.max_steps=2",
                                       f"train.grad_accum={grad_accum}", "train.save_every=1", "train.keep_last=5",

@@ -19,8 +19,11 @@ import torch
 from softmask.cli import main
 from softmask.config import merge_overrides
 from softmask.train.checkpoint import list_checkpoints, load_checkpoint
-from test_pretrain import TINY, make_world, metrics
-from test_pretrain import overrides as base_overrides
+
+from conftest import TINY_PRETRAIN as TINY
+from conftest import make_world
+from conftest import pretrain_overrides as base_overrides
+from conftest import read_metrics as metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RETRIEVAL = str(ROOT / "configs" / "finetune" / "retrieval_tiny.yaml")
@@ -349,3 +352,9 @@ def test_evaluate_world_refuses_k_0_and_a_missing_layer(task_world, pretrained_r
     one_line_error(capsys.readouterr().err, "--k", "at least 1, got 0")
     assert main([*base, "--layer", "9"]) == 2
     one_line_error(capsys.readouterr().err, "--layer", "9")
+
+
+def test_finetune_without_annotation_files_names_the_key_and_world(tmp_path, capsys):
+    assert main(["-q", "finetune", "retrieval", "--config", RETRIEVAL, f"output_dir={tmp_path / 'r'}"]) == 2
+    one_line_error(capsys.readouterr().err, "finetune.train is empty", "finetune.train=[FILE.json,...]",
+                   "world=DIR")

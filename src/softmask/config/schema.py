@@ -142,8 +142,6 @@ class AugmentConfig:
     randaug_exclude: list[str] = field(default_factory=list)
 
     def validate(self, key: str) -> None:
-        from softmask.data.transforms import RANDAUG_OPERATIONS
-
         unknown = [name for name in self.randaug_exclude if name not in RANDAUG_OPERATIONS]
         if unknown:
             raise ConfigError(f"{key}.randaug_exclude: unknown operation(s) {unknown}; "
@@ -155,6 +153,11 @@ class AugmentConfig:
             raise ConfigError(f"{key}.crop_scale must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
         if self.randaug_ops < 0 or not 0 <= self.randaug_magnitude <= 10:
             raise ConfigError(f"{key}.randaug_ops must be >= 0 and {key}.randaug_magnitude in [0, 10]")
+
+
+# ALBEF's RandAugment operations, by name (softmask.data.transforms implements them in this order).
+RANDAUG_OPERATIONS = ("identity", "auto_contrast", "equalize", "brightness", "sharpness", "shear_x", "shear_y",
+                      "translate_x", "translate_y", "rotate")
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tokenizers import BertWordPieceTokenizer
 
-from softmask.models.loading import CheckpointError, resolve_checkpoint
+from softmask.checkpoint_files import CheckpointError, resolve_checkpoint
 
 
 def find_vocab(source: str | Path = "") -> Path:

@@ -56,6 +56,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from softmask.config import AugmentConfig, ConfigError
+from softmask.config.schema import RANDAUG_OPERATIONS
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -77,7 +78,8 @@ ALBEF_POLICY = [
     [("translate_y", -_TRANSLATE, _TRANSLATE)],
     [("rotate", -30.0, 30.0)],
 ]
-RANDAUG_OPERATIONS = tuple(sub[0][0] for sub in ALBEF_POLICY)
+if tuple(sub[0][0] for sub in ALBEF_POLICY) != RANDAUG_OPERATIONS:  # the config validates against the names
+    raise ImportError("ALBEF_POLICY and softmask.config.RANDAUG_OPERATIONS list different operations")
 
 
 def albef_policy(exclude: list[str] | tuple[str, ...] = ()) -> list:

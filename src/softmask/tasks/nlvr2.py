@@ -39,6 +39,7 @@ import torch
 import yaml
 
 from softmask.config import Config, ConfigError, ModelConfig, model_config_from_dict, to_dict
+from softmask.data.sources import LoaderSource
 from softmask.data.task_data import Field, TaskDataset, load_task_records, train_loader
 from softmask.models.loading import CheckpointError
 from softmask.models.nlvr2 import TwoImageModel, classifier_head, two_image_state
@@ -46,7 +47,6 @@ from softmask.models.vit import resize_pos_embed
 from softmask.models.vlp import CONFIG_FILE, create_model, summarise_fused
 from softmask.tasks.classify import ClassifierTask, accuracy_metrics, predict_classes
 from softmask.tasks.finetune import RUN_CONFIG, RUN_MODEL_DIR, TaskModel, saved_state, saved_task_name
-from softmask.tasks.pretrain import LoaderSource
 from softmask.train import dist
 from softmask.train.schedule import alpha_warmup_steps
 

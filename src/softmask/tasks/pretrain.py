@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from softmask.config import Config
+from softmask.data.sources import build_pretrain_data
 from softmask.data.transforms import Distort, training_transform
 from softmask.models.vlp import VisionLanguageModel
 from softmask.objectives.itc import focal_itc_loss, itc_targets, similarities
-from softmask.objectives.itm import itm_loss, sample_hard_negatives
+from softmask.objectives.itm import identical_rows, itm_loss, pad_to, sample_hard_negatives
 from softmask.objectives.mlm import mask_tokens, mlm_loss
 from softmask.objectives.queue import FeatureQueue
 from softmask.objectives.softmask import (
@@ -32,9 +33,9 @@ from softmask.objectives.softmask import (
     make_soft_mask,
 )
 from softmask.train import dist
+from softmask.train.dist import step_generator
 from softmask.train.momentum import DistilledTask
 
-LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm")
 # Text features of different captions closer than this (cosine) give ITC nothing to align.
 COLLAPSED_TEXT_COSINE = 0.9999
 
@@ -71,22 +72,6 @@ def warn_if_text_features_collapsed(text_feat: torch.Tensor, pooling: str,
         log.warning(f"the captions of the first batch all have nearly the same text feature (min cosine "
                     f"{cosine:.5f}, model.text_pooling={pooling}): ITC starts with almost nothing to align; "
                     f"{advice} (docs/results.md)")
-
-
-def pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, T) -> (B, length) with zeros on the right."""
-    return F.pad(x, (0, length - x.shape[1])) if x.shape[1] < length else x
-
-
-def step_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
-    """A random stream that depends only on (seed, step, micro-batch): identical on every rank."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 97 + micro)
-
-
-def identical_rows(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) ids and mask -> (B, B) bool: captions with the same tokens (duplicates are not negatives)."""
-    ids = ids * mask
-    return (ids[:, None, :] == ids[None, :, :]).all(-1)
 
 
 class PretrainTask(DistilledTask):
@@ -327,47 +312,6 @@ class PretrainTask(DistilledTask):
 # --------------------------------------------------------------------------------------------------
 
 
-class LoaderSource:
-    """ALBEF JSON annotations through a DataLoader with a resumable distributed sampler."""
-
-    def __init__(self, loader, sampler):
-        self.loader, self.sampler = loader, sampler
-        self.batches_per_epoch = sampler.batches_per_epoch
-
-    def batches(self, epoch: int, start_batch: int):
-        self.sampler.set_epoch(epoch)
-        self.sampler.set_start_batch(start_batch)
-        return iter(self.loader)
-
-
-class ShardSource:
-    """webdataset shards: a stream of unknown length (``train.max_steps`` is required)."""
-
-    batches_per_epoch = None
-
-    def __init__(self, cfg: Config, rank: int, world_size: int):
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-
-    def batches(self, epoch: int, start_batch: int):
-        from softmask.data.shards import build_shard_loader
-
-        return iter(build_shard_loader(self.cfg, self.rank, self.world_size, epoch, skip_batches=start_batch))
-
-
-def build_data(cfg: Config, rank: int, world_size: int):
-    """Validate ``data.train`` (every annotation file, before any model is built) and return a DataSource."""
-    from softmask.config import ConfigError
-    from softmask.data.dataset import build_pretrain_loader, is_shard_entry
-
-    if cfg.data.train and all(is_shard_entry(entry) for entry in cfg.data.train):
-        if cfg.train.max_steps <= 0:
-            raise ConfigError("train.max_steps must be set when training on webdataset shards")
-        return ShardSource(cfg, rank, world_size)
-    try:
-        loader, sampler = build_pretrain_loader(cfg, rank, world_size)  # raises on empty or mixed data.train
-    except ValueError as exc:  # e.g. less data than one global batch: a setting to change, not a crash
-        raise ConfigError(str(exc)) from None
-    return LoaderSource(loader, sampler)
 
 
 def build_task(cfg: Config, model: VisionLanguageModel, alpha_warmup_steps: int) -> PretrainTask:
@@ -414,7 +358,7 @@ def pretrain(cfg: Config):
     info = dist.init_distributed()
     try:
         torch.manual_seed(cfg.seed)  # the same initial weights and queues on every rank
-        data = build_data(cfg, info.rank, info.world_size)
+        data = build_pretrain_data(cfg, info.rank, info.world_size)
         model = create_model(cfg)
         task = build_task(cfg, model, alpha_warmup_steps(cfg, data.batches_per_epoch))  # equal queues on every rank
         torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout and augmentation differ across ranks

@@ -36,16 +36,17 @@ from torch.utils.data import DataLoader, Dataset
 from softmask.config import Config
 from softmask.data.annotations import AnnotationError
 from softmask.data.images import BadSample, load_image, to_tensor
+from softmask.data.sources import LoaderSource
 from softmask.data.task_data import Field, TaskDataset, load_task_records, train_loader
 from softmask.data.text import load_tokenizer, pre_caption, tokenize
 from softmask.data.transforms import EvalTransform, training_transform
 from softmask.eval.retrieval import evaluate_retrieval
 from softmask.models.vlp import VisionLanguageModel, create_model
 from softmask.objectives.itc import focal_itc_loss, id_positives, itc_targets, similarities
-from softmask.objectives.itm import itm_loss, sample_hard_negatives
+from softmask.objectives.itm import identical_rows, itm_loss, pad_to, sample_hard_negatives
 from softmask.objectives.queue import FeatureQueue
-from softmask.tasks.pretrain import LoaderSource, identical_rows, pad_to, step_generator
 from softmask.train import dist
+from softmask.train.dist import step_generator
 from softmask.train.momentum import DistilledTask
 from softmask.train.schedule import alpha_warmup_steps
 

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from softmask.config import Config
+from softmask.data.sources import LoaderSource
 from softmask.data.task_data import Field, TaskDataset, load_task_records, train_loader
 from softmask.models.vlp import VisionLanguageModel, create_model
 from softmask.tasks.classify import ClassifierTask, accuracy_metrics, predict_classes
 from softmask.tasks.finetune import TaskModel
-from softmask.tasks.pretrain import LoaderSource
 from softmask.train import dist
 from softmask.train.schedule import alpha_warmup_steps
 

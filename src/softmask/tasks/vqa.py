@@ -397,7 +397,7 @@ def build_task(cfg: Config, model: VQAModel, batches_per_epoch: int | None) -> V
 def build_train_data(cfg: Config, rank: int, world_size: int):
     """Checks the training records, the evaluation splits' records and the answer list (before any
     model is built), and returns the training batches."""
-    from softmask.tasks.pretrain import LoaderSource
+    from softmask.data.sources import LoaderSource
 
     records = load_task_records(cfg.finetune.train, cfg.data.image_root, TRAIN_FIELDS)
     splits = [s for s in cfg.finetune.eval_splits if getattr(cfg.finetune, s)]

@@ -130,3 +130,8 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def step_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """A random stream that depends only on (seed, step, micro-batch): identical on every rank."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 97 + micro)

@@ -36,7 +36,7 @@ from softmask.train.checkpoint import (
     set_rng_state,
 )
 from softmask.train.log import RunLogger
-from softmask.train.schedule import lr_at, param_groups
+from softmask.train.schedule import lr_at, param_groups, total_steps_for
 from softmask.train.stop import Interrupted, StopRequest, signal_name
 
 log = logging.getLogger("softmask")
@@ -62,14 +62,6 @@ class TrainState:
     skipped_samples: int = 0
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
-
-
-def total_steps_for(cfg: Config, batches_per_epoch: int | None) -> int:
-    if cfg.train.max_steps > 0:
-        return cfg.train.max_steps
-    if batches_per_epoch is None:
-        raise ValueError("train.max_steps must be set for data of unknown length (webdataset shards)")
-    return cfg.train.epochs * max(1, batches_per_epoch // cfg.train.grad_accum)
 
 
 def _batch_size(batch: dict) -> int:

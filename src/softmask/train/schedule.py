@@ -40,11 +40,18 @@ def param_groups(module: nn.Module, weight_decay: float, cross_attention_lr_scal
             for (no_decay, scaled), params in groups.items() if params or not scaled]
 
 
+def total_steps_for(cfg, batches_per_epoch: int | None) -> int:
+    """Optimiser steps of a run: ``train.max_steps`` when > 0, else ``train.epochs`` epochs."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    if batches_per_epoch is None:
+        raise ValueError("train.max_steps must be set for data of unknown length (webdataset shards)")
+    return cfg.train.epochs * max(1, batches_per_epoch // cfg.train.grad_accum)
+
+
 def alpha_warmup_steps(cfg, batches_per_epoch: int | None) -> int:
     """Steps over which the distillation weight ramps up: ``distill.alpha_warmup_steps``, else one epoch
     of optimiser steps (ALBEF), else (data of unknown length) the whole run."""
-    from softmask.train.loop import total_steps_for
-
     per_epoch = batches_per_epoch // cfg.train.grad_accum if batches_per_epoch else 0
     return max(1, cfg.distill.alpha_warmup_steps or per_epoch or total_steps_for(cfg, batches_per_epoch))
 

@@ -1,15 +1,5 @@
-"""Visualisation: word-level Grad-CAM maps of the ITM match logit and their figures."""
+"""Visualisation: figures of word-level Grad-CAM maps (computed by :mod:`softmask.eval.word_gradcam`)."""
 
-from softmask.viz.gradcam import (
-    default_layer,
-    gradcam_figures,
-    group_words,
-    save_comparison,
-    save_overlays,
-    upsample_map,
-    vocab_strings,
-    word_gradcam,
-)
+from softmask.viz.gradcam import default_layer, gradcam_figures, save_comparison, save_overlays, upsample_map
 
-__all__ = ["default_layer", "gradcam_figures", "group_words", "save_comparison", "save_overlays", "upsample_map",
-           "vocab_strings", "word_gradcam"]
+__all__ = ["default_layer", "gradcam_figures", "save_comparison", "save_overlays", "upsample_map"]

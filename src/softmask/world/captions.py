@@ -29,7 +29,6 @@ from softmask.world.language import (
     words,
 )
 
-CAPTIONS_PER_IMAGE = 5
 MAX_WORDS = 25  # every caption has at most this many words (pre_caption keeps 30)
 TRIES = 12
 FULL_PREFIXES = ("", "there is", "this image shows", "a picture of", "we can see")

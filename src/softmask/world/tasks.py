@@ -31,7 +31,6 @@ from softmask.world.language import (
     relation_truth,
     resolve,
     sentence,
-    statement_truth,
     words,
 )
 from softmask.world.vocab import INVERSE, OBJECT_EDITS, SHAPES, UNRENDERED, VALUES
@@ -172,15 +171,6 @@ def vqa_items(scene: dict, r: random.Random, forbidden=()) -> list[dict]:
 
 
 # ---------------------------------------------------------------- statements (VE, minimal edits)
-
-
-def claim_truth(claim: dict, scene: dict) -> bool | None:
-    """Truth of an ``exists`` or ``relation`` claim in a scene (None: undecidable)."""
-    if claim["type"] == "exists":
-        return statement_truth(claim["refs"], [], scene)
-    if claim["type"] == "relation":
-        return relation_truth(claim["subject"], claim["relation"], claim["object"], scene)
-    return None  # "unrendered": the image cannot decide it
 
 
 def claim_sentence(claim: dict, r: random.Random | None) -> str:

@@ -60,7 +60,6 @@ PLURALS: dict[str, str] = {
     "cross": "crosses",
 }
 
-RELATIONS = ("left of", "right of", "above", "below", "bigger than", "smaller than")
 INVERSE: dict[str, str] = {
     "left of": "right of",
     "right of": "left of",
