@@ -14,7 +14,7 @@ from softmask.config import load_config
 from softmask.tasks.pretrain import pretrain
 from softmask.train.checkpoint import list_checkpoints, load_checkpoint
 
-from conftest import make_world
+from conftest import COLOURS, SHAPES, make_world
 from conftest import pretrain_overrides as overrides
 from conftest import read_metrics as metrics
 from conftest import torchrun_pretrain as _torchrun
@@ -211,3 +211,21 @@ def test_the_momentum_model_moves_one_ema_step_per_optimiser_step(world, tmp_pat
         expected2 = expected1.clone().mul_(0.5).add_(theta2, alpha=0.5)
         assert torch.equal(first[f"momentum_model.{key}"], expected1), key
         assert torch.equal(second[f"momentum_model.{key}"], expected2), key
+
+
+def test_a_run_and_its_saved_model_record_the_tokenizer_every_command_reads_them_with(world, tmp_path):
+    from softmask.eval.world import _Encoder
+    from softmask.inference import load_model, tokenizer_source
+
+    vocab = tmp_path / "vocab.txt"  # a vocabulary of the world's own words, not bert-base-uncased's
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "is", *COLOURS, *SHAPES]
+    vocab.write_text("\n".join(words) + "\n")
+    out = tmp_path / "run"
+    pretrain(load_config(TINY, overrides(world, out, "train.batch_size=4", "train.max_steps=1",
+                                         f"data.tokenizer={vocab}")))
+    assert (out / "model" / "vocab.txt").read_text() == vocab.read_text()
+    for path in (out, out / "model", list_checkpoints(out)[-1]):
+        assert Path(tokenizer_source(path)).read_text() == vocab.read_text(), path
+        model, _ = load_model(path)
+        assert _Encoder(model, world, tokenizer_source(path)).tokenizer.get_vocab_size() == len(words)
+    assert tokenizer_source(tmp_path / "nothing_saved_here") == ""  # the default vocabulary

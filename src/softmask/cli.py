@@ -60,10 +60,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from softmask.models.vlp import create_model
 
+    from softmask.data.text import save_vocab
+
     cfg = load_config(args.config, args.overrides)
     model = create_model(cfg)
     out = model.save_pretrained(args.out)
-    print(f"wrote {out / 'config.yaml'} and {out / 'model.safetensors'}")
+    vocab = save_vocab(cfg.data.tokenizer, out)  # the folder names its own tokenizer
+    print(f"wrote {out / 'config.yaml'}, {out / 'model.safetensors'} and {vocab}")
     return 0
 
 
@@ -128,7 +131,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.task == "world":
         from softmask.eval.world import evaluate_world
-        from softmask.inference import load_model
+        from softmask.inference import load_model, tokenizer_source
 
         if args.overrides or args.config:
             raise ConfigError("evaluate world takes --world DIR, --k and --layer, not a config")
@@ -139,7 +142,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, _ = load_model(args.checkpoint, device=device)
         examples: list = []
-        metrics = evaluate_world(model, args.world, k=args.k, layer=args.layer, examples_out=examples)
+        metrics = evaluate_world(model, args.world, k=args.k, layer=args.layer, examples_out=examples,
+                                 tokenizer=tokenizer_source(args.checkpoint))
         for key, value in metrics.items():
             print(f"{key:24s} {value:8.2f}")
         if args.json:

@@ -38,6 +38,22 @@ def _is_run_folder(path: Path) -> bool:
     return bool(list_checkpoints(path)) or _is_pretrained_folder(path / RUN_MODEL_DIR)
 
 
+def tokenizer_source(path: str | Path) -> str:
+    """The vocabulary a model at ``path`` (as :func:`load_model` takes it) was trained with: the
+    ``vocab.txt`` of a saved model folder, else its run's ``data.tokenizer``, else "" (the default
+    bert-base-uncased vocabulary, for folders saved before models recorded theirs)."""
+    from softmask.data.text import VOCAB_FILE
+
+    path = Path(path).expanduser()
+    run = path.parent.parent if path.is_file() else path
+    for folder in (path, path / RUN_MODEL_DIR):
+        if folder.is_dir() and (folder / VOCAB_FILE).is_file():
+            return str(folder / VOCAB_FILE)
+    if (run / RUN_CONFIG).is_file():
+        return load_run_config(run).data.tokenizer
+    return ""
+
+
 def load_run_config(run_dir: str | Path) -> Config:
     """The resolved config of a training run (``run_dir/config.yaml``) with every ``init`` field
     cleared, so that building a model from it never loads the initial checkpoints again."""

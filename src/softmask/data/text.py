@@ -21,6 +21,18 @@ def find_vocab(source: str | Path = "") -> Path:
     return path
 
 
+VOCAB_FILE = "vocab.txt"  # a saved model's own copy of the vocabulary it was trained with
+
+
+def save_vocab(source: str | Path, directory: str | Path) -> Path:
+    """Copy the vocabulary of ``source`` (as :func:`find_vocab` resolves it) to ``directory/vocab.txt``,
+    so that a saved model folder names its own tokenizer."""
+    target = Path(directory) / VOCAB_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(find_vocab(source).read_bytes())
+    return target
+
+
 def load_tokenizer(source: str | Path = "", max_tokens: int = 30) -> BertWordPieceTokenizer:
     """A lower-casing WordPiece tokenizer that adds [CLS]/[SEP], truncates to ``max_tokens`` and pads
     batches to their longest sequence."""

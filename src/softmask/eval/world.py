@@ -37,10 +37,10 @@ def _read(world: Path, name: str):
 class _Encoder:
     """Loads images and captions for one model, each image once."""
 
-    def __init__(self, model: VisionLanguageModel, world: Path):
+    def __init__(self, model: VisionLanguageModel, world: Path, tokenizer: str = ""):
         self.world, self.size = world, model.config.vision.image_size
         self.transform = EvalTransform(self.size)
-        self.tokenizer = load_tokenizer(max_tokens=MAX_WORDS)
+        self.tokenizer = load_tokenizer(tokenizer, max_tokens=MAX_WORDS)
         self.cache: dict[str, torch.Tensor] = {}
 
     def pixels(self, paths: list[str]) -> torch.Tensor:
@@ -149,9 +149,10 @@ def retrieval_examples(t2i: np.ndarray, captions: list[str], images: list[str], 
 
 def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, layer: int | None = None,
                    max_grounding_captions: int | None = 500, batch_size: int = 256,
-                   examples_out: list | None = None, examples: int = 6) -> dict[str, float]:
+                   examples_out: list | None = None, examples: int = 6, tokenizer: str = "") -> dict[str, float]:
     """All world metrics for one model on the world's test split (percentages). With ``examples_out`` (a
-    list), :func:`retrieval_examples` of ``examples`` captions are appended to it."""
+    list), :func:`retrieval_examples` of ``examples`` captions are appended to it. ``tokenizer``: the
+    vocabulary the model was trained with (:func:`softmask.inference.tokenizer_source`; "" the default)."""
     world = Path(world)
     fusion = model.config.text.num_fusion_layers
     if layer is not None and not 0 <= layer < fusion:  # checked before any work
@@ -160,7 +161,7 @@ def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, l
     if k < 1:
         raise ConfigError(f"k (--k), the retrieval candidates ITM re-ranks, must be at least 1, got {k}")
     model.eval()
-    enc = _Encoder(model, world)
+    enc = _Encoder(model, world, tokenizer)
     test = _read(world, "retrieval_test.json")
     images = [record["image"] for record in test]
     captions = [c for record in test for c in record["caption"]]

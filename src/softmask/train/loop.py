@@ -316,6 +316,11 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
         monitor.summary()
         logger.close()
     if info.is_main:
-        _unwrap(module).model.save_pretrained(out / "model")
+        model = _unwrap(module).model
+        model.save_pretrained(out / "model")
+        if hasattr(model.config, "text"):  # a model that reads text: its folder records the tokenizer
+            from softmask.data.text import save_vocab
+
+            save_vocab(cfg.data.tokenizer, out / "model")
     dist.barrier()
     return state

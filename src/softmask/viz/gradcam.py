@@ -227,7 +227,7 @@ def gradcam_figures(checkpoints: Sequence[str | Path], image_path: str | Path, t
     """
     from softmask.config import ConfigError
     from softmask.data.text import load_tokenizer, pre_caption, special_token_ids, tokenize
-    from softmask.inference import load_model
+    from softmask.inference import load_model, tokenizer_source
 
     if source not in SOURCES:
         raise ConfigError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
@@ -235,16 +235,17 @@ def gradcam_figures(checkpoints: Sequence[str | Path], image_path: str | Path, t
     if not image_path.is_file():
         raise FileNotFoundError(f"image not found: {image_path}")
     names = list(labels) if labels is not None else [str(path) for path in checkpoints]
-    loaded = [(name, *load_model(path)) for name, path in zip(names, checkpoints, strict=True)]
-    max_tokens = min(min(m.config.text.max_positions for _, m, _ in loaded), MAX_TOKENS)
+    loaded = [(name, *load_model(path), tokenizer_source(path)) for name, path in zip(names, checkpoints,
+                                                                                      strict=True)]
+    max_tokens = min(min(m.config.text.max_positions for _, m, _, _ in loaded), MAX_TOKENS)
     caption = pre_caption(text, max_words=max_tokens)
     if not caption:
         raise ConfigError(f"--text: nothing is left of {text!r} after cleaning (lower case, punctuation removed)")
 
     results: list[tuple[str, dict]] = []
     image = None
-    for label, model, cfg in loaded:
-        tokenizer = load_tokenizer(cfg.data.tokenizer if cfg is not None else "", max_tokens)
+    for label, model, cfg, vocab in loaded:
+        tokenizer = load_tokenizer(vocab, max_tokens)
         ids, mask = tokenize(tokenizer, [caption])
         vocab_size = model.config.text.vocab_size
         if int(ids.max()) >= vocab_size:
