@@ -58,9 +58,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from softmask.models.vlp import create_model
-
     from softmask.data.text import save_vocab
+    from softmask.models.vlp import create_model
 
     cfg = load_config(args.config, args.overrides)
     model = create_model(cfg)

@@ -20,27 +20,13 @@ import torch
 
 from softmask.config import Config, load_config
 from softmask.models.loading import CheckpointError
-from softmask.models.vlp import CONFIG_FILE, WEIGHTS_FILE, VisionLanguageModel, create_model, from_pretrained
-from softmask.train.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
-
-RUN_CONFIG = "config.yaml"
-RUN_MODEL_DIR = "model"
-MODEL_PREFIX = "model."
-
-
-def _is_pretrained_folder(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
-
-
-def _is_run_folder(path: Path) -> bool:
-    if not (path / RUN_CONFIG).is_file():
-        return False
-    return bool(list_checkpoints(path)) or _is_pretrained_folder(path / RUN_MODEL_DIR)
+from softmask.models.vlp import VisionLanguageModel, create_model, from_pretrained
+from softmask.runs import RUN_CONFIG, RUN_MODEL_DIR, ModelFiles, model_files
 
 
 def tokenizer_source(path: str | Path) -> str:
     """The vocabulary a model at ``path`` (as :func:`load_model` takes it) was trained with: the
-    ``vocab.txt`` of a saved model folder, else its run's ``data.tokenizer``, else "" (the default
+    ``vocab.txt`` of its saved model folder, else its run's ``data.tokenizer``, else "" (the default
     bert-base-uncased vocabulary, for folders saved before models recorded theirs)."""
     from softmask.data.text import VOCAB_FILE
 
@@ -66,11 +52,7 @@ def model_state_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The online model's state dict from a training checkpoint: the ``model.``-prefixed tensors of
     its ``"task"`` entry, prefix removed. Read with ``torch.load(weights_only=True)``."""
     path = Path(path)
-    task = load_checkpoint(path, entries=("task",))["task"]  # a one-line CheckpointError for anything else
-    state = {k[len(MODEL_PREFIX):]: v for k, v in task.items() if k.startswith(MODEL_PREFIX)}
-    if not state:
-        raise CheckpointError(f"{path}: the 'task' state dict has no '{MODEL_PREFIX}*' tensors")
-    return state
+    return ModelFiles(path, path.parent.parent / RUN_CONFIG, checkpoint=path).state()
 
 
 def _load_strict(model: VisionLanguageModel, state: dict[str, torch.Tensor], source: Path) -> None:
@@ -90,20 +72,14 @@ def _load_strict(model: VisionLanguageModel, state: dict[str, torch.Tensor], sou
     model.load_state_dict(state, strict=True)
 
 
-def _from_checkpoint(ckpt: Path, run_dir: Path) -> tuple[VisionLanguageModel, Config]:
-    cfg = load_run_config(run_dir)
-    model = create_model(cfg, load_weights=False)
-    _load_strict(model, model_state_from_checkpoint(ckpt), ckpt)
-    return model, cfg
-
-
 def load_model(path: str | Path, *, device: str | torch.device | None = None
                ) -> tuple[VisionLanguageModel, Config | None]:
     """Load a trained model for inference.
 
     Args:
         path: a training run's ``output_dir`` (newest ``checkpoints/step_*.pt``, else ``model/``), a
-            checkpoint file inside a run's ``checkpoints/`` folder, or a ``save_pretrained`` folder.
+            checkpoint file inside a run's ``checkpoints/`` folder, or a ``save_pretrained`` folder
+            (:func:`softmask.runs.model_files`).
         device: where to put the model (default: stays on the CPU).
 
     Returns:
@@ -114,32 +90,13 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None
         CheckpointError: ``path`` is missing, is none of the three, or its tensors do not fit its config.
         ConfigError: the run's ``config.yaml`` is invalid.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    cfg: Config | None = None
-    if path.is_file():
-        run_dir = path.parent.parent
-        if path.parent.name != CHECKPOINT_DIR or not (run_dir / RUN_CONFIG).is_file():
-            load_checkpoint(path, entries=("task",))  # not a checkpoint at all: say that, not where they lie
-            raise CheckpointError(
-                f"{path}: a checkpoint file must lie in a training run's {CHECKPOINT_DIR}/ folder, next to "
-                f"the run's {RUN_CONFIG} ({run_dir / RUN_CONFIG} not found)")
-        model, cfg = _from_checkpoint(path, run_dir)
-    elif _is_pretrained_folder(path):
-        model = from_pretrained(path)
-    elif _is_run_folder(path):
-        found = list_checkpoints(path)
-        if found:
-            model, cfg = _from_checkpoint(found[-1], path)
-        else:
-            cfg = load_run_config(path)
-            model = from_pretrained(path / RUN_MODEL_DIR)
+    files = model_files(path)
+    cfg = load_run_config(files.run) if files.run is not None else None
+    if files.checkpoint is not None:
+        model = create_model(cfg, load_weights=False)
+        _load_strict(model, files.state(), files.checkpoint)
     else:
-        raise CheckpointError(
-            f"{path}: not a training run folder ({RUN_CONFIG} + {CHECKPOINT_DIR}/step_*.pt or "
-            f"{RUN_MODEL_DIR}/), a checkpoint file in a run's {CHECKPOINT_DIR}/ folder, or a save_pretrained "
-            f"folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
+        model = from_pretrained(files.folder)
     if device is not None:
         model.to(device)
     return model.eval(), cfg

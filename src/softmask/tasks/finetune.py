@@ -28,7 +28,6 @@ log = logging.getLogger("softmask")
 
 TASK_MODULES = {"retrieval": "softmask.tasks.retrieval", "ve": "softmask.tasks.ve", "vqa": "softmask.tasks.vqa",
                 "nlvr2": "softmask.tasks.nlvr2"}
-RUN_CONFIG, RUN_MODEL_DIR = "config.yaml", "model"
 
 
 class TaskDefinition(Protocol):
@@ -103,27 +102,13 @@ class TaskModel(nn.Module):
 
 
 def saved_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
-    """(model state, the saved config mapping, the file read) from a fine-tuning run folder (newest
-    checkpoint, else ``model/``), a checkpoint file in a run's ``checkpoints/``, or a saved model folder."""
-    from softmask.checkpoint_files import read_safetensors
-    from softmask.inference import model_state_from_checkpoint
-    from softmask.train.checkpoint import list_checkpoints
+    """(model state, the saved config mapping, the file or folder read) from a fine-tuning run folder
+    (newest checkpoint, else ``model/``), a checkpoint file in a run's ``checkpoints/``, or a saved model
+    folder (:func:`softmask.runs.model_files`)."""
+    from softmask.runs import model_files
 
-    if path.is_file():
-        run_config = path.parent.parent / RUN_CONFIG
-        if not run_config.is_file():
-            model_state_from_checkpoint(path)  # not a checkpoint at all: say that, not where checkpoints lie
-            raise CheckpointError(f"{path}: a checkpoint file must lie in a run's checkpoints/ folder next to "
-                                  f"the run's {RUN_CONFIG}")
-        return model_state_from_checkpoint(path), yaml.safe_load(run_config.read_text()) or {}, path
-    if (path / RUN_CONFIG).is_file() and list_checkpoints(path):
-        ckpt = list_checkpoints(path)[-1]
-        return model_state_from_checkpoint(ckpt), yaml.safe_load((path / RUN_CONFIG).read_text()) or {}, ckpt
-    folder = path / RUN_MODEL_DIR if (path / RUN_MODEL_DIR / WEIGHTS_FILE).is_file() else path
-    if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{path}: not a fine-tuning run folder, a checkpoint file or a saved model folder "
-                              f"({CONFIG_FILE} + {WEIGHTS_FILE})")
-    return read_safetensors(folder / WEIGHTS_FILE), yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}, folder
+    files = model_files(path)
+    return files.state(), files.saved_config(), files.source
 
 
 def load_albef_task_model(cfg: Config, path: Path) -> nn.Module:

@@ -44,9 +44,9 @@ from softmask.data.task_data import Field, TaskDataset, load_task_records, train
 from softmask.models.loading import CheckpointError
 from softmask.models.nlvr2 import TwoImageModel, classifier_head, two_image_state
 from softmask.models.vit import resize_pos_embed
-from softmask.models.vlp import CONFIG_FILE, create_model, summarise_fused
+from softmask.models.vlp import create_model, summarise_fused
 from softmask.tasks.classify import ClassifierTask, accuracy_metrics, predict_classes
-from softmask.tasks.finetune import RUN_CONFIG, RUN_MODEL_DIR, TaskModel, saved_state, saved_task_name
+from softmask.tasks.finetune import TaskModel, saved_state, saved_task_name
 from softmask.train import dist
 from softmask.train.schedule import alpha_warmup_steps
 
@@ -145,23 +145,27 @@ class NLVR2Model(TaskModel):
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_task(config_file: Path) -> str:
-    if not config_file.is_file():
-        return ""
-    try:
-        return saved_task_name(yaml.safe_load(config_file.read_text()) or {})
-    except (yaml.YAMLError, AttributeError):
-        return ""
-
-
 def saved_task_of(init: str) -> str:
     """The fine-tuning task a ``model.init`` path was saved by ("" for a pretrained model or a foreign
-    checkpoint): a run folder, a saved model folder or a checkpoint file in a run's checkpoints/."""
+    checkpoint): read from the config of a run folder, a saved model folder or a checkpoint file in a
+    run's checkpoints/ (no tensors are read)."""
+    from softmask.models.vlp import CONFIG_FILE
+    from softmask.runs import CHECKPOINT_DIR, RUN_CONFIG, RUN_MODEL_DIR
+
     path = Path(init).expanduser()
     if path.is_dir():
-        return _read_task(path / CONFIG_FILE) or _read_task(path / RUN_MODEL_DIR / CONFIG_FILE)
-    if path.is_file() and path.parent.name == "checkpoints":
-        return _read_task(path.parent.parent / RUN_CONFIG)
+        configs = [path / CONFIG_FILE, path / RUN_MODEL_DIR / CONFIG_FILE]
+    elif path.is_file() and path.parent.name == CHECKPOINT_DIR:
+        configs = [path.parent.parent / RUN_CONFIG]
+    else:
+        return ""  # a foreign checkpoint (e.g. ALBEF's .pth): loaded as a single-image model
+    for config in configs:
+        try:
+            task = saved_task_name(yaml.safe_load(config.read_text()) or {}) if config.is_file() else ""
+        except (yaml.YAMLError, AttributeError):
+            task = ""
+        if task:
+            return task
     return ""
 
 
