@@ -103,7 +103,8 @@ def test_unknown_task_and_missing_checkpoint_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_task_model(cfg, tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="not a fine-tuning run folder"):
+    expected = "not a training run folder .*, a checkpoint file .* or a saved model folder"
+    with pytest.raises(CheckpointError, match=expected):
         load_task_model(cfg, tmp_path / "empty")
 
 
