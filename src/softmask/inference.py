@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from softmask.config import Config, load_config
-from softmask.models.loading import CheckpointError
 from softmask.models.vlp import VisionLanguageModel, create_model, from_pretrained
-from softmask.runs import RUN_CONFIG, RUN_MODEL_DIR, ModelFiles, model_files
+from softmask.runs import RUN_CONFIG, RUN_MODEL_DIR, ModelFiles, load_strict, model_files
 
 
 def tokenizer_source(path: str | Path) -> str:
@@ -55,23 +54,6 @@ def model_state_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return ModelFiles(path, path.parent.parent / RUN_CONFIG, checkpoint=path).state()
 
 
-def _load_strict(model: VisionLanguageModel, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Load every tensor of ``model`` from ``state``, with a CheckpointError listing what does not fit."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-            if keys:
-                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-                parts.append(f"{label}: {', '.join(keys[:5])}{more}")
-        raise CheckpointError(f"{source}: does not match the run's config.yaml; " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
-
-
 def load_model(path: str | Path, *, device: str | torch.device | None = None
                ) -> tuple[VisionLanguageModel, Config | None]:
     """Load a trained model for inference.
@@ -94,7 +76,7 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None
     cfg = load_run_config(files.run) if files.run is not None else None
     if files.checkpoint is not None:
         model = create_model(cfg, load_weights=False)
-        _load_strict(model, files.state(), files.checkpoint)
+        load_strict(model, files.state(), files.checkpoint, "the model of the run's config.yaml")
     else:
         model = from_pretrained(files.folder)
     if device is not None:

@@ -55,6 +55,24 @@ class ModelFiles:
         return state
 
 
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path, what: str) -> None:
+    """Load every tensor of ``model`` from ``state`` (nothing missing, nothing left over, every shape
+    equal), or raise a CheckpointError naming ``source``, ``what`` it had to fit and the first keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+            if keys:
+                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+                parts.append(f"{label}: {', '.join(keys[:5])}{more}")
+        raise CheckpointError(f"{source}: does not fit {what}; " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
 def is_saved_folder(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 

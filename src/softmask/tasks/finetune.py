@@ -172,15 +172,9 @@ def load_task_model(cfg: Config, path: str | Path) -> nn.Module:
     cfg.model = model_config_from_dict(saved.get("model", {}), where=f"{source}: model")
     cfg.model.init = cfg.model.vision.init = cfg.model.text.init = ""
     model = get_task(task_name).build_model(cfg)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
-             if state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        problems = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if keys]
-        raise CheckpointError(f"{source}: does not fit the {task_name} model; " + "; ".join(problems))
-    model.load_state_dict(state)
+    from softmask.runs import load_strict
+
+    load_strict(model, state, source, f"the {task_name} model")
     return model
 
 
