@@ -53,6 +53,26 @@ def _open_head(path: Path, expected: str) -> bytes:
         raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
+def check_torch_file(path: str | Path, expected: str = "a PyTorch checkpoint written by torch.save") -> None:
+    """Whether ``path`` looks like a ``torch.save`` file, from its first bytes and zip directory only
+    (nothing is unpickled, so this is cheap for a file of any size).
+
+    Raises:
+        CheckpointError: missing, a folder, empty, a zip archive that cannot be read, or not a torch.save
+            file at all (the message quotes how it starts).
+    """
+    path = Path(path)
+    head = _open_head(path, expected)
+    if not head:
+        raise CheckpointError(f"{path}: is empty (expected {expected})")
+    is_zip = zipfile.is_zipfile(path)
+    if head.startswith(_ZIP) and not is_zip:
+        raise CheckpointError(f"{path}: damaged or not a checkpoint (a zip archive that cannot be read, e.g. a "
+                              f"write cut short; expected {expected})")
+    if not (is_zip or head.startswith(_LEGACY_PICKLE)):
+        raise CheckpointError(f"{path}: not a checkpoint: it starts with {_describe_start(head)} (expected {expected})")
+
+
 def read_torch_file(path: str | Path, expected: str = "a PyTorch checkpoint written by torch.save") -> object:
     """``torch.load(path, weights_only=True)`` on the CPU, or a one-line :class:`CheckpointError`.
 
@@ -65,14 +85,7 @@ def read_torch_file(path: str | Path, expected: str = "a PyTorch checkpoint writ
             objects other than tensors and plain containers.
     """
     path = Path(path)
-    head = _open_head(path, expected)
-    if not head:
-        raise CheckpointError(f"{path}: is empty (expected {expected})")
-    if head.startswith(_ZIP) and not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: damaged or not a checkpoint (a zip archive that cannot be read, e.g. a "
-                              f"write cut short; expected {expected})")
-    if not (zipfile.is_zipfile(path) or head.startswith(_LEGACY_PICKLE)):
-        raise CheckpointError(f"{path}: not a checkpoint: it starts with {_describe_start(head)} (expected {expected})")
+    check_torch_file(path, expected)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from softmask.checkpoint_files import CheckpointError, read_safetensors
+from softmask.checkpoint_files import CheckpointError, check_torch_file, read_safetensors
 from softmask.models.vlp import CONFIG_FILE, WEIGHTS_FILE
 from softmask.train.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
 
@@ -95,7 +95,8 @@ def model_files(path: str | Path) -> ModelFiles:
     if path.is_file():
         run_config = path.parent.parent / RUN_CONFIG
         if path.parent.name != CHECKPOINT_DIR or not run_config.is_file():
-            load_checkpoint(path, entries=("task",))  # not a checkpoint at all: say that, not where they lie
+            # Not a checkpoint at all: say that, not where checkpoints lie (a header check; nothing is loaded).
+            check_torch_file(path, f"a softmask training checkpoint ({CHECKPOINT_DIR}/step_*.pt of a run)")
             raise CheckpointError(
                 f"{path}: a checkpoint file must lie in a training run's {CHECKPOINT_DIR}/ folder, next to "
                 f"the run's {RUN_CONFIG} ({run_config} not found)")

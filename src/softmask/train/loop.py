@@ -100,7 +100,9 @@ def _trim(batch: dict, n: int) -> dict:
 
 def _bad_data_hint(cfg: Config) -> str:
     """What to check when most samples cannot be read, for the stop message."""
-    if cfg.data.train and all(entry.endswith(".tar") for entry in cfg.data.train):
+    from softmask.data.dataset import is_shard_entry
+
+    if cfg.data.train and all(is_shard_entry(entry) for entry in cfg.data.train):
         return "the shards of data.train"
     root = cfg.data.image_root
     return (f"data.image_root (now '{root}'), the folder the annotation files' image paths start from" if root
@@ -182,7 +184,7 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
     saved_at = -1
     in_step = False
 
-    def checkpoint() -> Path | None:
+    def checkpoint() -> Path:
         nonlocal saved_at
         rngs = [rng_state()]
         if dist.is_distributed():
