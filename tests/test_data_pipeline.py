@@ -136,8 +136,8 @@ def test_dataset_items_bad_samples_and_raise_mode(tmp_path):
     dataset = CaptionDataset(records, SIZE, max_words=30, max_pixels=10**6, seed=0)
     item = dataset[(2, 0)]
     assert item["image"].shape == (3, SIZE, SIZE) and item["image"].dtype == torch.uint8
-    assert item["caption"] == "picture number 2" and item["index"] == 2
-    assert dataset[2]["caption"] == item["caption"]  # a plain index means epoch 0
+    assert item["text"] == "picture number 2" and item["index"] == 2
+    assert dataset[2]["text"] == item["text"]  # a plain index means epoch 0
     assert dataset[(1, 0)]["bad"].startswith(f"{records[1].image}: not an image")
     assert dataset[(4, 0)] == {"bad": f"{tmp_path / 'absent.jpg'}: file not found"}
     assert dataset[(5, 0)]["bad"].startswith(f"{records[0].image}: caption empty after cleaning")
@@ -152,8 +152,8 @@ def test_caption_choice_is_deterministic_and_varies_with_epoch(tmp_path):
     record = make_images(tmp_path, 1)[0]
     record.captions = [f"caption {k}" for k in range(4)]
     dataset = CaptionDataset([record], SIZE, max_words=30, max_pixels=10**6, seed=7)
-    chosen = [dataset[(0, epoch)]["caption"] for epoch in range(12)]
-    assert chosen == [dataset[(0, epoch)]["caption"] for epoch in range(12)]
+    chosen = [dataset[(0, epoch)]["text"] for epoch in range(12)]
+    assert chosen == [dataset[(0, epoch)]["text"] for epoch in range(12)]
     assert len(set(chosen)) > 1
     assert choose_caption(["a", "b", "c"], 1, 2, 3) == choose_caption(["a", "b", "c"], 1, 2, 3)
 
@@ -173,7 +173,7 @@ def test_collator_shapes_truncation_and_skips(tmp_path, tokenizer):
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]  # [CLS] picture number 0 [SEP]
     assert batch["indices"].tolist() == [0, 2]
     assert batch["skipped"] == 1 and batch["skipped_samples"][0].startswith(records[1].image + ": ")
-    assert batch["captions"][0] == "picture number 0"
+    assert batch["texts"][0] == "picture number 0"
 
     empty = collate([dataset[(1, 0)]])
     assert empty["images"].shape == (0, 3, SIZE, SIZE) and empty["input_ids"].shape == (0, 8)
@@ -268,7 +268,7 @@ def test_write_shards_round_trip(shard_data):
     assert sum(len(b["indices"]) for b in batches) == 23 and sum(b["skipped"] for b in batches) == 1
     bad = [s for b in batches for s in b["skipped_samples"]]
     assert bad == [f"{paths[1]}#000000007: not an image Pillow can read"]
-    captions = {c for b in batches for c in b["captions"]}
+    captions = {c for b in batches for c in b["texts"]}
     assert "picture number 4" in captions and ("picture number 3" in captions or "another view number 3" in captions)
     for b in batches:
         assert b["images"].shape == (len(b["indices"]), 3, SIZE, SIZE) and b["images"].dtype == torch.uint8
@@ -318,7 +318,7 @@ def test_shard_sample_without_caption_or_image_is_counted(tmp_path, tokenizer):
     stream = ShardStream([str(path)], rank=0, world_size=1, epoch=0, seed=0, image_size=SIZE, max_words=30,
                          max_pixels=10**6, shuffle_buffer=0)
     batch = Collator(tokenizer, 12, SIZE)(list(stream))
-    assert batch["captions"] == ["x y"] and batch["skipped"] == 3
+    assert batch["texts"] == ["x y"] and batch["skipped"] == 3
     reasons = batch["skipped_samples"]
     assert reasons[0].endswith("#a: no caption (txt or json member)")
     assert reasons[1].endswith("#b: no image member (jpg/jpeg/png/webp)")

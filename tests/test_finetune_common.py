@@ -9,8 +9,8 @@ import pytest
 
 from softmask.cli import main
 from softmask.config import ConfigError, load_config
-from softmask.data.annotations import AnnotationError
-from softmask.data.task_data import Field, TaskCollator, TaskDataset, load_task_records
+from softmask.data.annotations import AnnotationError, Field, load_records
+from softmask.data.dataset import Collator, TaskDataset
 from softmask.models.loading import CheckpointError
 from softmask.tasks.finetune import get_task, load_task_model
 
@@ -50,7 +50,7 @@ def _write(path: Path, records) -> str:
 def test_task_records_are_checked_with_file_and_record(tmp_path):
     fields = [Field("sentence", (str,)), Field("label", (str,), lambda v: None if v in ("a", "b") else f"is {v!r}")]
     good = {"image": "x.png", "sentence": "a cat", "label": "a"}
-    records = load_task_records([_write(tmp_path / "ok.json", [good])], str(tmp_path), fields)
+    records = load_records([_write(tmp_path / "ok.json", [good])], str(tmp_path), fields)
     assert records[0]["image"] == str(tmp_path / "x.png") and records[0]["_source"].endswith("record 0")
     cases = [([good, {"image": "y.png", "label": "a"}], r"bad.json: record 1: missing 'sentence'"),
              ([good, good, {**good, "label": "c"}], r"bad.json: record 2: 'label' is 'c'"),
@@ -59,9 +59,9 @@ def test_task_records_are_checked_with_file_and_record(tmp_path):
              ([{**good, "image": ""}], r"record 0: 'image' must hold non-empty path strings")]
     for content, message in cases:
         with pytest.raises(AnnotationError, match=message):
-            load_task_records([_write(tmp_path / "bad.json", content)], "", fields)
+            load_records([_write(tmp_path / "bad.json", content)], "", fields)
     with pytest.raises(AnnotationError, match="missing.json: annotation file not found"):
-        load_task_records([str(tmp_path / "missing.json")], "", fields)
+        load_records([str(tmp_path / "missing.json")], "", fields)
 
 
 def test_task_samples_skip_bad_images_and_collate_extras(tmp_path):
@@ -69,14 +69,14 @@ def test_task_samples_skip_bad_images_and_collate_extras(tmp_path):
 
     Image.new("RGB", (20, 10), (200, 10, 10)).save(tmp_path / "a.png")
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    records = load_task_records([_write(tmp_path / "t.json", [
+    records = load_records([_write(tmp_path / "t.json", [
         {"images": ["a.png", "a.png"], "sentence": "Two red boxes!", "label": 1},
         {"images": ["a.png", "broken.png"], "sentence": "broken", "label": 0},
     ])], str(tmp_path), [Field("sentence", (str,)), Field("label", (int,))], image_key="images")
     cfg = load_config(TINY, ["model.vision.image_size=16", "model.vision.patch_size=8"])
     dataset = TaskDataset(records, cfg, "sentence", extras=lambda r: {"label": r["label"], "tag": [r["label"]]},
                           image_key="images")
-    batch = TaskCollator(cfg)([dataset[0], dataset[1]])
+    batch = Collator.for_config(cfg)([dataset[0], dataset[1]])
     assert batch["images"].shape == (1, 2, 3, 16, 16) and batch["skipped"] == 1
     assert "broken.png" in batch["skipped_samples"][0]
     assert batch["texts"] == ["two red boxes"] and batch["label"].tolist() == [1] and batch["tag"] == [[1]]

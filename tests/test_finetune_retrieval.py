@@ -12,7 +12,7 @@ import torch
 from softmask.cli import main
 from softmask.config import load_config
 from softmask.data.annotations import AnnotationError
-from softmask.data.task_data import TaskCollator, TaskDataset
+from softmask.data.dataset import Collator, TaskDataset
 from softmask.objectives.itm import sample_hard_negatives
 from softmask.tasks import retrieval
 
@@ -137,7 +137,7 @@ def test_loss_falls_on_a_fixed_batch_and_the_id_queue_fills(world):
     torch.manual_seed(0)
     records = [r for i, r in enumerate(retrieval.load_train_records(cfg)) if i % 5 < 2][:8]  # 4 images x 2
     dataset = TaskDataset(records, cfg, "caption", extras=retrieval._image_index)
-    batch = TaskCollator(cfg)([dataset[i] for i in range(len(dataset))])
+    batch = Collator.for_config(cfg)([dataset[i] for i in range(len(dataset))])
     assert batch["image_id"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     task = retrieval.build_task(cfg, retrieval.build_model(cfg), batches_per_epoch=10)
     assert not any(p.requires_grad for p in task.model.mlm_head.parameters())

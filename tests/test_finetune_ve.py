@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from softmask.cli import main
 from softmask.config import load_config
 from softmask.data.annotations import AnnotationError
-from softmask.data.task_data import TaskCollator, TaskDataset
+from softmask.data.dataset import Collator, TaskDataset
 from softmask.models.loading import CheckpointError
 from softmask.objectives.distill import distilled_cross_entropy
 from softmask.tasks import ve
@@ -115,9 +115,9 @@ def test_loss_falls_on_a_fixed_batch(world):
                                "model.text.dropout=0", "model.text.attention_dropout=0", "distill.alpha=0.4",
                                "distill.momentum=0.5", "distill.alpha_warmup_steps=1"])
     torch.manual_seed(0)
-    records = ve.load_task_records(cfg.finetune.train, cfg.data.image_root, ve.FIELDS)[:6]
+    records = ve.load_records(cfg.finetune.train, cfg.data.image_root, ve.FIELDS)[:6]
     dataset = TaskDataset(records, cfg, "sentence", extras=ve._label_index)
-    batch = TaskCollator(cfg)([dataset[i] for i in range(len(dataset))])
+    batch = Collator.for_config(cfg)([dataset[i] for i in range(len(dataset))])
     assert sorted(set(batch["label"].tolist())) == [0, 1, 2]
     task = ve.build_task(cfg, ve.build_model(cfg), batches_per_epoch=10)
     assert task.momentum_model is not None and not task.model.backbone.itm_head.weight.requires_grad

@@ -10,11 +10,11 @@ from PIL import Image
 from softmask import CheckpointError, create_model
 from softmask.cli import main
 from softmask.config import config_from_dict, save_config, to_dict
-from softmask.data.text import load_tokenizer, special_token_ids, tokenize
+from softmask.data.text import continuation_table, load_tokenizer, special_token_ids, tokenize, vocab_strings
 from softmask.data.transforms import EvalTransform
-from softmask.eval.word_gradcam import group_words, vocab_strings, word_gradcam
+from softmask.eval.word_gradcam import group_words, word_gradcam
 from softmask.inference import load_model
-from softmask.objectives.softmask import continuation_table, gradcam_maps
+from softmask.objectives.softmask import gradcam_maps
 from softmask.viz.gradcam import safe_name
 
 from conftest import tiny_model_config

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from softmask.data.text import load_tokenizer, special_token_ids, tokenize
+from softmask.data.text import continuation_table, load_tokenizer, special_token_ids, tokenize
 from softmask.objectives.itc import (
     focal_itc_loss,
     focal_soft_cross_entropy,
@@ -17,7 +17,6 @@ from softmask.objectives.itc import (
 from softmask.objectives.softmask import (
     apply_soft_mask,
     choose_words,
-    continuation_table,
     half_compensate,
     make_soft_mask,
     normalize_maps,

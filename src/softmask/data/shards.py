@@ -45,18 +45,15 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import TarWriter
 from webdataset.tariterators import tarfile_samples
 
 from softmask.config import Config, ConfigError
 from softmask.data.annotations import Record
-from softmask.data.dataset import ON_BAD_SAMPLE, Collator, expand_entries, is_shard_entry, make_item
+from softmask.data.dataset import ON_BAD_SAMPLE, data_loader, expand_entries, is_shard_entry, make_item
 from softmask.data.images import BadSample, decode_image
 from softmask.data.sampler import mix_seed
-from softmask.data.text import load_tokenizer
-from softmask.data.workers import ignore_ctrl_c
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +132,7 @@ def _parse_captions(sample: dict, name: str) -> list[str]:
 
 class ShardStream(IterableDataset):
     """One rank's samples of one epoch from tar shards, as :func:`make_item` dicts
-    (``{"image": uint8 (3, S, S), "caption": str, "index": int}`` or ``{"bad": "shard#key: reason"}``).
+    (``{"image": uint8 (3, S, S), "text": str, "index": int}`` or ``{"bad": "shard#key: reason"}``).
 
     See the module docstring for the splitting, shuffling and skipping rules.
     """
@@ -239,14 +236,7 @@ def build_shard_loader(cfg: Config, rank: int, world_size: int, epoch: int, skip
         max_words=cfg.data.max_words, max_pixels=cfg.data.max_image_pixels, on_bad_sample=cfg.data.on_bad_sample,
         batch_size=cfg.train.batch_size, skip_batches=skip_batches,
     )
-    collator = Collator(load_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens), cfg.data.max_tokens, image_size)
-    return DataLoader(
-        dataset, batch_size=cfg.train.batch_size, collate_fn=collator, num_workers=workers,
-        pin_memory=torch.cuda.is_available(), drop_last=False, worker_init_fn=ignore_ctrl_c,
-        # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run
-        # (which creates one mid-epoch) would diverge from an uninterrupted one.
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    return data_loader(cfg, dataset, cfg.train.batch_size, workers=workers)
 
 
 def write_shards(records: Sequence[Record], out_dir: str, samples_per_shard: int) -> list[str]:

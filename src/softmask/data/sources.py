@@ -39,8 +39,4 @@ def build_pretrain_data(cfg: Config, rank: int, world_size: int):
         if cfg.train.max_steps <= 0:
             raise ConfigError("train.max_steps must be set when training on webdataset shards")
         return ShardSource(cfg, rank, world_size)
-    try:
-        loader, sampler = build_pretrain_loader(cfg, rank, world_size)  # raises on empty or mixed data.train
-    except ValueError as exc:  # e.g. less data than one global batch: a setting to change, not a crash
-        raise ConfigError(str(exc)) from None
-    return LoaderSource(loader, sampler)
+    return LoaderSource(*build_pretrain_loader(cfg, rank, world_size))  # raises on empty or mixed data.train

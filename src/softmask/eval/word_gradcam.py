@@ -25,15 +25,6 @@ CONTINUATION_PREFIX = "##"
 # --------------------------------------------------------------------------------------------------
 
 
-def vocab_strings(tokenizer) -> list[str]:
-    """The WordPiece vocabulary as a list: ``strings[id]`` is the piece of token ``id`` (V entries)."""
-    vocab = tokenizer.get_vocab()
-    strings = [""] * (max(vocab.values()) + 1)
-    for piece, index in vocab.items():
-        strings[index] = piece
-    return strings
-
-
 def group_words(input_ids: torch.Tensor, attention_mask: torch.Tensor, continuation: torch.Tensor,
                 special_ids: Collection[int], vocab: Sequence[str]) -> tuple[list[str], list[list[int]]]:
     """Merge the WordPiece pieces of one caption back into words, with the segmentation the soft masks
@@ -41,7 +32,7 @@ def group_words(input_ids: torch.Tensor, attention_mask: torch.Tensor, continuat
 
     Args:
         input_ids: (T,) token ids; attention_mask: (T,), 1 = token, 0 = padding.
-        continuation: (V,) bool from :func:`softmask.objectives.softmask.continuation_table`.
+        continuation: (V,) bool from :func:`softmask.data.text.continuation_table`.
         special_ids: ids that are never words ([CLS], [SEP], [PAD]).
         vocab: V piece strings, ``vocab[id]`` (see :func:`vocab_strings`).
 
@@ -90,7 +81,7 @@ def word_gradcam(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention
         source: ``"gradcam"`` or ``"attention"``.
         special_ids: ids that are not caption words ([CLS], [SEP], [PAD]).
         continuation: (V,) bool, True for WordPiece continuation pieces (``##...``), from
-            :func:`softmask.objectives.softmask.continuation_table`.
+            :func:`softmask.data.text.continuation_table`.
         vocab: V piece strings, ``vocab[id]`` (see :func:`vocab_strings`).
 
     Returns:

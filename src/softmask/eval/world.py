@@ -18,7 +18,7 @@ import torch
 
 from softmask.config import ConfigError, default_gradcam_layer
 from softmask.data.images import load_image, to_tensor
-from softmask.data.text import load_tokenizer, pre_caption, special_token_ids, tokenize
+from softmask.data.text import open_tokenizer, pre_caption
 from softmask.data.transforms import EvalTransform
 from softmask.eval.grounding import energy_in_box, pointing_hit
 from softmask.eval.retrieval import compute_features, evaluate_retrieval, itm_scores, recall_at_k
@@ -40,7 +40,7 @@ class _Encoder:
     def __init__(self, model: VisionLanguageModel, world: Path, tokenizer: str = ""):
         self.world, self.size = world, model.config.vision.image_size
         self.transform = EvalTransform(self.size)
-        self.tokenizer = load_tokenizer(tokenizer, max_tokens=MAX_WORDS)
+        self.tokenizer = open_tokenizer(tokenizer, max_tokens=MAX_WORDS)
         self.cache: dict[str, torch.Tensor] = {}
 
     def pixels(self, paths: list[str]) -> torch.Tensor:
@@ -51,7 +51,7 @@ class _Encoder:
         return self.transform(torch.stack([self.cache[p] for p in paths]))
 
     def text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return tokenize(self.tokenizer, [pre_caption(c, MAX_WORDS) for c in captions])
+        return self.tokenizer.encode([pre_caption(c, MAX_WORDS) for c in captions])
 
 
 def _accuracy(hits: dict[str, list[bool]]) -> dict[str, float]:
@@ -96,12 +96,8 @@ def grounding(model: VisionLanguageModel, enc: _Encoder, scenes: list[dict], lay
               source: str = "gradcam", max_captions: int | None = None) -> dict[str, float]:
     """Pointing game (%) and mean energy in box of each linked word's map against its object's box,
     overall and split by salient/secondary object."""
-    from softmask.eval.word_gradcam import vocab_strings, word_gradcam
-    from softmask.objectives.softmask import continuation_table
+    from softmask.eval.word_gradcam import word_gradcam
 
-    special = special_token_ids(enc.tokenizer)
-    continuation = continuation_table(enc.tokenizer.get_vocab())
-    vocab = vocab_strings(enc.tokenizer)
     hits: dict[str, list[bool]] = defaultdict(list)
     energy: dict[str, list[float]] = defaultdict(list)
     done = 0
@@ -114,8 +110,7 @@ def grounding(model: VisionLanguageModel, enc: _Encoder, scenes: list[dict], lay
             words = pre_caption(caption["caption"], MAX_WORDS).split()
             ids, mask = enc.text([caption["caption"]])
             result = word_gradcam(model, pixels, ids, mask, layer, source,
-                                  special_ids=[special["cls"], special["sep"], special["pad"]],
-                                  continuation=continuation, vocab=vocab)
+                                  **enc.tokenizer.word_tables())
             if result["words"] != words:  # segmentation disagrees: skip rather than misattribute
                 continue
             done += 1

@@ -121,19 +121,27 @@ class VisionLanguageModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.yaml`` (the model section) and ``model.safetensors`` into ``directory``."""
-        from safetensors.torch import save_file
+        return save_model_folder(self, self.config, directory)
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        section = to_dict(self.config)
-        # The weights are all in model.safetensors: re-loading must not apply the init checkpoints again.
-        section["init"] = section["vision"]["init"] = section["text"]["init"] = ""
-        (directory / CONFIG_FILE).write_text(yaml.safe_dump({"model": section}, sort_keys=False))
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt", "library": "softmask"})
-        tmp.replace(directory / WEIGHTS_FILE)
-        return directory
+
+def save_model_folder(module: nn.Module, config: ModelConfig, directory: str | Path, task: str = "") -> Path:
+    """Write a saved model folder: ``config.yaml`` (``task`` when given, and the model section with its
+    ``init`` fields cleared, as the weights are all in the folder: re-loading must not apply the init
+    checkpoints again) and ``module``'s state as ``model.safetensors`` (written to a temporary file,
+    then renamed, so an interrupted save leaves no half file)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    section = to_dict(config)
+    section["init"] = section["vision"]["init"] = section["text"]["init"] = ""
+    saved = {"task": task, "model": section} if task else {"model": section}
+    (directory / CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "library": "softmask", **({"task": task} if task else {})})
+    tmp.replace(directory / WEIGHTS_FILE)
+    return directory
 
 
 def create_model(cfg: Config | ModelConfig, load_weights: bool = True) -> VisionLanguageModel:

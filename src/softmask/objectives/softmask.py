@@ -44,21 +44,6 @@ def attention_maps(attn: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def continuation_table(vocab: dict[str, int]) -> torch.Tensor:
-    """(V,) bool, True at the ids of WordPiece continuation tokens (those spelled ``##...``).
-
-    Args:
-        vocab: token -> id, e.g. ``tokenizer.get_vocab()``; V = largest id + 1 (ids missing from the
-            mapping are False).
-    """
-    size = max(vocab.values(), default=-1) + 1
-    table = torch.zeros(size, dtype=torch.bool)
-    pieces = [index for token, index in vocab.items() if token.startswith("##")]
-    if pieces:
-        table[torch.tensor(pieces, dtype=torch.long)] = True
-    return table
-
-
 def _real_tokens(clean_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids) -> torch.Tensor:
     """(B, T) bool: attended tokens whose id is not one of ``special_ids``."""
     special = torch.as_tensor(list(special_ids), dtype=clean_ids.dtype, device=clean_ids.device)
@@ -78,7 +63,7 @@ def word_ids(clean_ids: torch.Tensor, attention_mask: torch.Tensor, continuation
     Args:
         clean_ids: (B, T) long token ids (the caption before any MLM masking).
         attention_mask: (B, T) 1/True for tokens, 0/False for padding.
-        continuation: (V,) bool from :func:`continuation_table` (moved to the ids' device).
+        continuation: (V,) bool from :func:`softmask.data.text.continuation_table` (moved to the ids' device).
         special_ids: the ids that are never words, e.g. [CLS], [SEP], [PAD].
 
     Returns:
@@ -110,7 +95,7 @@ def choose_words(token_maps: torch.Tensor, clean_ids: torch.Tensor, seen_ids: to
         clean_ids: (B, T) long ids of the caption before MLM masking.
         seen_ids: (B, T) long ids the model actually saw (MLM-masked or equal to ``clean_ids``).
         attention_mask: (B, T) 1/True for tokens, 0/False for padding.
-        continuation: (V,) bool from :func:`continuation_table`.
+        continuation: (V,) bool from :func:`softmask.data.text.continuation_table`.
         special_ids: ids that are never words ([CLS], [SEP], [PAD], ...).
         mask_id: the [MASK] id.
         generator: a ``torch.Generator`` on the ids' device, or None for the global generator.

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from softmask.config import Config
-from softmask.data.task_data import TaskDataset, eval_loader
+from softmask.data.dataset import TaskDataset, eval_loader
 from softmask.data.transforms import EvalTransform, training_transform
 from softmask.objectives.distill import distilled_cross_entropy
 from softmask.train import dist
@@ -79,7 +79,7 @@ def predict_classes(cfg: Config, model: nn.Module, dataset: TaskDataset, task: s
         skipped += batch["skipped"]
         for sample in batch["skipped_samples"]:
             log.warning(f"{task}: skipped bad sample: {sample}")
-        if batch["images"] is None:
+        if not len(batch["indices"]):
             continue
         with inference_autocast(cfg.train.precision, device):
             pixels = transform_images(transform, batch["images"].to(device))

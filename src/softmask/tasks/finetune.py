@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import yaml
 from torch import nn
 
-from softmask.config import FINETUNE_TASKS, Config, ConfigError, model_config_from_dict, to_dict
+from softmask.config import FINETUNE_TASKS, Config, ConfigError, model_config_from_dict
 from softmask.models.loading import CheckpointError
-from softmask.models.vlp import CONFIG_FILE, WEIGHTS_FILE
+from softmask.models.vlp import save_model_folder
 from softmask.train import dist
 
 log = logging.getLogger("softmask")
@@ -81,19 +80,7 @@ class TaskModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """``config.yaml`` (task name and model section, init fields cleared) and ``model.safetensors``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        section = to_dict(self.config)
-        section["init"] = section["vision"]["init"] = section["text"]["init"] = ""
-        (directory / CONFIG_FILE).write_text(yaml.safe_dump({"task": self.task_name, "model": section},
-                                                            sort_keys=False))
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt", "library": "softmask", "task": self.task_name})
-        tmp.replace(directory / WEIGHTS_FILE)
-        return directory
+        return save_model_folder(self, self.config, directory, self.task_name)
 
 
 # --------------------------------------------------------------------------------------------------

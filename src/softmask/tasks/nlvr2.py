@@ -39,8 +39,10 @@ import torch
 import yaml
 
 from softmask.config import Config, ConfigError, ModelConfig, model_config_from_dict, to_dict
+from softmask.data import annotations
+from softmask.data.annotations import Field
+from softmask.data.dataset import TaskDataset, train_loader
 from softmask.data.sources import LoaderSource
-from softmask.data.task_data import Field, TaskDataset, load_task_records, train_loader
 from softmask.models.loading import CheckpointError
 from softmask.models.nlvr2 import TwoImageModel, classifier_head, two_image_state
 from softmask.models.vit import resize_pos_embed
@@ -107,8 +109,8 @@ LABEL_OF = {"finetune": _finetune_label, "text_assignment": _ta_label}
 def load_records(cfg: Config, split: str) -> list[dict]:
     """The checked records of ``finetune.<split>`` for the configured stage (AnnotationError naming
     the file and record otherwise)."""
-    return load_task_records(getattr(cfg.finetune, split), cfg.data.image_root, FIELDS[cfg.finetune.stage],
-                             image_key="images", key=f"finetune.{split}")
+    return annotations.load_records(getattr(cfg.finetune, split), cfg.data.image_root, FIELDS[cfg.finetune.stage],
+                                    image_key="images", key=f"finetune.{split}")
 
 
 def make_dataset(cfg: Config, records: list[dict]) -> TaskDataset:
@@ -261,12 +263,9 @@ def build_model(cfg: Config) -> NLVR2Model:
 
 
 def build_task(cfg: Config, model: NLVR2Model, batches_per_epoch: int | None) -> ClassifierTask:
-    from softmask.data.text import load_tokenizer
+    from softmask.data.text import open_tokenizer
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens)
-    if tokenizer.get_vocab_size() > cfg.model.text.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but model.text.vocab_size is "
-                          f"{cfg.model.text.vocab_size}")
+    open_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens).check_fits(cfg.model.text.vocab_size)
     return ClassifierTask(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
 
 

@@ -316,19 +316,12 @@ class PretrainTask(DistilledTask):
 
 def build_task(cfg: Config, model: VisionLanguageModel, alpha_warmup_steps: int) -> PretrainTask:
     """The pretraining task with the tokenizer's special ids and WordPiece continuation table."""
-    from softmask.config import ConfigError
-    from softmask.data.text import load_tokenizer, special_token_ids
-    from softmask.objectives.softmask import continuation_table
+    from softmask.data.text import open_tokenizer
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens)
-    if tokenizer.get_vocab_size() > cfg.model.text.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but model.text.vocab_size is "
-                          f"{cfg.model.text.vocab_size}")
-    vocab = tokenizer.get_vocab()
-    continuation = continuation_table(vocab)
-    if continuation.numel() < cfg.model.text.vocab_size:  # ids the tokenizer never produces
-        continuation = F.pad(continuation, (0, cfg.model.text.vocab_size - continuation.numel()))
-    task = PretrainTask(cfg, model, special_token_ids(tokenizer), alpha_warmup_steps, continuation)
+    tokenizer = open_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens)
+    tokenizer.check_fits(cfg.model.text.vocab_size)
+    task = PretrainTask(cfg, model, tokenizer.special, alpha_warmup_steps,
+                        tokenizer.continuation_for(cfg.model.text.vocab_size))
     if cfg.model.init:
         continue_from_albef(task, cfg.model.init)
     return task

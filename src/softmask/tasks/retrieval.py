@@ -34,11 +34,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from softmask.config import Config
-from softmask.data.annotations import AnnotationError
+from softmask.data.annotations import AnnotationError, Field, load_records
+from softmask.data.dataset import TaskDataset, train_loader
 from softmask.data.images import BadSample, load_image, to_tensor
 from softmask.data.sources import LoaderSource
-from softmask.data.task_data import Field, TaskDataset, load_task_records, train_loader
-from softmask.data.text import load_tokenizer, pre_caption, tokenize
+from softmask.data.text import open_tokenizer, pre_caption
 from softmask.data.transforms import EvalTransform, training_transform
 from softmask.eval.retrieval import evaluate_retrieval
 from softmask.models.vlp import VisionLanguageModel, create_model
@@ -282,7 +282,7 @@ def build_task(cfg: Config, model: VisionLanguageModel, batches_per_epoch: int |
 
 def load_train_records(cfg: Config) -> list[dict]:
     """The checked ``finetune.train`` records, each with ``_image_index`` (its dense image id)."""
-    records = load_task_records(cfg.finetune.train, cfg.data.image_root, TRAIN_FIELDS)
+    records = load_records(cfg.finetune.train, cfg.data.image_root, TRAIN_FIELDS)
     mapping = dense_image_ids(records)
     for record in records:
         record["_image_index"] = mapping[record["image_id"]]
@@ -367,11 +367,11 @@ class NormalisedImages:
 def evaluate(cfg: Config, model: VisionLanguageModel, split: str, out_dir: Path | None) -> dict[str, float]:
     """Recall@1/5/10 (in %) of text retrieval (tr*, image queries) and image retrieval (ir*, caption
     queries) and their mean (r_mean) on ``finetune.<split>``, plus ``k`` and the split's sizes."""
-    records = load_task_records(getattr(cfg.finetune, split), cfg.data.image_root, EVAL_FIELDS,
+    records = load_records(getattr(cfg.finetune, split), cfg.data.image_root, EVAL_FIELDS,
                                 key=f"finetune.{split}")
     images = load_eval_images(cfg, records)
     texts, text_to_image = eval_captions(records, cfg.data.max_words)
-    input_ids, attention_mask = tokenize(load_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens), texts)
+    input_ids, attention_mask = open_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens).encode(texts)
     pixels = NormalisedImages(images, EvalTransform(cfg.model.vision.image_size))
     k, score = cfg.finetune.k_test, cfg.finetune.score
     log.info(f"retrieval {split}: {len(records)} images, {len(texts)} captions; top-{k} ITC candidates of each "

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from softmask.config import Config
+from softmask.data.annotations import Field, load_records
+from softmask.data.dataset import TaskDataset, train_loader
 from softmask.data.sources import LoaderSource
-from softmask.data.task_data import Field, TaskDataset, load_task_records, train_loader
 from softmask.models.vlp import VisionLanguageModel, create_model
 from softmask.tasks.classify import ClassifierTask, accuracy_metrics, predict_classes
 from softmask.tasks.finetune import TaskModel
@@ -97,7 +98,7 @@ def build_task(cfg: Config, model: VEModel, batches_per_epoch: int | None) -> Cl
 
 
 def build_train_data(cfg: Config, rank: int, world_size: int) -> LoaderSource:
-    records = load_task_records(cfg.finetune.train, cfg.data.image_root, FIELDS)
+    records = load_records(cfg.finetune.train, cfg.data.image_root, FIELDS)
     loader, sampler = train_loader(cfg, TaskDataset(records, cfg, "sentence", extras=_label_index), rank, world_size)
     return LoaderSource(loader, sampler)
 
@@ -111,7 +112,7 @@ def evaluate(cfg: Config, model: VEModel, split: str, out_dir: Path | None) -> d
     """Accuracy on ``finetune.<split>`` (every rank returns the same metrics)."""
     if not isinstance(model, VEModel):
         raise TypeError(f"ve evaluation needs a VEModel, got {type(model).__name__}")
-    records = load_task_records(getattr(cfg.finetune, split), cfg.data.image_root, FIELDS, key=f"finetune.{split}")
+    records = load_records(getattr(cfg.finetune, split), cfg.data.image_root, FIELDS, key=f"finetune.{split}")
     model.eval()
     dataset = TaskDataset(records, cfg, "sentence", extras=_label_index)
     rows, skipped = predict_classes(cfg, model, dataset, "ve")

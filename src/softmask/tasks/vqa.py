@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from softmask.config import Config, ConfigError
-from softmask.data.annotations import AnnotationError, _read_json, _type_name
-from softmask.data.task_data import Field, TaskDataset, eval_loader, load_task_records, train_loader
-from softmask.data.text import load_tokenizer, tokenize
+from softmask.data.annotations import AnnotationError, Field, _read_json, _type_name, load_records
+from softmask.data.dataset import TaskDataset, eval_loader, train_loader
+from softmask.data.text import open_tokenizer
 from softmask.data.transforms import EvalTransform, training_transform
 from softmask.eval.vqa_official import question_accuracy
 from softmask.models.answer_decoder import AnswerDecoder, build_answer_decoder, token_log_probs
@@ -147,7 +147,7 @@ def _eval_extras(record: dict) -> dict:
 
 def load_eval_records(cfg: Config, split: str) -> list[dict]:
     """The checked records of ``finetune.<split>`` (``answer`` optional)."""
-    records = load_task_records(getattr(cfg.finetune, split), cfg.data.image_root, EVAL_FIELDS,
+    records = load_records(getattr(cfg.finetune, split), cfg.data.image_root, EVAL_FIELDS,
                                 key=f"finetune.{split}")
     check_optional_answers(records)
     return records
@@ -183,7 +183,7 @@ def read_answer_list(path: str) -> list[str]:
 @functools.lru_cache(maxsize=4)
 def _cached_answer_list(path: str, mtime: float, tokenizer: str, max_tokens: int) -> AnswerList:
     answers = read_answer_list(path)
-    ids, mask = tokenize(load_tokenizer(tokenizer, max_tokens), answers)
+    ids, mask = open_tokenizer(tokenizer, max_tokens).encode(answers)
     return AnswerList(answers, ids, mask)
 
 
@@ -342,7 +342,7 @@ class VQATask(DistilledTask):
         self.distill = cfg.distill.alpha > 0
         super().__init__(cfg, model, alpha_warmup_steps, momentum=self.distill)
         self.augment = training_transform(cfg.model.vision.image_size, cfg.data.augment)
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.finetune.max_answer_tokens)
+        self.tokenizer = open_tokenizer(cfg.data.tokenizer, cfg.finetune.max_answer_tokens)
 
     def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """One micro-batch: ``images`` uint8 (B, 3, S, S), question ``input_ids``/``attention_mask`` (B, T),
@@ -354,7 +354,7 @@ class VQATask(DistilledTask):
         pixels = self.augment(batch["images"].to(device, non_blocking=True))
         b = ids.shape[0]  # the loop may trim a batch's tensors to a size common to all ranks; not its lists
         answers, weights, question = flatten_answers(batch["answers"][:b], batch["weights"][:b])
-        answer_ids, answer_mask = (t.to(device) for t in tokenize(self.tokenizer, answers))
+        answer_ids, answer_mask = (t.to(device) for t in self.tokenizer.encode(answers))
         question = question.to(device)
         alpha = self.alpha(step)
 
@@ -399,7 +399,7 @@ def build_train_data(cfg: Config, rank: int, world_size: int):
     model is built), and returns the training batches."""
     from softmask.data.sources import LoaderSource
 
-    records = load_task_records(cfg.finetune.train, cfg.data.image_root, TRAIN_FIELDS)
+    records = load_records(cfg.finetune.train, cfg.data.image_root, TRAIN_FIELDS)
     splits = [s for s in cfg.finetune.eval_splits if getattr(cfg.finetune, s)]
     for split in splits:
         load_eval_records(cfg, split)
@@ -433,7 +433,7 @@ def predict_split(cfg: Config, model: VQAModel, split: str) -> tuple[list[dict],
     rows, skipped = [], 0
     for batch in eval_loader(cfg, dataset, dist.rank(), dist.world_size()):
         skipped += batch["skipped"]
-        if batch["images"] is None:
+        if not len(batch["indices"]):
             continue
         pixels = transform(batch["images"].to(device))
         with inference_autocast(cfg.train.precision, device):

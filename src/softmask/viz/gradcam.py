@@ -19,8 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from softmask.eval.word_gradcam import SOURCES, vocab_strings, word_gradcam
-from softmask.objectives.softmask import continuation_table
+from softmask.eval.word_gradcam import SOURCES, word_gradcam
 
 log = logging.getLogger("softmask")
 
@@ -226,7 +225,7 @@ def gradcam_figures(checkpoints: Sequence[str | Path], image_path: str | Path, t
         CheckpointError, ConfigError, FileNotFoundError: bad checkpoint, layer, caption or image path.
     """
     from softmask.config import ConfigError
-    from softmask.data.text import load_tokenizer, pre_caption, special_token_ids, tokenize
+    from softmask.data.text import open_tokenizer, pre_caption
     from softmask.inference import load_model, tokenizer_source
 
     if source not in SOURCES:
@@ -245,8 +244,8 @@ def gradcam_figures(checkpoints: Sequence[str | Path], image_path: str | Path, t
     results: list[tuple[str, dict]] = []
     image = None
     for label, model, cfg, vocab in loaded:
-        tokenizer = load_tokenizer(vocab, max_tokens)
-        ids, mask = tokenize(tokenizer, [caption])
+        tokenizer = open_tokenizer(vocab, max_tokens)
+        ids, mask = tokenizer.encode([caption])
         vocab_size = model.config.text.vocab_size
         if int(ids.max()) >= vocab_size:
             raise ConfigError(f"{label}: the tokenizer's ids reach {int(ids.max())} but the model's "
@@ -261,11 +260,7 @@ def gradcam_figures(checkpoints: Sequence[str | Path], image_path: str | Path, t
         max_pixels = cfg.data.max_image_pixels if cfg is not None else DEFAULT_MAX_PIXELS
         pixels, model_image = prepare_image(image_path, model.config.vision.image_size, max_pixels)
         image = model_image if image is None else image
-        special = special_token_ids(tokenizer)
-        result = word_gradcam(model, pixels, ids, mask, chosen, source,
-                              special_ids=(special["cls"], special["sep"], special["pad"]),
-                              continuation=continuation_table(tokenizer.get_vocab()),
-                              vocab=vocab_strings(tokenizer))
+        result = word_gradcam(model, pixels, ids, mask, chosen, source, **tokenizer.word_tables())
         if results and result["words"] != results[0][1]["words"]:
             raise ConfigError(f"{label} splits the caption into the words {result['words']}, "
                               f"{results[0][0]} into {results[0][1]['words']}: their tokenizers differ")
