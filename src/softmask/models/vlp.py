@@ -144,6 +144,13 @@ def save_model_folder(module: nn.Module, config: ModelConfig, directory: str | P
     return directory
 
 
+def freeze_modules(model: nn.Module, names: tuple[str, ...]) -> None:
+    """Turn off the gradient of ``model``'s named submodules or parameters (kept in the model and its
+    saved weights), e.g. the heads a task never uses, which DDP would otherwise reject."""
+    for name in names:
+        getattr(model, name).requires_grad_(False)
+
+
 def create_model(cfg: Config | ModelConfig, load_weights: bool = True) -> VisionLanguageModel:
     """Build the model from a config (the whole config or its ``model`` section) and load the
     checkpoints named by ``vision.init``, ``text.init`` and ``init``, in that order."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from softmask.config import FINETUNE_TASKS, Config, ConfigError, model_config_from_dict
 from softmask.models.loading import CheckpointError
-from softmask.models.vlp import save_model_folder
+from softmask.models.vlp import freeze_modules, save_model_folder
 from softmask.train import dist
 
 log = logging.getLogger("softmask")
@@ -77,6 +77,11 @@ class TaskModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.config = backbone.config
+
+    def freeze_unused(self) -> None:
+        """Freeze the backbone's ``unused_modules`` and its ITC temperature, which the task's objective
+        never uses (DDP rejects trainable parameters without gradient)."""
+        freeze_modules(self.backbone, (*self.unused_modules, "temp"))
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """``config.yaml`` (task name and model section, init fields cleared) and ``model.safetensors``."""

@@ -19,12 +19,11 @@ import torch.nn.functional as F
 
 from softmask.config import Config
 from softmask.data.sources import build_pretrain_data
-from softmask.data.transforms import Distort, training_transform
+from softmask.data.transforms import Distort
 from softmask.models.vlp import VisionLanguageModel
 from softmask.objectives.itc import focal_itc_loss, itc_targets, similarities
-from softmask.objectives.itm import identical_rows, itm_loss, pad_to, sample_hard_negatives
+from softmask.objectives.itm import identical_rows, itm_loss, pad_to
 from softmask.objectives.mlm import mask_tokens, mlm_loss
-from softmask.objectives.queue import FeatureQueue
 from softmask.objectives.softmask import (
     apply_soft_mask,
     attention_maps,
@@ -32,9 +31,9 @@ from softmask.objectives.softmask import (
     gradcam_maps,
     make_soft_mask,
 )
+from softmask.tasks.contrastive import ContrastiveTask, MomentumBank
 from softmask.train import dist
 from softmask.train.dist import step_generator
-from softmask.train.momentum import DistilledTask
 
 # Text features of different captions closer than this (cosine) give ITC nothing to align.
 COLLAPSED_TEXT_COSINE = 0.9999
@@ -74,17 +73,13 @@ def warn_if_text_features_collapsed(text_feat: torch.Tensor, pooling: str,
                     f"{advice} (docs/results.md)")
 
 
-class PretrainTask(DistilledTask):
-    """The ALBEF pretraining objectives around a :class:`VisionLanguageModel`."""
+class PretrainTask(ContrastiveTask):
+    """The ALBEF pretraining objectives around a :class:`VisionLanguageModel`, with SoftMask's soft-masked
+    positives, image distortion and text masking when ``cfg.softmask`` turns them on."""
 
     def __init__(self, cfg: Config, model: VisionLanguageModel, special_ids: dict[str, int],
                  alpha_warmup_steps: int, continuation: torch.Tensor | None = None):
         super().__init__(cfg, model, alpha_warmup_steps)
-        dim = cfg.model.embed_dim
-        self.image_queue = FeatureQueue(dim, cfg.itc.queue_size)
-        self.text_queue = FeatureQueue(dim, cfg.itc.queue_size)
-        size = cfg.model.vision.image_size
-        self.augment = training_transform(size, cfg.data.augment)
         self.distort = Distort(cfg.softmask.distortion_ops, cfg.softmask.distortion_magnitude,
                                cfg.data.augment.randaug_exclude)
         if cfg.softmask.soft_masks and continuation is None:
@@ -122,7 +117,7 @@ class PretrainTask(DistilledTask):
     def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """One micro-batch: ``images`` uint8 (B, 3, S, S), ``input_ids``/``attention_mask`` (B, T).
         Returns the weighted total ``loss`` (with gradient) and the detached parts."""
-        cfg, sm, model, mm = self.cfg, self.cfg.softmask, self.model, self.momentum_model
+        cfg, sm, model = self.cfg, self.cfg.softmask, self.model
         device = model.temp.device
         ids = batch["input_ids"].to(device, non_blocking=True)
         mask = batch["attention_mask"].to(device, non_blocking=True)
@@ -130,61 +125,92 @@ class PretrainTask(DistilledTask):
         ids, mask = pad_to(ids, length), pad_to(mask, length)
         images_m = self.augment(batch["images"].to(device, non_blocking=True))  # ALBEF's augmentation
         images = self.distort(images_m) if sm.image_distortion else images_m  # the online encoders' view
-        b, rank, world = ids.shape[0], dist.rank(), dist.world_size()
+        b, rank = ids.shape[0], dist.rank()
         rows = torch.arange(b, device=device) + rank * b
         gen = step_generator(self.cfg.seed, step, micro, device)
-        alpha = self.alpha(step)
-
-        # MLM masks, drawn for the whole global batch so that every rank draws the same stream.
         ids_all, mask_all = dist.all_gather(ids), dist.all_gather(mask)
-        masked_all, targets_all = mask_tokens(ids_all, mask_all, cfg.model.text.vocab_size, self.mlm_excluded,
-                                              cfg.mlm.probability, gen, self.mask_id)
-        masked_ids, mlm_targets = masked_all[rows], targets_all[rows]
-        chosen = mlm_targets != -100
-        online_ids = masked_ids if sm.text_masking else ids  # multi-modal augmentation: the masked caption
-
         with torch.no_grad():
             model.temp.clamp_(0.001, 0.5)
-        temp = model.temp
 
-        # ---- unimodal encoders and ITC ----------------------------------------------------------
+        masked_ids, mlm_targets = self._mlm_masks(ids_all, mask_all, rows, gen)
+        online_ids = masked_ids if sm.text_masking else ids  # multi-modal augmentation: the masked caption
         image_embeds = model.encode_image(images)
         text_embeds = model.encode_text(online_ids, mask)
         image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds, mask)
         if step == 0 and micro == 0 and rank == 0:
             self._check_text_features(ids, mask)
-        with torch.no_grad():
-            image_embeds_m = mm.encode_image(images_m)
-            image_feat_m = mm.image_feat(image_embeds_m)
-            text_feat_m = mm.text_feat(mm.encode_text(ids, mask), mask)  # targets from the clean caption
-            image_feat_m_all, text_feat_m_all = dist.all_gather(image_feat_m), dist.all_gather(text_feat_m)
-            image_bank = torch.cat([image_feat_m_all, self.image_queue.all()])  # (B_global + Q, E)
-            text_bank = torch.cat([text_feat_m_all, self.text_queue.all()])
-            sim_i2t_m, sim_t2i_m = similarities(image_feat_m, text_feat_m, image_bank, text_bank, temp)
-            positives = torch.zeros_like(sim_i2t_m)
-            positives[torch.arange(b, device=device), rows] = 1.0
-            targets_i2t, targets_t2i = itc_targets(sim_i2t_m, sim_t2i_m, positives, alpha)
-        sim_i2t, sim_t2i = similarities(image_feat, text_feat, image_bank, text_bank, temp)
-        loss_itc = focal_itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i, cfg.itc.gamma, cfg.itc.focal,
-                                  positives=positives.bool())
+        bank = self.momentum_bank(images_m, ids, mask)  # targets from the clean caption
+        loss_itc = self._itc_loss(image_feat, text_feat, bank, rows, step)
+        fused_pos, logits_pos, soft_images, soft_rows = self._positives(
+            image_embeds, text_embeds, images, ids, online_ids, mask, step, micro)
+        loss_itm, itm = self._itm_loss(image_feat, text_feat, image_embeds, text_embeds, mask, bank,
+                                       identical_rows(ids_all, mask_all), gen, rows, logits_pos, soft_images,
+                                       soft_rows)
+        loss_mlm = self._mlm_loss(fused_pos, image_embeds, masked_ids, mlm_targets, mask, bank, step)
+        self.enqueue(bank)
 
-        # ---- fusion of the positive pairs: ITM positives (and MLM, Grad-CAM) ------------------
-        layer = sm.layer if sm.soft_masks else None
-        fused_pos = model.fuse(text_embeds, mask, image_embeds, attention_layer=layer)
-        fused_pos, attn = fused_pos if layer is not None else (fused_pos, None)
-        logits_pos = model.itm_logits(fused_pos, mask)
-        soft_images, soft_rows = None, torch.zeros(b, dtype=torch.bool, device=device)
+        loss = cfg.itc.weight * loss_itc + cfg.itm.weight * loss_itm + cfg.mlm.weight * loss_mlm
+        out = {"loss": loss, "loss_itc": loss_itc.detach(), "loss_itm": loss_itm.detach(),
+               "loss_mlm": loss_mlm.detach(), "alpha": torch.tensor(self.alpha(step)), "temp": model.temp.detach(),
+               "itm_missing_negatives": itm["missing"]}
         if sm.soft_masks:
-            # Word choice draws from its own per-rank stream, so that the shared stream (hard negatives)
-            # stays identical on every rank.
-            gen_words = step_generator(self.cfg.seed + 7919 * (rank + 1), step, micro, device)
-            soft_images, soft_rows = self._soft_masked_images(logits_pos, attn, images, image_embeds, ids,
-                                                              online_ids, mask, gen_words)
+            out.update({key: itm[key] for key in ("loss_itm_soft", "itm_pairs")})
+            out["soft_mask_share"] = soft_rows.float().mean()
+            out["mask_weight_fraction"] = self._last_weight_fraction
+        return out
 
-        # ---- ITM: hard negatives and soft-masked positives in one fusion pass ------------------
-        text_neg, mask_neg, image_neg, valid = self._hard_negatives(
-            image_feat, text_feat, image_feat_m_all, text_feat_m_all, image_embeds, text_embeds, ids, mask,
-            temp, gen, rows)
+    def _mlm_masks(self, ids_all: torch.Tensor, mask_all: torch.Tensor, rows: torch.Tensor,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLM masks drawn for the whole global batch (G, T), so that every rank draws the same stream;
+        returns this process's masked ids (B, T) and targets (B, T) (-100 where not masked)."""
+        cfg = self.cfg
+        masked_all, targets_all = mask_tokens(ids_all, mask_all, cfg.model.text.vocab_size, self.mlm_excluded,
+                                              cfg.mlm.probability, gen, self.mask_id)
+        return masked_all[rows], targets_all[rows]
+
+    def _itc_loss(self, image_feat: torch.Tensor, text_feat: torch.Tensor, bank: MomentumBank,
+                  rows: torch.Tensor, step: int) -> torch.Tensor:
+        """ITC of the online features (B, E) against the global batch's momentum features and the
+        queues, the targets mixed with the momentum model's similarities by the ramped alpha."""
+        cfg, temp = self.cfg, self.model.temp
+        image_bank, text_bank = self.candidates(bank)  # (G + Q, E)
+        with torch.no_grad():
+            sim_i2t_m, sim_t2i_m = similarities(bank.image, bank.text, image_bank, text_bank, temp)
+            positives = torch.zeros_like(sim_i2t_m)
+            positives[torch.arange(len(rows), device=rows.device), rows] = 1.0
+            targets_i2t, targets_t2i = itc_targets(sim_i2t_m, sim_t2i_m, positives, self.alpha(step))
+        sim_i2t, sim_t2i = similarities(image_feat, text_feat, image_bank, text_bank, temp)
+        return focal_itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i, cfg.itc.gamma, cfg.itc.focal,
+                              positives=positives.bool())
+
+    def _positives(self, image_embeds, text_embeds, images, ids, online_ids, mask, step, micro):
+        """The fusion pass of the positive pairs (ITM positives, MLM, and Grad-CAM for the soft masks).
+
+        Returns the fused tokens (B, T, D), the ITM logits (B, 2), and the soft-masked image tokens
+        (S, 1 + N, Dv) with the (B,) bool of their pairs (None and all False without soft masks)."""
+        sm, model = self.cfg.softmask, self.model
+        layer = sm.layer if sm.soft_masks else None
+        fused = model.fuse(text_embeds, mask, image_embeds, attention_layer=layer)
+        fused, attn = fused if layer is not None else (fused, None)
+        logits = model.itm_logits(fused, mask)
+        if not sm.soft_masks:
+            return fused, logits, None, torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        # Word choice draws from its own per-rank stream, so that the shared stream (hard negatives)
+        # stays identical on every rank.
+        gen_words = step_generator(self.cfg.seed + 7919 * (dist.rank() + 1), step, micro, ids.device)
+        soft_images, soft_rows = self._soft_masked_images(logits, attn, images, image_embeds, ids, online_ids,
+                                                          mask, gen_words)
+        return fused, logits, soft_images, soft_rows
+
+    def _itm_loss(self, image_feat, text_feat, image_embeds, text_embeds, mask, bank, same_caption, gen, rows,
+                  logits_pos, soft_images, soft_rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """ITM over the B positives, 2 * (valid rows) hard negatives and the soft-masked positives (and,
+        with ``softmask.masked_negatives``, each soft-masked image with its hard-negative caption), the
+        non-positive pairs in one fusion pass. Returns the loss and the detached diagnostics
+        (``missing`` negatives; ``loss_itm_soft`` and ``itm_pairs`` with soft masks)."""
+        model, device, b = self.model, mask.device, mask.shape[0]
+        text_neg, mask_neg, image_neg, valid = self.hard_negatives(image_feat, text_feat, image_embeds, text_embeds,
+                                                                   mask, bank, same_caption, gen, rows)
         texts = [text_embeds[valid], text_neg[valid]]
         masks = [mask[valid], mask_neg[valid]]
         images_fused = [image_neg[valid], image_embeds[valid]]
@@ -193,7 +219,7 @@ class PretrainTask(DistilledTask):
             texts.append(text_embeds[soft_rows])
             masks.append(mask[soft_rows])
             images_fused.append(soft_images)
-            if sm.masked_negatives:  # each soft-masked image with its hard-negative caption, labelled 0
+            if self.cfg.softmask.masked_negatives:  # each soft-masked image with its hard-negative caption: 0
                 keep = valid[soft_rows]
                 texts.append(text_neg[soft_rows & valid])
                 masks.append(mask_neg[soft_rows & valid])
@@ -206,40 +232,33 @@ class PretrainTask(DistilledTask):
                             torch.zeros(num_neg, dtype=torch.long, device=device),
                             torch.ones(num_soft, dtype=torch.long, device=device),
                             torch.zeros(num_soft_neg, dtype=torch.long, device=device)])
-        logits_itm = torch.cat([logits_pos, logits_rest])
-        loss_itm = dist.global_mean(itm_loss(logits_itm, labels), len(labels), device, world)
-
-        # ---- MLM with distillation --------------------------------------------------------------
-        if sm.text_masking:  # the positive pass already saw the masked caption
-            fused_mlm = fused_pos
-        else:  # ALBEF: a separate pass of the masked caption
-            fused_mlm = model.fuse(model.encode_text(masked_ids, mask), mask, image_embeds)
-        logits_mlm = model.mlm_logits(fused_mlm[chosen])  # (M, vocab): only the masked positions
-        with torch.no_grad():  # the teacher sees the same masked caption as the student (ALBEF)
-            fused_mlm_m = mm.fuse(mm.encode_text(masked_ids, mask), mask, image_embeds_m)
-            teacher = mm.mlm_logits(fused_mlm_m[chosen])
-        loss_mlm = dist.global_mean(mlm_loss(logits_mlm, mlm_targets[chosen], teacher, alpha),
-                                     int(chosen.sum()), device, world)
-
-        with torch.no_grad():
-            if torch.isfinite(image_feat_m_all).all() and torch.isfinite(text_feat_m_all).all():
-                self.image_queue.enqueue(image_feat_m_all)
-                self.text_queue.enqueue(text_feat_m_all)
-
-        loss = cfg.itc.weight * loss_itc + cfg.itm.weight * loss_itm + cfg.mlm.weight * loss_mlm
-        out = {"loss": loss, "loss_itc": loss_itc.detach(), "loss_itm": loss_itm.detach(),
-               "loss_mlm": loss_mlm.detach(), "alpha": torch.tensor(alpha), "temp": temp.detach(),
-               "itm_missing_negatives": (~valid).sum().detach().float()}
-        if sm.soft_masks:
+        logits = torch.cat([logits_pos, logits_rest])
+        loss = dist.global_mean(itm_loss(logits, labels), len(labels), device, dist.world_size())
+        info = {"missing": (~valid).sum().detach().float()}
+        if soft_images is not None:
             # The ITM loss on the soft-masked pairs alone (positives, and negatives with masked_negatives):
             # near 0 while the rest sits at its prior means the head tells masked images apart, not pairs.
-            soft_logits = logits_itm[b + num_neg:].detach()
-            out["loss_itm_soft"] = (F.cross_entropy(soft_logits.float(), labels[b + num_neg:]) if num_soft
-                                    else torch.zeros((), device=device))
-            out["itm_pairs"] = torch.tensor(float(len(labels)), device=device)
-            out["soft_mask_share"] = soft_rows.float().mean()
-            out["mask_weight_fraction"] = self._last_weight_fraction
-        return out
+            soft_logits = logits[b + num_neg:].detach()
+            info["loss_itm_soft"] = (F.cross_entropy(soft_logits.float(), labels[b + num_neg:]) if num_soft
+                                     else torch.zeros((), device=device))
+            info["itm_pairs"] = torch.tensor(float(len(labels)), device=device)
+        return loss, info
+
+    def _mlm_loss(self, fused_pos, image_embeds, masked_ids, mlm_targets, mask, bank, step) -> torch.Tensor:
+        """MLM with distillation on the masked positions: with text masking, the positive pass already
+        saw the masked caption; else (ALBEF) a separate pass of it. The teacher (the momentum model)
+        sees the same masked caption as the student."""
+        model, mm, device = self.model, self.momentum_model, mask.device
+        chosen = mlm_targets != -100
+        if self.cfg.softmask.text_masking:
+            fused = fused_pos
+        else:
+            fused = model.fuse(model.encode_text(masked_ids, mask), mask, image_embeds)
+        logits = model.mlm_logits(fused[chosen])  # (M, vocab): only the masked positions
+        with torch.no_grad():
+            teacher = mm.mlm_logits(mm.fuse(mm.encode_text(masked_ids, mask), mask, bank.image_embeds)[chosen])
+        return dist.global_mean(mlm_loss(logits, mlm_targets[chosen], teacher, self.alpha(step)),
+                                int(chosen.sum()), device, dist.world_size())
 
     @torch.no_grad()
     def _check_text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -276,35 +295,6 @@ class PretrainTask(DistilledTask):
         if sm.apply_to == "features":
             return apply_soft_mask(image_embeds[has_word], soft[has_word]), has_word
         return self.model.encode_image(images[has_word], patch_scale=soft[has_word]), has_word
-
-    def _hard_negatives(self, image_feat, text_feat, image_feat_m_all, text_feat_m_all, image_embeds,
-                        text_embeds, ids, mask, temp, gen, rows):
-        """For each image a hard negative text, for each text a hard negative image, sampled from
-        softmax(similarity) over the batch with positives and duplicate captions excluded.
-
-        Returns text_neg (B, T, D), mask_neg (B, T), image_neg (B, 1 + N, Dv), valid (B,) bool."""
-        b = ids.shape[0]
-        local = self.cfg.itm.negatives == "local" or dist.world_size() == 1
-        with torch.no_grad():
-            if local:
-                feats = image_feat, text_feat, image_feat_m_all[rows], text_feat_m_all[rows]
-                ids_all, mask_all, pick = ids, mask, slice(None)
-            else:
-                feats = dist.all_gather(image_feat), dist.all_gather(text_feat), image_feat_m_all, text_feat_m_all
-                ids_all, mask_all, pick = dist.all_gather(ids), dist.all_gather(mask), rows
-            img, txt, img_m, txt_m = feats
-            # As ALBEF: online features against the momentum features of the batch.
-            neg_text, neg_image, valid = sample_hard_negatives(
-                img @ txt_m.T / temp, txt @ img_m.T / temp, gen, exclude=identical_rows(ids_all, mask_all))
-            neg_text, neg_image, valid = neg_text[pick], neg_image[pick], valid[pick]
-        if local:
-            image_pool, text_pool, mask_pool = image_embeds, text_embeds, mask
-        else:
-            image_pool = dist.all_gather_with_grad(image_embeds)
-            text_pool = dist.all_gather_with_grad(text_embeds)
-            mask_pool = mask_all
-        assert neg_text.shape[0] == b
-        return text_pool[neg_text], mask_pool[neg_text], image_pool[neg_image], valid
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,15 +39,14 @@ from softmask.data.dataset import TaskDataset, train_loader
 from softmask.data.images import BadSample, load_image, to_tensor
 from softmask.data.sources import LoaderSource
 from softmask.data.text import open_tokenizer, pre_caption
-from softmask.data.transforms import EvalTransform, training_transform
+from softmask.data.transforms import EvalTransform
 from softmask.eval.retrieval import evaluate_retrieval
 from softmask.models.vlp import VisionLanguageModel, create_model
 from softmask.objectives.itc import focal_itc_loss, id_positives, itc_targets, similarities
-from softmask.objectives.itm import identical_rows, itm_loss, pad_to, sample_hard_negatives
-from softmask.objectives.queue import FeatureQueue
+from softmask.objectives.itm import identical_rows, itm_loss, pad_to
+from softmask.tasks.contrastive import ContrastiveTask, MomentumBank
 from softmask.train import dist
 from softmask.train.dist import step_generator
-from softmask.train.momentum import DistilledTask
 from softmask.train.schedule import alpha_warmup_steps
 
 log = logging.getLogger("softmask")
@@ -134,24 +133,12 @@ def same_image_or_caption(image_ids: torch.Tensor, input_ids: torch.Tensor, mask
     return (image_ids[:, None] == image_ids[None, :]) | identical_rows(input_ids, mask)
 
 
-def freeze_unused(model: nn.Module, names: tuple[str, ...]) -> None:
-    """Turn off the gradient of the named submodules (kept in the model and its saved weights)."""
-    for name in names:
-        for param in getattr(model, name).parameters():
-            param.requires_grad_(False)
-
-
-class RetrievalTask(DistilledTask):
+class RetrievalTask(ContrastiveTask):
     """ITC (id-aware positives, momentum distillation, queues with ids) + ITM (hard negatives) around
     a :class:`VisionLanguageModel`."""
 
     def __init__(self, cfg: Config, model: VisionLanguageModel, alpha_warmup_steps: int):
-        freeze_unused(model, UNUSED_MODULES)  # before the momentum copy, which then has them frozen too
-        super().__init__(cfg, model, alpha_warmup_steps)
-        dim = cfg.model.embed_dim
-        self.image_queue = FeatureQueue(dim, cfg.itc.queue_size, with_ids=True)  # holds the id queue too
-        self.text_queue = FeatureQueue(dim, cfg.itc.queue_size)
-        self.augment = training_transform(cfg.model.vision.image_size, cfg.data.augment)
+        super().__init__(cfg, model, alpha_warmup_steps, queue_ids=True, frozen=UNUSED_MODULES)
 
     def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """One micro-batch: ``images`` uint8 (B, 3, S, S), ``input_ids``/``attention_mask`` (B, T),
@@ -172,97 +159,51 @@ class RetrievalTask(DistilledTask):
         image_embeds = model.encode_image(images)
         text_embeds = model.encode_text(ids, mask)
         image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds, mask)
-        bank = self._momentum_bank(images, ids, mask, image_ids)
-        loss_itc = self._itc_loss(image_feat, text_feat, image_ids, bank, step)
-        loss_itm, missing = self._itm_loss(image_feat, text_feat, image_embeds, text_embeds, ids, mask,
-                                           bank, rows, step, micro)
-        self._enqueue(bank)
+        bank = self.momentum_bank(images, ids, mask)
+        image_ids_all = dist.all_gather(image_ids)
+        loss_itc = self._itc_loss(image_feat, text_feat, image_ids, image_ids_all, bank, step)
+        exclude = same_image_or_caption(image_ids_all, dist.all_gather(ids), bank.mask_all)
+        loss_itm, missing = self._itm_loss(image_feat, text_feat, image_embeds, text_embeds, mask, bank, exclude,
+                                           rows, step, micro)
+        self.enqueue(bank, image_ids_all)
         loss = cfg.itc.weight * loss_itc + cfg.itm.weight * loss_itm
         return {"loss": loss, "loss_itc": loss_itc.detach(), "loss_itm": loss_itm.detach(),
                 "alpha": torch.tensor(self.alpha(step)), "temp": model.temp.detach(),
                 "itm_missing_negatives": missing}
 
-    @torch.no_grad()
-    def _momentum_bank(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                       image_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The momentum features of this batch (B, E) and of the global batch (G, E) with the global ids
-        (G,) and token ids/masks (G, T)."""
-        mm = self.momentum_model
-        image_feat_m = mm.image_feat(mm.encode_image(images))
-        text_feat_m = mm.text_feat(mm.encode_text(ids, mask), mask)
-        return {"image_m": image_feat_m, "text_m": text_feat_m,
-                "image_m_all": dist.all_gather(image_feat_m), "text_m_all": dist.all_gather(text_feat_m),
-                "ids_all": dist.all_gather(image_ids), "tokens_all": dist.all_gather(ids),
-                "mask_all": dist.all_gather(mask)}
-
     def _itc_loss(self, image_feat: torch.Tensor, text_feat: torch.Tensor, image_ids: torch.Tensor,
-                  bank: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+                  image_ids_all: torch.Tensor, bank: MomentumBank, step: int) -> torch.Tensor:
         """ITC of the online features (B, E) against the global batch's momentum features and the
         queues (G + Q candidates), with every candidate of the same image id a positive."""
         cfg, temp = self.cfg, self.model.temp
-        image_all = torch.cat([bank["image_m_all"], self.image_queue.all()])  # (G + Q, E)
-        text_all = torch.cat([bank["text_m_all"], self.text_queue.all()])
-        id_bank = torch.cat([bank["ids_all"], self.image_queue.all_ids()])  # (G + Q,)
+        image_all, text_all = self.candidates(bank)  # (G + Q, E)
+        id_bank = torch.cat([image_ids_all, self.image_queue.all_ids()])  # (G + Q,)
         with torch.no_grad():
-            sim_i2t_m, sim_t2i_m = similarities(bank["image_m"], bank["text_m"], image_all, text_all, temp)
+            sim_i2t_m, sim_t2i_m = similarities(bank.image, bank.text, image_all, text_all, temp)
             targets_i2t, targets_t2i, positives = retrieval_itc_targets(image_ids, id_bank, sim_i2t_m, sim_t2i_m,
                                                                         self.alpha(step))
         sim_i2t, sim_t2i = similarities(image_feat, text_feat, image_all, text_all, temp)
         return focal_itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i, cfg.itc.gamma, cfg.itc.focal,
                               positives=positives.bool())
 
-    def _itm_loss(self, image_feat, text_feat, image_embeds, text_embeds, ids, mask, bank, rows, step, micro
+    def _itm_loss(self, image_feat, text_feat, image_embeds, text_embeds, mask, bank, exclude, rows, step, micro
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITM cross-entropy over the B positive pairs and 2 * (valid rows) hard negatives, one fusion
-        pass; returns the loss and the count of rows without an allowed negative (detached)."""
-        model, device = self.model, ids.device
+        """ITM cross-entropy over the B positive pairs and 2 * (valid rows) hard negatives (never of the
+        same image id nor an identical caption), one fusion pass; returns the loss and the count of rows
+        without an allowed negative (detached)."""
+        model, device = self.model, mask.device
         gen = step_generator(self.cfg.seed, step, micro, device)
-        text_neg, mask_neg, image_neg, valid = self._hard_negatives(image_feat, text_feat, image_embeds,
-                                                                    text_embeds, ids, mask, bank, gen, rows)
+        text_neg, mask_neg, image_neg, valid = self.hard_negatives(image_feat, text_feat, image_embeds,
+                                                                   text_embeds, mask, bank, exclude, gen, rows)
         texts = torch.cat([text_embeds, text_embeds[valid], text_neg[valid]])
         masks = torch.cat([mask, mask[valid], mask_neg[valid]])
         images = torch.cat([image_embeds, image_neg[valid], image_embeds[valid]])
         logits = model.itm_logits(model.fuse(texts, masks, images), masks)
-        b, num_neg = ids.shape[0], 2 * int(valid.sum())
+        b, num_neg = mask.shape[0], 2 * int(valid.sum())
         labels = torch.cat([torch.ones(b, dtype=torch.long, device=device),
                             torch.zeros(num_neg, dtype=torch.long, device=device)])
         loss = dist.global_mean(itm_loss(logits, labels), b + num_neg, device, dist.world_size())
         return loss, (~valid).sum().detach().float()
-
-    def _hard_negatives(self, image_feat, text_feat, image_embeds, text_embeds, ids, mask, bank, gen, rows):
-        """For each image a hard negative text and for each text a hard negative image, sampled from
-        softmax(online vs momentum similarity) over the batch (``itm.negatives``: this process's or the
-        global one), never of the same image id nor an identical caption.
-
-        Returns text_neg (B, T, D), mask_neg (B, T), image_neg (B, 1 + N, Dv), valid (B,) bool."""
-        temp = self.model.temp.detach()
-        local = self.cfg.itm.negatives == "local" or dist.world_size() == 1
-        with torch.no_grad():
-            if local:
-                img, txt, pick = image_feat, text_feat, slice(None)
-                img_m, txt_m = bank["image_m"], bank["text_m"]
-                exclude = same_image_or_caption(bank["ids_all"][rows], ids, mask)
-            else:
-                img, txt, pick = dist.all_gather(image_feat), dist.all_gather(text_feat), rows
-                img_m, txt_m = bank["image_m_all"], bank["text_m_all"]
-                exclude = same_image_or_caption(bank["ids_all"], bank["tokens_all"], bank["mask_all"])
-            neg_text, neg_image, valid = sample_hard_negatives(img @ txt_m.T / temp, txt @ img_m.T / temp, gen,
-                                                               exclude=exclude)
-            neg_text, neg_image, valid = neg_text[pick], neg_image[pick], valid[pick]
-        if local:
-            image_pool, text_pool, mask_pool = image_embeds, text_embeds, mask
-        else:
-            image_pool = dist.all_gather_with_grad(image_embeds)
-            text_pool = dist.all_gather_with_grad(text_embeds)
-            mask_pool = bank["mask_all"]
-        return text_pool[neg_text], mask_pool[neg_text], image_pool[neg_image], valid
-
-    @torch.no_grad()
-    def _enqueue(self, bank: dict[str, torch.Tensor]) -> None:
-        """Push the global batch's momentum features and ids (skipped when they are not finite)."""
-        if torch.isfinite(bank["image_m_all"]).all() and torch.isfinite(bank["text_m_all"]).all():
-            self.image_queue.enqueue(bank["image_m_all"], bank["ids_all"])
-            self.text_queue.enqueue(bank["text_m_all"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -70,10 +70,7 @@ class VEModel(TaskModel):
         super().__init__(backbone)
         width = backbone.config.text.hidden_size
         self.cls_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, len(LABELS)))
-        for name in UNUSED_MODULES:
-            for param in getattr(backbone, name).parameters():
-                param.requires_grad_(False)
-        backbone.temp.requires_grad_(False)
+        self.freeze_unused()
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Normalised pixels (B, 3, S, S), tokens and mask (B, T) -> (B, 3) logits in ``LABELS`` order."""

@@ -38,7 +38,7 @@ from torch import nn
 from softmask.config import Config, ConfigError
 from softmask.data.annotations import AnnotationError, Field, _read_json, _type_name, load_records
 from softmask.data.dataset import TaskDataset, eval_loader, train_loader
-from softmask.data.text import open_tokenizer
+from softmask.data.text import load_tokenizer, open_tokenizer, tokenize
 from softmask.data.transforms import EvalTransform, training_transform
 from softmask.eval.vqa_official import question_accuracy
 from softmask.models.answer_decoder import AnswerDecoder, build_answer_decoder, token_log_probs
@@ -292,9 +292,7 @@ class VQAModel(TaskModel):
     def __init__(self, backbone: nn.Module):
         super().__init__(backbone)
         self.decoder, self.decoder_left_random = build_answer_decoder(backbone)
-        for module in (backbone.vision_proj, backbone.text_proj, backbone.itm_head, backbone.mlm_head):
-            module.requires_grad_(False)
-        backbone.temp.requires_grad_(False)
+        self.freeze_unused()  # after the decoder is copied from the MLM head: the copy stays trainable
 
     def albef_head_rule(self, key: str):
         """ALBEF's answer decoder (``text_decoder.*``: a BertLMHeadModel whose every layer cross-attends to
@@ -342,7 +340,7 @@ class VQATask(DistilledTask):
         self.distill = cfg.distill.alpha > 0
         super().__init__(cfg, model, alpha_warmup_steps, momentum=self.distill)
         self.augment = training_transform(cfg.model.vision.image_size, cfg.data.augment)
-        self.tokenizer = open_tokenizer(cfg.data.tokenizer, cfg.finetune.max_answer_tokens)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.finetune.max_answer_tokens)
 
     def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """One micro-batch: ``images`` uint8 (B, 3, S, S), question ``input_ids``/``attention_mask`` (B, T),
@@ -354,7 +352,7 @@ class VQATask(DistilledTask):
         pixels = self.augment(batch["images"].to(device, non_blocking=True))
         b = ids.shape[0]  # the loop may trim a batch's tensors to a size common to all ranks; not its lists
         answers, weights, question = flatten_answers(batch["answers"][:b], batch["weights"][:b])
-        answer_ids, answer_mask = (t.to(device) for t in self.tokenizer.encode(answers))
+        answer_ids, answer_mask = (t.to(device) for t in tokenize(self.tokenizer, answers))
         question = question.to(device)
         alpha = self.alpha(step)
 
