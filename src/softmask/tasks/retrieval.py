@@ -43,7 +43,7 @@ from softmask.data.transforms import EvalTransform
 from softmask.eval.retrieval import evaluate_retrieval
 from softmask.models.vlp import VisionLanguageModel, create_model
 from softmask.objectives.itc import focal_itc_loss, id_positives, itc_targets, similarities
-from softmask.objectives.itm import identical_rows, itm_loss, pad_to
+from softmask.objectives.itm import identical_rows, itm_loss
 from softmask.tasks.contrastive import ContrastiveTask, MomentumBank
 from softmask.train import dist
 from softmask.train.dist import step_generator
@@ -145,10 +145,7 @@ class RetrievalTask(ContrastiveTask):
         ``image_id`` long (B,). Returns the total ``loss`` (with gradient) and detached parts."""
         cfg, model = self.cfg, self.model
         device = model.temp.device
-        ids = batch["input_ids"].to(device, non_blocking=True)
-        mask = batch["attention_mask"].to(device, non_blocking=True)
-        length = dist.all_reduce_max_int(ids.shape[1], device)  # one text length across ranks
-        ids, mask = pad_to(ids, length), pad_to(mask, length)
+        ids, mask = self.captions(batch, device)
         image_ids = batch["image_id"].to(device, non_blocking=True).long()
         images = self.augment(batch["images"].to(device, non_blocking=True))
         b = ids.shape[0]

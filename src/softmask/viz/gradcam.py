@@ -34,11 +34,23 @@ def upsample_map(grid_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return x.numpy()
 
 
+ALPHA = 0.5
+
+
+def overlay(image: np.ndarray, grid_map: torch.Tensor, alpha: float = ALPHA) -> np.ndarray:
+    """uint8 (H, W, 3) image and a (g, g) map -> uint8 (H, W, 3): the map upsampled
+    (:func:`upsample_map`), coloured with matplotlib's ``jet`` and blended over the image with weight
+    ``alpha``, as the figures draw it."""
+    from matplotlib import colormaps
+
+    heat = colormaps["jet"](upsample_map(grid_map, image.shape[:2]))[..., :3]  # (H, W, 3) in [0, 1]
+    blended = (1.0 - alpha) * image.astype(np.float32) / 255.0 + alpha * heat
+    return (np.clip(blended, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
 # --------------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------------
-
-ALPHA = 0.5
 PANEL_INCHES = 2.2
 MAX_COLUMNS = 6
 
@@ -182,23 +194,29 @@ def default_layer(model, cfg=None) -> int:
     return default_gradcam_layer(model.config.text.num_fusion_layers)
 
 
+def model_view(image, image_size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """A decoded image (Pillow, any mode) -> ((1, 3, S, S) normalised pixels, uint8 (S, S, 3) image),
+    squashed to the model's side S with Pillow's bicubic filter, normalised as in evaluation."""
+    from softmask.data.images import to_tensor
+    from softmask.data.transforms import EvalTransform
+
+    uint8 = to_tensor(image, image_size)  # (3, S, S)
+    return EvalTransform(image_size)(uint8[None]), uint8.permute(1, 2, 0).numpy()
+
+
 def prepare_image(path: str | Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
                   ) -> tuple[torch.Tensor, np.ndarray]:
-    """An image file (any Pillow mode) -> ((1, 3, S, S) normalised pixels, uint8 (S, S, 3) image),
-    squashed to the model's side S with Pillow's bicubic filter, normalised as in evaluation.
+    """An image file -> :func:`model_view` of it.
 
     Raises:
         FileNotFoundError: no such file. BadSample: not a readable image (the message names it).
     """
-    from softmask.data.images import load_image, to_tensor
-    from softmask.data.transforms import EvalTransform
+    from softmask.data.images import load_image
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    uint8 = to_tensor(load_image(str(path), max_pixels), image_size)  # (3, S, S)
-    pixels = EvalTransform(image_size)(uint8[None])
-    return pixels, uint8.permute(1, 2, 0).numpy()
+    return model_view(load_image(str(path), max_pixels), image_size)
 
 
 def gradcam_figures(checkpoints: Sequence[str | Path], image_path: str | Path, text: str, out_dir: str | Path,
