@@ -358,3 +358,36 @@ def test_finetune_without_annotation_files_names_the_key_and_world(tmp_path, cap
     assert main(["-q", "finetune", "retrieval", "--config", RETRIEVAL, f"output_dir={tmp_path / 'r'}"]) == 2
     one_line_error(capsys.readouterr().err, "finetune.train is empty", "finetune.train=[FILE.json,...]",
                    "world=DIR")
+
+
+WORKER_SCRIPT = """
+import multiprocessing, os, signal, sys, time
+from softmask.data.workers import pool_worker_signals
+
+def stop(signum, frame):  # the command line's SIGTERM handler, which forked workers inherit
+    raise KeyboardInterrupt
+
+def work(quiet):
+    if quiet:
+        pool_worker_signals()
+    time.sleep(30)
+
+signal.signal(signal.SIGTERM, stop)
+context = multiprocessing.get_context("fork")
+for quiet in (False, True):
+    worker = context.Process(target=work, args=(quiet,))
+    worker.start()
+    time.sleep(0.5)
+    os.kill(worker.pid, signal.SIGTERM)  # what Pool.terminate does at the end of a `with Pool()` block
+    worker.join(10)
+    print(quiet, worker.exitcode, flush=True)
+"""
+
+
+def test_world_drawing_workers_die_quietly_on_sigterm():
+    result = subprocess.run([sys.executable, "-c", WORKER_SCRIPT], capture_output=True, text=True, timeout=60)
+    lines = result.stdout.split()
+    # Without the initializer the inherited handler raises in the worker (exit 1, a traceback on stderr);
+    # with it the worker dies by the signal, silently.
+    assert lines == ["False", "1", "True", str(-signal.SIGTERM)], result.stdout + result.stderr
+    assert result.stderr.count("Traceback") == 1

@@ -1,4 +1,4 @@
-"""What every training DataLoader worker does first."""
+"""What every worker process does first: training DataLoader workers, and the pools that draw worlds."""
 
 from __future__ import annotations
 
@@ -15,3 +15,11 @@ def ignore_ctrl_c(worker_id: int) -> None:
     the data stopped.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def pool_worker_signals() -> None:
+    """``multiprocessing.Pool`` initializer: ignore SIGINT (the parent stops the pool on Ctrl-C) and
+    die quietly on SIGTERM, which ``Pool.terminate`` (the end of a ``with Pool(...)`` block) sends; a
+    forked worker would otherwise inherit the command line's SIGTERM handler and print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -28,6 +28,7 @@ import multiprocessing
 import os
 from pathlib import Path
 
+from softmask.data.workers import pool_worker_signals
 from softmask.world import vocab
 from softmask.world.captions import make_captions
 from softmask.world.pairs import nlvr_items, text_assignment_items
@@ -99,7 +100,7 @@ def _run_jobs(jobs: list[tuple], workers: int) -> list[dict]:
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
     chunk = max(1, min(64, len(jobs) // (workers * 8)))
-    with context.Pool(workers) as pool:
+    with context.Pool(workers, initializer=pool_worker_signals) as pool:
         return list(pool.imap(_image_job, jobs, chunksize=chunk))
 
 
