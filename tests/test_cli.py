@@ -58,6 +58,15 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
         assert len(examples) == 4 and all(len(e["top"]) == 4 for e in examples)  # 4 test images in 40
         # the vision-language runs start from the image encoder the demo pretrained
         assert f"model.vision.init={out / 'vision' / 'model'}" in (out / f"{method}.log").read_text()
+    # The report's `softmask explore` command serves the demo's models (what the README tells a user to run).
+    command = f"softmask explore --checkpoint {out / 'softmask'} --compare {out / 'albef'} --images {out / 'world'}"
+    assert command in report
+    from softmask.explore.session import Explorer, load_models, open_gallery
+
+    explorer = Explorer(load_models([str(out / "softmask"), str(out / "albef")]), open_gallery(out / "world"))
+    seen = explorer.analyse(explorer.gallery.names[0], "a red circle left of a blue square")
+    assert [len(r["overlays"]) for r in seen["results"]] == [8, 8]
+    assert [len(r["top"]) for r in explorer.retrieve("a red circle")["results"]] == [4, 4]  # 4 test images
     # A rerun reuses both worlds.
     mtime = (out / "world" / "world.json").stat().st_mtime_ns
     assert main(args) == 0

@@ -160,7 +160,7 @@ def test_retrieval_ranks_the_gallery_as_the_world_evaluation_does(explorer):
         assert all(0.0 <= hit["itm_prob"] <= 1.0 for hit in result["top"])
         logits = [hit["itm_logit"] for hit in result["top"]]
         assert logits == sorted(logits, reverse=True)  # ranked by the match logit, as ALBEF ranks
-        ranked = rank_gallery(entry.model, entry.gallery_features, ids, mask, 16)
+        ranked = rank_gallery(entry.model, entry.gallery_features, lambda rows: pixels[rows], ids, mask, 16)
         assert sorted(i for i, _, _, _ in ranked) == list(range(n))  # a gallery smaller than 16: all of it, once
 
 

@@ -172,7 +172,10 @@ def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures:
     for cmd in commands:
         args = cmd[cmd.index("softmask") + 1:]
         lines.append(shlex.join(["softmask", *(args[1:] if args[:1] == ["-q"] else args)]))
-    lines += ["```", ""]
+    lines += ["```", "", "## Try your own captions", "",
+              "A local page with both models side by side: per-word Grad-CAM, the match scores as you edit a",
+              "word, and the top-5 test images each model retrieves (the `explore` extra; `make setup` installs it):",
+              "", "```", shlex.join(explore_command(runs, out / "world")), "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -328,10 +331,17 @@ def run_demo(out: Path, images: int = DEFAULTS["images"], size: int = DEFAULTS["
         report = _report(out, runs, metrics, figures, settings, [*world_cmds, vision_cmd, *train_cmds, *eval_cmds],
                          len(scenes), time.perf_counter() - start, vision_metrics)
         log.info(f"wrote {report}")
+        log.info(f"to try your own captions and images on both models: {shlex.join(explore_command(runs, world))}")
         return report
     except KeyboardInterrupt:  # Ctrl-C (or SIGTERM): the children got it too and saved checkpoints
         raise Interrupted(f"the demo stopped; its training runs saved checkpoints in {out}",
                           resume_override="") from None
+
+
+def explore_command(runs: dict[str, Path], world: Path) -> list[str]:
+    """``softmask explore`` on the demo's two models (SoftMask first) and its world's test split."""
+    return ["softmask", "explore", "--checkpoint", str(runs["softmask"]), "--compare", str(runs["albef"]),
+            "--images", str(world)]
 
 
 def _raise_on_failure(what: str, codes: list[int], logs: list[Path]) -> None:

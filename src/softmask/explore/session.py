@@ -4,9 +4,10 @@ uploads, and the three requests of the page (analyse a pair, retrieve images for
 Everything is computed by the project's own code: :func:`softmask.inference.load_model` and
 :func:`~softmask.inference.tokenizer_source` load each model with the vocabulary it was trained with;
 :func:`softmask.eval.word_gradcam.word_gradcam` gives the ITM match probability and the per-word maps
-(words grouped from WordPiece exactly as in ``softmask gradcam``); retrieval ranks the gallery by ITC and
-re-ranks the top candidates by the ITM match logit with :mod:`softmask.eval.retrieval`'s functions, as
-``softmask evaluate world`` does.
+(words grouped from WordPiece exactly as in ``softmask gradcam``); retrieval ranks the gallery by the
+model's ITC similarity and re-ranks the top candidates by its ITM match logit, the rule of
+:func:`softmask.eval.retrieval.evaluate_retrieval` that ``softmask evaluate world`` uses (the tests
+check that both give the same order), keeping only the gallery's ITC features between requests.
 
 Errors a user can cause (a bad image, an empty caption, a layer out of range, an unknown image name)
 raise :class:`ExploreError` with a message meant for the page.
@@ -21,6 +22,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +33,6 @@ from PIL import Image
 from softmask.config import Config, ConfigError
 from softmask.data.images import BadSample, decode_image, load_image
 from softmask.data.text import Tokenizer, open_tokenizer, pre_caption
-from softmask.eval.retrieval import Features, compute_features
 from softmask.eval.word_gradcam import SOURCES, word_gradcam
 from softmask.models.vlp import VisionLanguageModel
 from softmask.viz.gradcam import default_layer, model_view, overlay
@@ -46,6 +47,7 @@ MAX_GALLERY = 5000
 UPLOADS_KEPT = 32
 DISPLAY_SIDE = 224  # overlays are drawn at least this large, whatever the model's input side
 RERANK = 16  # ITC candidates re-ranked by ITM in retrieval
+GALLERY_CHUNK = 64  # gallery images encoded at once
 TOP = 5
 
 
@@ -62,7 +64,7 @@ class LoadedModel:
     model: VisionLanguageModel
     cfg: Config | None
     tokenizer: Tokenizer
-    gallery_features: Features | None = None
+    gallery_features: torch.Tensor | None = None  # (I, E), computed at the first retrieval
 
     @property
     def fusion_layers(self) -> int:
@@ -294,22 +296,36 @@ class Explorer:
         out = []
         with self.lock:
             for entry in self.models:
-                images = self._gallery_features(entry)
+                feats = self._gallery_features(entry)
                 ids, mask = entry.tokenizer.encode([cleaned])
-                ranked = rank_gallery(entry.model, images, ids, mask, RERANK)
+                ranked = rank_gallery(entry.model, feats, lambda rows, e=entry: self._pixels(
+                    [self.gallery.names[i] for i in rows], e.image_size), ids, mask, RERANK)
                 out.append({"label": entry.label, "top": [
                     {"image": self.gallery.names[i], "itm_logit": logit, "itm_prob": p, "itc_sim": s}
                     for i, logit, p, s in ranked[:top]]})
         return {"caption": cleaned, "results": out}
 
-    def _gallery_features(self, entry: LoadedModel) -> Features:
-        """The gallery's image features for one model, computed at the first retrieval and kept."""
+    def _gallery_features(self, entry: LoadedModel) -> torch.Tensor:
+        """(I, E) ITC features of the gallery's images for one model, computed at the first retrieval (in
+        chunks) and kept; only these are kept, so a large gallery costs I * E floats per model."""
         if entry.gallery_features is None:
             log.info(f"{entry.label}: encoding {len(self.gallery.names)} gallery images for retrieval")
-            pixels = torch.cat([model_view(self.image(name), entry.image_size)[0] for name in self.gallery.names])
-            ids, mask = entry.tokenizer.encode(["a"])
-            entry.gallery_features = compute_features(entry.model, pixels, ids, mask)
+            feats = []
+            for start in range(0, len(self.gallery.names), GALLERY_CHUNK):
+                names = self.gallery.names[start:start + GALLERY_CHUNK]
+                feats.append(image_features(entry.model, self._pixels(names, entry.image_size)))
+            entry.gallery_features = torch.cat(feats)
         return entry.gallery_features
+
+    def _pixels(self, names: list[str], image_size: int) -> torch.Tensor:
+        """(len(names), 3, S, S) normalised gallery images."""
+        return torch.cat([model_view(self.image(name), image_size)[0] for name in names])
+
+
+@torch.inference_mode()
+def image_features(model: VisionLanguageModel, pixels: torch.Tensor) -> torch.Tensor:
+    """(I, 3, S, S) normalised images -> (I, E) ITC image features (float32)."""
+    return model.image_feat(model.encode_image(pixels)).float()
 
 
 @torch.inference_mode()
@@ -323,23 +339,29 @@ def itc_similarity(model: VisionLanguageModel, pixels: torch.Tensor, input_ids: 
 
 
 @torch.inference_mode()
-def rank_gallery(model: VisionLanguageModel, images: Features, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, candidates: int) -> list[tuple[int, float, float, float]]:
-    """One caption (tokens and mask (1, T)) against the gallery's image features: the ``candidates``
-    images of highest ITC similarity, ordered by the ITM match logit (best first; ties keep the ITC
-    order), as :func:`softmask.eval.retrieval.evaluate_retrieval` ranks with ``score="itm"``.
+def rank_gallery(model: VisionLanguageModel, image_feat: torch.Tensor, pixels_of: Callable[[list[int]], torch.Tensor],
+                 input_ids: torch.Tensor, attention_mask: torch.Tensor, candidates: int
+                 ) -> list[tuple[int, float, float, float]]:
+    """One caption (tokens and mask (1, T)) against a gallery: the ``candidates`` images of highest ITC
+    similarity, ordered by the ITM match logit (best first; ties keep the ITC order), as
+    :func:`softmask.eval.retrieval.evaluate_retrieval` ranks with ``score="itm"``.
+
+    Args:
+        image_feat: (I, E) the gallery's ITC image features (:func:`image_features`).
+        pixels_of: gallery indices -> their (K, 3, S, S) normalised images, re-encoded for the fusion.
 
     Returns:
-        ``[(gallery index, ITM match logit, ITM match probability, ITC similarity), ...]``, ``candidates`` entries (or
-        all the gallery's, when it is smaller).
+        ``[(gallery index, ITM match logit, ITM match probability, ITC similarity), ...]``, ``candidates``
+        entries (or all the gallery's, when it is smaller).
     """
     text_embeds = model.encode_text(input_ids, attention_mask)
     text_feat = model.text_feat(text_embeds, attention_mask).float()
-    sim = (images.image_feat @ text_feat.T)[:, 0]  # (I,)
+    sim = (image_feat @ text_feat.T)[:, 0]  # (I,)
     top = sim.topk(min(candidates, len(sim))).indices  # (K,)
     k = len(top)
-    logits = model.itm_logits(model.fuse(text_embeds.expand(k, -1, -1), attention_mask.expand(k, -1),
-                                         images.image_embeds[top]), attention_mask.expand(k, -1)).float()  # (K, 2)
+    image_embeds = model.encode_image(pixels_of(top.tolist()))
+    mask = attention_mask.expand(k, -1)
+    logits = model.itm_logits(model.fuse(text_embeds.expand(k, -1, -1), mask, image_embeds), mask).float()  # (K, 2)
     probs = logits.softmax(-1)[:, 1]
     order = torch.argsort(-logits[:, 1], stable=True)
     return [(int(top[i]), float(logits[i, 1]), float(probs[i]), float(sim[top[i]])) for i in order.tolist()]
