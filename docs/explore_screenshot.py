@@ -5,7 +5,7 @@
 Runs ``softmask explore --checkpoint DEMO/softmask --compare DEMO/albef --images DEMO/world`` on a free
 port, opens it in headless Chromium (Debian's ``chromium`` and ``chromedriver``, as the tests do), picks
 the ``--image``-th test image, types that image's first caption, waits for the overlays and the top-5
-images, edits the first colour word to another colour, waits again, and saves the full page.
+images, edits the first colour word to the next colour of the world's list, waits again, and saves the full page.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "gray")
+from softmask.world.vocab import COLOURS
 
 
 def main() -> int:
@@ -57,13 +57,16 @@ def main() -> int:
         boxes = driver.find_elements(By.CSS_SELECTOR, "#words .word-input")
         colour = next((b for b in boxes if b.get_attribute("value") in COLOURS), None)
         if colour is not None:
-            other = next(c for c in COLOURS if c != colour.get_attribute("value"))
+            names = list(COLOURS)
+            other = names[(names.index(colour.get_attribute("value")) + 1) % len(names)]
             colour.clear()
             colour.send_keys(other, Keys.ENTER)
             wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-done") == "2")
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#retrieval .hit"))
-        height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(1400, height + 40)
+        for _ in range(2):  # the window's chrome takes some height: measure again after the first resize
+            height = driver.execute_script("return document.documentElement.scrollHeight")
+            inner = driver.execute_script("return window.innerHeight")
+            driver.set_window_size(1400, driver.get_window_size()["height"] + height - inner)
         driver.save_screenshot(args.out)
         print(f"wrote {args.out} ({caption!r} -> {driver.find_element(By.ID, 'caption').get_attribute('value')!r})")
     finally:
