@@ -72,6 +72,8 @@ def test_gallery_of_a_world_is_its_test_split_and_of_a_folder_its_images(task_wo
     assert not plain.world and plain.names == ["a.png", "sub/b.jpg"]
     with pytest.raises(ConfigError, match="no such folder"):
         open_gallery(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="a.png: is a file; give a folder"):
+        open_gallery(tmp_path / "a.png")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no .png/.jpg/.jpeg/.webp file"):
         open_gallery(tmp_path / "empty")
@@ -160,7 +162,7 @@ def test_retrieval_ranks_the_gallery_as_the_world_evaluation_does(explorer):
         assert all(0.0 <= hit["itm_prob"] <= 1.0 for hit in result["top"])
         logits = [hit["itm_logit"] for hit in result["top"]]
         assert logits == sorted(logits, reverse=True)  # ranked by the match logit, as ALBEF ranks
-        ranked = rank_gallery(entry.model, entry.gallery_features, lambda rows: pixels[rows], ids, mask, 16)
+        ranked = rank_gallery(entry.model, entry.gallery_features, lambda rows, p=pixels: p[rows], ids, mask, 16)
         assert sorted(i for i, _, _, _ in ranked) == list(range(n))  # a gallery smaller than 16: all of it, once
 
 
@@ -208,3 +210,21 @@ def test_the_command_checks_its_arguments_before_serving(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert main(["-q", "explore", "--checkpoint", str(tmp_path), "--images", str(tmp_path / "gone")]) == 2
     assert capsys.readouterr().err.strip() == f"softmask: error: --images {tmp_path / 'gone'}: no such folder"
+
+
+def test_without_the_explore_extra_the_command_says_what_to_install(monkeypatch):
+    import builtins
+
+    from softmask.explore import need_web_libraries
+
+    real_import = builtins.__import__
+
+    def no_uvicorn(name, *args, **kwargs):
+        if name == "uvicorn":
+            raise ImportError("No module named 'uvicorn'", name="uvicorn")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_uvicorn)
+    with pytest.raises(ConfigError, match=r"needs the 'explore' extra \(uvicorn is not installed\): "
+                                          r"pip install 'softmask\[explore\]'"):
+        need_web_libraries()

@@ -126,6 +126,8 @@ def open_gallery(folder: str | Path | None) -> Gallery:
     if folder is None or str(folder) == "":
         return Gallery(None)
     root = Path(folder).expanduser()
+    if root.is_file():
+        raise ConfigError(f"--images {folder}: is a file; give a folder of images or a `softmask world` folder")
     if not root.is_dir():
         raise ConfigError(f"--images {folder}: no such folder")
     test = root / "annotations" / "retrieval_test.json"
