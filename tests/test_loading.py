@@ -188,6 +188,24 @@ def test_continued_pretraining_starts_from_the_checkpoints_momentum_encoders_and
     assert torch.equal(other.momentum_model.state_dict()["text_proj.weight"], sd["text_proj_m.weight"])
 
 
+def test_continued_pretraining_reads_the_albef_file_once(tmp_path, tiny_cfg, monkeypatch):
+    from softmask.models import loading
+
+    path = tmp_path / "ALBEF_tiny.pth"
+    torch.save({"model": albef_state_dict(tiny_cfg)}, path)
+    reads = []
+    real = loading.read_state_dict
+    monkeypatch.setattr(loading, "read_state_dict", lambda p: reads.append(p) or real(p))
+    twice = _pretrain_task(tiny_cfg, str(path))
+    assert len(reads) == 2  # the online weights, then the momentum encoders and queues
+    with loading.read_each_file_once():
+        once = _pretrain_task(tiny_cfg, str(path))
+    assert len(reads) == 3 and loading._read_once is None  # one more read, and nothing kept after the block
+    for a, b in ((twice.model, once.model), (twice.momentum_model, once.momentum_model)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert torch.equal(twice.image_queue.feats, once.image_queue.feats)
+
+
 def test_a_checkpoint_without_momentum_encoders_keeps_the_online_copy(tmp_path, tiny_cfg):
     path = tmp_path / "ALBEF_finetuned.pth"
     torch.save({"model": albef_state_dict(tiny_cfg, momentum=False)}, path)

@@ -18,6 +18,7 @@ mismatch, and never executes pickled code (``torch.load(weights_only=True)``; sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -357,10 +358,34 @@ def _fit_pos_embed(entry: tuple[torch.Tensor, str], own: torch.Tensor, report: L
 # --------------------------------------------------------------------------------------------------
 
 
+_read_once: dict[Path, dict[str, torch.Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def read_each_file_once():
+    """Within this block every checkpoint is read from disk once and its tensors shared by the loaders
+    that open it again (continued pretraining opens ``model.init`` for the online weights, then for the
+    momentum encoders and queues: one read of a multi-GB file instead of two). The tensors are
+    released at the end of the block; the loaders never modify them."""
+    global _read_once
+    outer = _read_once
+    _read_once = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _read_once = outer
+
+
 def _open(path: str | Path, key: str) -> tuple[Path, dict[str, torch.Tensor], str, LoadReport]:
-    """Resolve, read and recognise a checkpoint; an empty report for it."""
+    """Resolve, read (once inside :func:`read_each_file_once`) and recognise a checkpoint; an empty report."""
     source = resolve_checkpoint(path, key)
-    sd = read_state_dict(source)
+    if _read_once is None:
+        sd = read_state_dict(source)
+    else:
+        key_path = source.resolve()
+        if key_path not in _read_once:
+            _read_once[key_path] = read_state_dict(source)
+        sd = _read_once[key_path]
     fmt = detect_format(sd)
     return source, sd, fmt, LoadReport(str(source), key, fmt)
 

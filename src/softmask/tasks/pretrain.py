@@ -331,6 +331,7 @@ def continue_from_albef(task: PretrainTask, init: str) -> None:
 
 def pretrain(cfg: Config):
     """Pretrain ``cfg.method`` on ``cfg.data.train`` into ``cfg.output_dir`` (one process or torchrun)."""
+    from softmask.models.loading import read_each_file_once
     from softmask.models.vlp import create_model
     from softmask.train.loop import train
     from softmask.train.schedule import alpha_warmup_steps
@@ -339,8 +340,9 @@ def pretrain(cfg: Config):
     try:
         torch.manual_seed(cfg.seed)  # the same initial weights and queues on every rank
         data = build_pretrain_data(cfg, info.rank, info.world_size)
-        model = create_model(cfg)
-        task = build_task(cfg, model, alpha_warmup_steps(cfg, data.batches_per_epoch))  # equal queues on every rank
+        with read_each_file_once():  # model.init is read once for the online and the momentum weights
+            model = create_model(cfg)
+            task = build_task(cfg, model, alpha_warmup_steps(cfg, data.batches_per_epoch))  # equal queues on all ranks
         torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout and augmentation differ across ranks
         return train(cfg, task, data, info)
     finally:
