@@ -271,8 +271,11 @@ def test_ctrl_c_in_the_demo_stops_its_runs_with_checkpoints_and_a_rerun_resumes_
     args = ["-q", "demo", "--out", str(out), "--images", "40", "--steps", "40", "--batch-size", "4",
             "--vision-images", "60", "--vision-steps", "2", "--vision-batch-size", "8", "itc.queue_size=8",
             "train.log_every=1"]
+    # A terminal's foreground job: SIGINT at its default. (A job a non-interactive shell starts in the
+    # background inherits SIGINT ignored, and Python then keeps ignoring it: a CI runner may start us so.)
     proc = subprocess.Popen([sys.executable, "-m", "softmask", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = out / "albef" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
