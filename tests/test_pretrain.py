@@ -227,5 +227,5 @@ def test_a_run_and_its_saved_model_record_the_tokenizer_every_command_reads_them
     for path in (out, out / "model", list_checkpoints(out)[-1]):
         assert Path(tokenizer_source(path)).read_text() == vocab.read_text(), path
         model, _ = load_model(path)
-        assert _Encoder(model, world, tokenizer_source(path)).tokenizer.get_vocab_size() == len(words)
+        assert _Encoder(model, world, tokenizer_source(path)).tokenizer.size == len(words)
     assert tokenizer_source(tmp_path / "nothing_saved_here") == ""  # the default vocabulary

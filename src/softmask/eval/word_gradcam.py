@@ -87,6 +87,7 @@ def word_gradcam(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention
     Returns:
         ``{"words": list of W str, "maps": (W, g, g) float32 CPU tensor, >= 0, "sentence_map": (g, g)
         mean of the word maps, "itm_prob": float, softmax of the ITM logits for the match class,
+        "itc_sim": float, the cosine of the pair's ITC image and text features,
         "layer": int, "source": str}``.
     """
     if source not in SOURCES:
@@ -106,6 +107,7 @@ def word_gradcam(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention
         with torch.no_grad():
             image_embeds = model.encode_image(pixels)
             text_embeds = model.encode_text(input_ids, attention_mask)
+            itc_sim = float((model.image_feat(image_embeds) * model.text_feat(text_embeds, attention_mask)).sum())
         with torch.enable_grad():
             # The fusion input requires grad, so the attention is in a graph even for frozen parameters;
             # autograd.grad below differentiates only with respect to the attention.
@@ -130,6 +132,7 @@ def word_gradcam(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention
         "maps": maps,
         "sentence_map": maps.mean(0),
         "itm_prob": float(logits.detach().float().softmax(-1)[0, 1]),
+        "itc_sim": itc_sim,
         "layer": layer,
         "source": source,
     }

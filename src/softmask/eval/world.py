@@ -40,8 +40,7 @@ class _Encoder:
     def __init__(self, model: VisionLanguageModel, world: Path, tokenizer: str = ""):
         self.world, self.size = world, model.config.vision.image_size
         self.transform = EvalTransform(self.size)
-        self.tokens = open_tokenizer(tokenizer, max_tokens=MAX_WORDS)  # with its word tables
-        self.tokenizer = self.tokens.wordpiece
+        self.tokenizer = open_tokenizer(tokenizer, max_tokens=MAX_WORDS)  # with its word tables
         self.cache: dict[str, torch.Tensor] = {}
 
     def pixels(self, paths: list[str]) -> torch.Tensor:
@@ -52,7 +51,7 @@ class _Encoder:
         return self.transform(torch.stack([self.cache[p] for p in paths]))
 
     def text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tokens.encode([pre_caption(c, MAX_WORDS) for c in captions])
+        return self.tokenizer.encode([pre_caption(c, MAX_WORDS) for c in captions])
 
 
 def _accuracy(hits: dict[str, list[bool]]) -> dict[str, float]:
@@ -111,7 +110,7 @@ def grounding(model: VisionLanguageModel, enc: _Encoder, scenes: list[dict], lay
             words = pre_caption(caption["caption"], MAX_WORDS).split()
             ids, mask = enc.text([caption["caption"]])
             result = word_gradcam(model, pixels, ids, mask, layer, source,
-                                  **enc.tokens.word_tables())
+                                  **enc.tokenizer.word_tables())
             if result["words"] != words:  # segmentation disagrees: skip rather than misattribute
                 continue
             done += 1

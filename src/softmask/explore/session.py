@@ -201,7 +201,6 @@ class Explorer:
                                f"{MAX_UPLOAD_BYTES // 2**20} MiB an upload may be")
         try:
             image = decode_image(data, name, MAX_PIXELS)
-            image.load()
         except BadSample as exc:
             raise ExploreError(f"{exc}; upload a PNG or JPEG image") from None
         key = "upload:" + hashlib.sha1(data).hexdigest()[:16]
@@ -271,7 +270,7 @@ class Explorer:
                     "layer": chosen,
                     "source": source,
                     "itm_prob": result["itm_prob"],
-                    "itc_sim": itc_similarity(entry.model, pixels, ids, mask),
+                    "itc_sim": result["itc_sim"],
                     "words": result["words"],
                     "overlays": [jpeg_data_uri(overlay(big, word_map)) for word_map in result["maps"]],
                     "sentence": jpeg_data_uri(overlay(big, result["sentence_map"])),
@@ -328,16 +327,6 @@ class Explorer:
 def image_features(model: VisionLanguageModel, pixels: torch.Tensor) -> torch.Tensor:
     """(I, 3, S, S) normalised images -> (I, E) ITC image features (float32)."""
     return model.image_feat(model.encode_image(pixels)).float()
-
-
-@torch.inference_mode()
-def itc_similarity(model: VisionLanguageModel, pixels: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> float:
-    """The cosine similarity of the ITC image and text features of one pair (pixels (1, 3, S, S),
-    tokens and mask (1, T)), in [-1, 1]."""
-    image_feat = model.image_feat(model.encode_image(pixels))
-    text_feat = model.text_feat(model.encode_text(input_ids, attention_mask), attention_mask)
-    return float((image_feat * text_feat).sum())
 
 
 @torch.inference_mode()
