@@ -148,3 +148,27 @@ def test_text_init_layers_first_takes_the_first_layers_of_minilm():
                        reference.encoder.layer[2].attention.output.dense.weight)
     words = reference.embeddings.word_embeddings.weight
     assert torch.equal(model.text_encoder.embeddings.word_embeddings.weight, words)
+
+
+def test_a_conv_stem_encoder_loads_as_model_vision_init_and_a_patch_stem_model_refuses_it(tmp_path):
+    from softmask.checkpoint_files import CheckpointError
+    from softmask.models.loading import load_vision_checkpoint
+    from softmask.models.vlp import VisionLanguageModel
+    from softmask.tasks.image_pretrain import ImageEncoderWithHeads
+
+    text = ["model.text.hidden_size=32", "model.text.num_layers=2", "model.text.fusion_layer=1",
+            "model.text.num_heads=2", "model.text.intermediate_size=64", "model.text.max_positions=40"]
+    conv = load_config(None, [*VISION, "model.vision.stem=conv", *text]).model
+    torch.manual_seed(0)
+    ImageEncoderWithHeads(conv.vision, {"label": ["a", "b"]}).save_pretrained(tmp_path / "enc")
+    vlp = VisionLanguageModel(conv)
+    report = load_vision_checkpoint(vlp, tmp_path / "enc")
+    assert not report.missing and not report.unexpected
+    encoder = load_image_encoder(tmp_path / "enc")
+    stem_keys = [k for k in encoder.visual_encoder.state_dict() if k.startswith("patch_embed.stem.")]
+    assert len(stem_keys) == 3 * 3  # three stride-2 levels for 8-px patches: conv weight, norm weight and bias
+    for key, value in encoder.visual_encoder.state_dict().items():
+        assert torch.equal(vlp.visual_encoder.state_dict()[key], value), key
+    patch = VisionLanguageModel(load_config(None, [*VISION, *text]).model)
+    with pytest.raises(CheckpointError, match=r"model.vision.stem is patch .* a convolutional stem"):
+        load_vision_checkpoint(patch, tmp_path / "enc")

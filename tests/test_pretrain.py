@@ -229,3 +229,28 @@ def test_a_run_and_its_saved_model_record_the_tokenizer_every_command_reads_them
         model, _ = load_model(path)
         assert _Encoder(model, world, tokenizer_source(path)).tokenizer.size == len(words)
     assert tokenizer_source(tmp_path / "nothing_saved_here") == ""  # the default vocabulary
+
+
+def test_easy_negatives_then_hard_ones_and_the_temperature_floor_of_the_draw(world, tmp_path, monkeypatch):
+    """itm.easy_negatives_steps: the first steps draw negatives uniformly (equal weights); later ones by
+    ITC similarity over a temperature of at least itm.negative_temp_min."""
+    from softmask.tasks import contrastive
+
+    seen = []
+    original = contrastive.sample_hard_negatives
+
+    def record(sim_i2t, sim_t2i, gen, exclude=None):
+        seen.append((sim_i2t.clone(), sim_t2i.clone()))
+        return original(sim_i2t, sim_t2i, gen, exclude=exclude)
+
+    monkeypatch.setattr(contrastive, "sample_hard_negatives", record)
+    pretrain(load_config(TINY, overrides(world, tmp_path, "train.batch_size=8", "train.max_steps=4",
+                                         "itm.easy_negatives_steps=2", "itm.negative_temp_min=0.5")))
+    assert len(seen) == 4
+    for sim_i2t, sim_t2i in seen[:2]:
+        assert torch.count_nonzero(sim_i2t) == 0 and torch.count_nonzero(sim_t2i) == 0
+    for sim_i2t, sim_t2i in seen[2:]:  # cosines over a temperature of 0.5 (the learned one is 0.07)
+        assert 0 < sim_i2t.abs().max() <= 2.0 + 1e-5 and 0 < sim_t2i.abs().max() <= 2.0 + 1e-5
+    seen.clear()
+    pretrain(load_config(TINY, overrides(world, tmp_path / "albef", "train.batch_size=8", "train.max_steps=1")))
+    assert seen[0][0].abs().max() > 2.0  # without the options (ALBEF): the learned temperature, 0.07

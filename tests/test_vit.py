@@ -149,3 +149,24 @@ def test_hf_deit_folder_matches(tmp_path):
     saved = load_file(str(tmp_path / "deit" / "model.safetensors"))  # the on-disk (legacy) names
     q = saved["encoder.layer.1.attention.attention.query.weight"]
     assert torch.equal(model.visual_encoder.blocks[1].attn.qkv.weight[:48], q)
+
+
+def test_conv_stem_gives_one_token_per_patch_and_sees_across_patch_borders():
+    from softmask.config import ConfigError, model_config_from_dict
+    from softmask.models.vit import VisionTransformer
+
+    vision = {"image_size": 32, "patch_size": 8, "width": 48, "depth": 1, "num_heads": 2, "mlp_dim": 96}
+    torch.manual_seed(0)
+    vit = VisionTransformer(model_config_from_dict({"vision": {**vision, "stem": "conv"}}).vision).eval()
+    pixels = torch.zeros(1, 3, 32, 32)
+    base = vit.patch_embed(pixels)
+    assert base.shape == (1, 16, 48) and vit(pixels).shape == (1, 17, 48)
+    # A pixel of patch (0, 0) next to its right border changes the token of patch (0, 1) too (a linear
+    # patch projection could not), and leaves the other patches alone.
+    pixels[0, :, 0, 7] = 1.0
+    changed = (vit.patch_embed(pixels) - base).abs().sum(-1)[0]
+    assert changed[0] > 0 and changed[1] > 0 and torch.all(changed[2:] == 0)
+    for bad, message in (({"stem": "resnet"}, "stem must be 'patch' or 'conv'"),
+                         ({"stem": "conv", "patch_size": 12, "image_size": 36}, "power of two")):
+        with pytest.raises(ConfigError, match=message):
+            model_config_from_dict({"vision": {**vision, **bad}})

@@ -31,9 +31,18 @@ class VisionConfig:
     num_heads: int = 12
     mlp_dim: int = 3072
     layer_norm_eps: float = 1e-6  # timm/DeiT's value, which ALBEF uses
+    # How pixels become patch tokens: "patch" = one linear projection per patch (ViT/DeiT, ALBEF, the
+    # paper); "conv" = ours, a convolutional stem (log2(patch_size) stride-2 3x3 convolutions, then 1x1),
+    # for encoders trained from scratch on small images (configs/vision/world_vit.yaml).
+    stem: str = "patch"
 
     def validate(self, key: str) -> None:
         _positive(self, key, "image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim")
+        if self.stem not in ("patch", "conv"):
+            raise ConfigError(f"{key}.stem must be 'patch' or 'conv', got '{self.stem}'")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ConfigError(f"{key}.stem=conv needs a patch_size that is a power of two >= 2 "
+                              f"(one stride-2 convolution per halving), got {self.patch_size}")
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"{key}.image_size ({self.image_size}) must be a multiple of "
@@ -268,10 +277,19 @@ class ITMConfig:
     # Where hard negatives come from: "global" = the whole batch across ranks (a multi-GPU run equals a
     # single process with the same global batch); "local" = each process's own batch (ALBEF's code).
     negatives: str = "global"
+    # Ours (0 = ALBEF): for the first this many optimiser steps, each negative is drawn uniformly from the
+    # other pairs of the batch instead of by ITC similarity, so that ITM first learns from negatives that
+    # differ in what the image encoder already sees (docs/results.md), then from hard ones.
+    easy_negatives_steps: int = 0
+    # Ours (0 = ALBEF: none): the temperature that turns ITC similarities into hard-negative draws is at
+    # least this, so that a falling learned temperature does not turn the draw into an argmax.
+    negative_temp_min: float = 0.0
 
     def validate(self, key: str) -> None:
         if self.negatives not in ("global", "local"):
             raise ConfigError(f"{key}.negatives must be 'global' or 'local', got '{self.negatives}'")
+        if self.weight < 0 or self.easy_negatives_steps < 0 or self.negative_temp_min < 0:
+            raise ConfigError(f"{key}.weight, {key}.easy_negatives_steps and {key}.negative_temp_min must be >= 0")
 
 
 @dataclass

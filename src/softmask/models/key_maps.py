@@ -33,7 +33,8 @@ _PARAM = r"(?P<p>weight|bias)"
 
 def vit_rule(prefix: str) -> Callable[[str], Target | Ignore | None]:
     """timm/DeiT names (also ALBEF's ``visual_encoder.*``) -> ``{prefix}`` + the same name."""
-    keep = re.compile(r"(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)|"
+    keep = re.compile(r"(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|patch_embed\.stem\.\d+\.(weight|bias)|"
+                      r"norm\.(weight|bias)|"
                       r"blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias))$")
 
     def rule(key: str) -> Target | Ignore | None:

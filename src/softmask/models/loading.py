@@ -229,10 +229,17 @@ def _count(sd: dict, pattern: str) -> int:
 def _check_vit(model, sd: dict, source: Path, key: str, hf_config: dict | None) -> None:
     """``sd`` in our ViT naming without prefix."""
     cfg = model.config.vision
+    has_stem = any(k.startswith("patch_embed.stem.") for k in sd)
+    if "patch_embed.proj.weight" in sd and has_stem != (cfg.stem == "conv"):
+        raise _mismatch(source, f"{key}.stem", cfg.stem, "patch embedding",
+                        "a convolutional stem" if has_stem else "a linear patch projection")
+    if has_stem:  # one stride-2 convolution (a 4-d weight) per halving
+        patch = 2 ** sum(1 for k, v in sd.items() if k.startswith("patch_embed.stem.") and v.dim() == 4)
+    else:
+        patch = sd["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in sd else None
     checks = [("width", cfg.width, "width", sd["cls_token"].shape[-1] if "cls_token" in sd else None),
               ("depth", cfg.depth, "blocks", _count(sd, r"blocks\.(\d+)\.")),
-              ("patch_size", cfg.patch_size, "patch size",
-               sd["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in sd else None),
+              ("patch_size", cfg.patch_size, "patch size", patch),
               ("mlp_dim", cfg.mlp_dim, "MLP width",
                sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else None)]
     if hf_config:

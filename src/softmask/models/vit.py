@@ -48,14 +48,52 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int | tuple[int, int],
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches to tokens: (B, 3, H, W) -> (B, H/p * W/p, D)."""
+    """Pixels to one token per patch: (B, 3, H, W) -> (B, H/p * W/p, D).
 
-    def __init__(self, patch_size: int, width: int):
+    ``stem="patch"`` (ViT/DeiT): one linear projection of each non-overlapping p x p patch
+    (``proj``, a p x p convolution of stride p). ``stem="conv"`` (ours, off in the paper's configs): a
+    convolutional stem in the manner of Xiao et al. 2021, "Early convolutions help transformers see
+    better": log2(p) 3x3 convolutions of stride 2, each followed by a LayerNorm over the channels (at
+    each position, so a token depends on nearby pixels only) and a GELU (``stem``; channels
+    width/2^k ... width/2), then a 1x1 convolution to the width (``proj``). Overlapping receptive fields
+    let a token see the edges of a small object that straddles patches.
+    """
+
+    def __init__(self, patch_size: int, width: int, stem: str = "patch"):
         super().__init__()
-        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        if stem == "patch":
+            self.stem = None
+            self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+            return
+        layers: list[nn.Module] = []
+        levels = conv_stem_levels(patch_size)
+        channels_in = 3
+        for level in range(levels):
+            channels = max(8, width >> (levels - level))
+            layers += [nn.Conv2d(channels_in, channels, kernel_size=3, stride=2, padding=1, bias=False),
+                       ChannelNorm(channels), nn.GELU()]
+            channels_in = channels
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(channels_in, width, kernel_size=1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.proj(pixels).flatten(2).transpose(1, 2)
+        x = pixels if self.stem is None else self.stem(pixels)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of (B, C, H, W) at each position."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def conv_stem_levels(patch_size: int) -> int:
+    """How many stride-2 convolutions a conv stem needs for ``patch_size`` (a power of two >= 2)."""
+    levels = patch_size.bit_length() - 1
+    if patch_size < 2 or 1 << levels != patch_size:
+        raise ValueError(f"a conv stem needs a patch size that is a power of two >= 2, got {patch_size}")
+    return levels
 
 
 class Attention(nn.Module):
@@ -106,7 +144,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.grid = cfg.image_size // cfg.patch_size
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width, cfg.stem)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid * self.grid, cfg.width))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))

@@ -92,11 +92,12 @@ class ContrastiveTask(DistilledTask):
 
     def hard_negatives(self, image_feat: torch.Tensor, text_feat: torch.Tensor, image_embeds: torch.Tensor,
                        text_embeds: torch.Tensor, mask: torch.Tensor, bank: MomentumBank, exclude: torch.Tensor,
-                       gen: torch.Generator, rows: torch.Tensor):
+                       gen: torch.Generator, rows: torch.Tensor, step: int = 0):
         """For each image a hard negative text and for each text a hard negative image, sampled from
         softmax(online vs momentum similarity / temperature) over the batch, as ALBEF: this process's
         batch with ``itm.negatives=local`` (or one process), else the global batch with one random
-        stream shared by every rank.
+        stream shared by every rank. Before optimiser step ``itm.easy_negatives_steps`` the draw is
+        uniform over the allowed pairs; the temperature is at least ``itm.negative_temp_min``.
 
         Args:
             image_feat, text_feat: (B, E) online ITC features.
@@ -110,7 +111,11 @@ class ContrastiveTask(DistilledTask):
             text_neg (B, T, D), mask_neg (B, T), image_neg (B, 1 + N, Dv), valid (B,) bool (False for
             a row without any allowed negative; its negative is then meaningless).
         """
+        itm = self.cfg.itm
         temp = self.model.temp.detach()
+        if itm.negative_temp_min > 0:
+            temp = temp.clamp_min(itm.negative_temp_min)
+        easy = step < itm.easy_negatives_steps
         local = self.cfg.itm.negatives == "local" or dist.world_size() == 1
         with torch.no_grad():
             if local:
@@ -119,8 +124,10 @@ class ContrastiveTask(DistilledTask):
             else:
                 img, txt, pick = dist.all_gather(image_feat), dist.all_gather(text_feat), rows
                 img_m, txt_m = bank.image_all, bank.text_all
-            neg_text, neg_image, valid = sample_hard_negatives(img @ txt_m.T / temp, txt @ img_m.T / temp, gen,
-                                                               exclude=exclude)
+            sim_i2t, sim_t2i = img @ txt_m.T / temp, txt @ img_m.T / temp
+            if easy:  # equal weights: a uniform draw over the allowed pairs, from the same random stream
+                sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
+            neg_text, neg_image, valid = sample_hard_negatives(sim_i2t, sim_t2i, gen, exclude=exclude)
             neg_text, neg_image, valid = neg_text[pick], neg_image[pick], valid[pick]
         if local:
             image_pool, text_pool, mask_pool = image_embeds, text_embeds, mask

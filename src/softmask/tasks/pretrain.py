@@ -141,8 +141,8 @@ class PretrainTask(ContrastiveTask):
         fused_pos, logits_pos, soft_images, soft_rows = self._positives(
             image_embeds, text_embeds, images, ids, online_ids, mask, step, micro)
         loss_itm, itm = self._itm_loss(image_feat, text_feat, image_embeds, text_embeds, mask, bank,
-                                       identical_rows(ids_all, mask_all), gen, rows, logits_pos, soft_images,
-                                       soft_rows)
+                                       identical_rows(ids_all, mask_all), gen, rows, step, logits_pos,
+                                       soft_images, soft_rows)
         loss_mlm = self._mlm_loss(fused_pos, image_embeds, masked_ids, mlm_targets, mask, bank, step)
         self.enqueue(bank)
 
@@ -199,7 +199,7 @@ class PretrainTask(ContrastiveTask):
                                                           mask, gen_words)
         return fused, logits, soft_images, soft_rows
 
-    def _itm_loss(self, image_feat, text_feat, image_embeds, text_embeds, mask, bank, same_caption, gen, rows,
+    def _itm_loss(self, image_feat, text_feat, image_embeds, text_embeds, mask, bank, same_caption, gen, rows, step,
                   logits_pos, soft_images, soft_rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """ITM over the B positives, 2 * (valid rows) hard negatives and the soft-masked positives (and,
         with ``softmask.masked_negatives``, each soft-masked image with its hard-negative caption), the
@@ -207,7 +207,7 @@ class PretrainTask(ContrastiveTask):
         (``missing`` negatives; ``loss_itm_soft`` and ``itm_pairs`` with soft masks)."""
         model, device, b = self.model, mask.device, mask.shape[0]
         text_neg, mask_neg, image_neg, valid = self.hard_negatives(image_feat, text_feat, image_embeds, text_embeds,
-                                                                   mask, bank, same_caption, gen, rows)
+                                                                   mask, bank, same_caption, gen, rows, step)
         texts = [text_embeds[valid], text_neg[valid]]
         masks = [mask[valid], mask_neg[valid]]
         images_fused = [image_neg[valid], image_embeds[valid]]

@@ -191,7 +191,8 @@ class RetrievalTask(ContrastiveTask):
         model, device = self.model, mask.device
         gen = step_generator(self.cfg.seed, step, micro, device)
         text_neg, mask_neg, image_neg, valid = self.hard_negatives(image_feat, text_feat, image_embeds,
-                                                                   text_embeds, mask, bank, exclude, gen, rows)
+                                                                   text_embeds, mask, bank, exclude, gen, rows,
+                                                                   step)
         texts = torch.cat([text_embeds, text_embeds[valid], text_neg[valid]])
         masks = torch.cat([mask, mask[valid], mask_neg[valid]])
         images = torch.cat([image_embeds, image_neg[valid], image_embeds[valid]])
