@@ -172,3 +172,36 @@ def test_a_conv_stem_encoder_loads_as_model_vision_init_and_a_patch_stem_model_r
     patch = VisionLanguageModel(load_config(None, [*VISION, *text]).model)
     with pytest.raises(CheckpointError, match=r"model.vision.stem is patch .* a convolutional stem"):
         load_vision_checkpoint(patch, tmp_path / "enc")
+
+
+def test_position_loss_and_the_relation_probe(vision_world, tmp_path):
+    out = tmp_path / "vit"
+    cfg = load_config(None, [f"world={vision_world}", f"output_dir={out}", *VISION, "train.batch_size=32",
+                             "train.max_steps=30", "train.warmup_steps=5", "train.lr_peak=2e-3", "train.log_every=10",
+                             "train.save_every=100", "data.num_workers=0", "image_pretrain.position_weight=1"])
+    metrics = pretrain_vision(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss_position"] < rows[0]["loss_position"]
+    assert 0.0 <= metrics["relation_probe"] <= 100.0
+
+
+def test_pair_relations_and_a_linear_probe_by_hand():
+    from softmask.eval.probe import RELATIONS, linear_probe_accuracy, pair_relations
+
+    # Object 1 lies right of object 0 and object 2 below it; object 3 is absent; 0 vs 1 in x only.
+    boxes = torch.tensor([[[0, 0, 10, 10], [20, 0, 30, 10], [0, 30, 10, 40], [0, 0, 0, 0]]], dtype=torch.float)
+    present = torch.tensor([[True, True, True, False]])
+    image, a, b, label = pair_relations(boxes, present, margin=4.0)
+    found = {(int(x), int(y)): RELATIONS[int(z)] for x, y, z in zip(a, b, label, strict=True)}
+    # 1 -> 2: dx -20, dy +30: vertical by a clear margin, so "below".
+    assert found == {(0, 1): "right", (1, 0): "left", (0, 2): "below", (2, 0): "above", (1, 2): "below",
+                     (2, 1): "above"}
+    assert (image == 0).all()
+    # A diagonal pair (|dx| == |dy|) and a pair closer than the margin have no clear relation.
+    boxes = torch.tensor([[[0, 0, 10, 10], [20, 20, 30, 30], [2, 1, 12, 11]]], dtype=torch.float)
+    assert pair_relations(boxes, torch.ones(1, 3, dtype=torch.bool), margin=4.0)[0].numel() == 0
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=gen)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()  # linearly separable, 4 classes
+    assert linear_probe_accuracy(x, y, 4) > 90.0
+    assert linear_probe_accuracy(torch.randn(400, 6, generator=gen), y, 4) < 45.0  # features that carry nothing

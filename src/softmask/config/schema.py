@@ -399,11 +399,14 @@ class ImagePretrainConfig:
     exclude_heldout_of: str = ""
     object_weight: float = 1.0  # world: per-object attribute losses (box-pooled patch tokens)
     presence_weight: float = 1.0  # world: multi-label presence loss on the [CLS] token
+    # world: each object's box centre (x, y as shares of the image side) regressed from its box-pooled
+    # tokens, so that the tokens keep where the object is (captions say "left of", "above")
+    position_weight: float = 0.0
 
     def validate(self, key: str) -> None:
         if not 0.0 < self.val_share < 1.0:
             raise ConfigError(f"{key}.val_share must be in (0, 1), got {self.val_share}")
-        for name in ("object_weight", "presence_weight"):
+        for name in ("object_weight", "presence_weight", "position_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")
         if self.object_weight == 0 and self.presence_weight == 0:

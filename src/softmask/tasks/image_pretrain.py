@@ -81,6 +81,7 @@ class ImageEncoderWithHeads(nn.Module):
         else:
             self.head = nn.ModuleDict({name: nn.Linear(width, len(classes[name]))
                                        for name in (*OBJECT_ATTRIBUTES, "presence")})
+            self.head["position"] = nn.Linear(width, 2)  # box centre (x, y) / image side
         for layer in self.head.values():
             nn.init.trunc_normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
@@ -96,6 +97,8 @@ class ImageEncoderWithHeads(nn.Module):
         if boxes is not None:
             pooled = box_pool(tokens[:, 1:], boxes.to(tokens.dtype), self.config.image_size)
             out.update({a: self.head[a](pooled) for a in OBJECT_ATTRIBUTES})
+            out["position"] = self.head["position"](pooled)  # (B, K, 2)
+            out["object_features"] = pooled  # (B, K, D), what the attribute heads read
         return out
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -139,8 +142,15 @@ def attribute_losses(logits: dict[str, torch.Tensor], batch: dict, cfg: Config) 
     presence = F.binary_cross_entropy_with_logits(logits["presence"].float(), batch["presence"].float())
     objects = sum(F.cross_entropy(logits[a].flatten(0, 1).float(), batch["objects"][..., i].flatten())
                   for i, a in enumerate(OBJECT_ATTRIBUTES)) / len(OBJECT_ATTRIBUTES)
-    return {"loss": ip.presence_weight * presence + ip.object_weight * objects,
-            "loss_presence": presence.detach(), "loss_objects": objects.detach()}
+    out = {"loss": ip.presence_weight * presence + ip.object_weight * objects,
+           "loss_presence": presence.detach(), "loss_objects": objects.detach()}
+    if ip.position_weight > 0:
+        boxes, present = batch["boxes"].float(), batch["objects"][..., 0] != -100
+        centre = (boxes[..., :2] + boxes[..., 2:]) / (2 * cfg.model.vision.image_size)  # (B, K, 2) in [0, 1]
+        position = F.smooth_l1_loss(logits["position"].float()[present], centre[present], beta=0.05)
+        out["loss"] = out["loss"] + ip.position_weight * position
+        out["loss_position"] = position.detach()
+    return out
 
 
 class ImagePretrainTask(nn.Module):
@@ -161,9 +171,13 @@ class ImagePretrainTask(nn.Module):
 def evaluate_image_encoder(model: ImageEncoderWithHeads, data: LabelledImages, batch_size: int = 256,
                            device: str | torch.device = "cpu") -> dict[str, float]:
     """Accuracy (%) on held-out images. World: per attribute over the objects (``acc_shape`` ...), all four
-    attributes right (``acc_object``), and the presence labels' micro F1 (``presence_f1``). Folder:
-    ``acc`` (top-1) and ``acc_top5``."""
+    attributes right (``acc_object``), the presence labels' micro F1 (``presence_f1``), and
+    ``relation_probe``: a linear probe on two objects' box-pooled features that tells where the second
+    lies from the first (left, right, above, below; chance about 25), trained on half of the held-out
+    pairs and scored on the other half (:mod:`softmask.eval.probe`). Folder: ``acc`` (top-1) and
+    ``acc_top5``."""
     from softmask.data.transforms import EvalTransform
+    from softmask.eval.probe import RELATIONS, linear_probe_accuracy, pair_relations
 
     transform = EvalTransform(model.config.image_size).to(device)
     model = model.to(device).eval()
@@ -175,6 +189,7 @@ def evaluate_image_encoder(model: ImageEncoderWithHeads, data: LabelledImages, b
         counts[key] = counts.get(key, 0.0) + total
 
     tp = fp = fn = 0.0
+    pair_features, pair_labels = [], []
     for start in range(0, len(data), batch_size):
         rows = slice(start, start + batch_size)
         pixels = transform(data.images[rows].to(device))
@@ -184,9 +199,14 @@ def evaluate_image_encoder(model: ImageEncoderWithHeads, data: LabelledImages, b
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             add("acc_top5", (top == labels[:, None]).any(-1), len(labels))
             continue
-        logits = model(pixels, data.labels["boxes"][rows].to(device))
+        boxes = data.labels["boxes"][rows].to(device)
+        logits = model(pixels, boxes)
         objects = data.labels["objects"][rows].to(device)
         valid = objects[..., 0] != -100
+        image, a, b, relation = pair_relations(boxes, valid, margin=model.config.image_size / 16)
+        feats = logits["object_features"]
+        pair_features.append(torch.cat([feats[image, a], feats[image, b]], dim=-1).cpu())
+        pair_labels.append(relation.cpu())
         all_right = valid.clone()
         for i, a in enumerate(OBJECT_ATTRIBUTES):
             right = logits[a].argmax(-1) == objects[..., i]
@@ -200,6 +220,8 @@ def evaluate_image_encoder(model: ImageEncoderWithHeads, data: LabelledImages, b
     metrics = {key: 100.0 * correct[key] / max(1.0, counts[key]) for key in correct}
     if "label" not in model.head:
         metrics["presence_f1"] = 100.0 * 2 * tp / max(1.0, 2 * tp + fp + fn)
+        metrics["relation_probe"] = linear_probe_accuracy(torch.cat(pair_features), torch.cat(pair_labels),
+                                                          len(RELATIONS))
     metrics["images"] = float(len(data))
     return metrics
 
