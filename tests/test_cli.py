@@ -94,10 +94,18 @@ def test_demo_progress_reads_past_a_line_still_being_written(tmp_path, caplog):
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"step": 50, "loss_itc": 6.0, "loss_itm": 0.63,
                                                    "pairs_per_s": 64.0}) + '\n{"step": 10')
+    progress = _Progress({"albef": run, "softmask": tmp_path / "softmask"}, steps=100, batch_size=64,
+                         keys={"loss_itc": "ITC", "loss_itm": "ITM"})
     with caplog.at_level(logging.INFO, logger="softmask"):
-        _Progress({"albef": run, "softmask": tmp_path / "softmask"}, steps=100, batch_size=64,
-                  keys={"loss_itc": "ITC", "loss_itm": "ITM"})()
+        progress()
+        progress()  # nothing new logged since: no repeated line
     assert "albef: step 50/100 (ITC 6.000, ITM 0.630) | softmask: starting; about 1 min left" in caplog.text
+    assert caplog.text.count("albef: step 50/100") == 1
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 60, "loss_itc": 5.0, "loss_itm": 0.6,
+                                                   "pairs_per_s": 64.0}) + "\n")
+    with caplog.at_level(logging.INFO, logger="softmask"):
+        progress()
+    assert "albef: step 60/100" in caplog.text
 
 
 def test_itm_prior_is_the_entropy_of_the_share_of_positives():

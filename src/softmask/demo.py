@@ -189,10 +189,12 @@ def _final_losses(path: Path, last: int = 3) -> dict[str, float]:
 
 
 class _Progress:
-    """Logs each run's last logged step, some losses and the time left, from its metrics.jsonl."""
+    """Logs each run's last logged step, some losses and the time left, from its metrics.jsonl; only when
+    a run has logged something new since the last line (a step can take longer than the tick)."""
 
     def __init__(self, runs: dict[str, Path], steps: int, batch_size: int, keys: dict[str, str]):
         self.runs, self.steps, self.batch_size, self.keys = runs, steps, batch_size, keys
+        self._last = ""
 
     def __call__(self) -> None:
         parts, left = [], 0.0
@@ -205,7 +207,10 @@ class _Progress:
             parts.append(f"{name}: step {row['step']}/{self.steps} ({losses})")
             if row.get("pairs_per_s"):
                 left = max(left, (self.steps - row["step"]) * self.batch_size / row["pairs_per_s"])
-        log.info("  " + " | ".join(parts) + (f"; about {max(1, round(left / 60))} min left" if left else ""))
+        line = " | ".join(parts)
+        if line != self._last:
+            self._last = line
+            log.info("  " + line + (f"; about {max(1, round(left / 60))} min left" if left else ""))
 
 
 def _last_row(path: Path) -> dict | None:

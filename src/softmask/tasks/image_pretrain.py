@@ -20,6 +20,7 @@ ViT's shape and the class names. Training runs on the shared loop (checkpoints, 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -69,9 +70,10 @@ def box_pool(patch_tokens: torch.Tensor, boxes: torch.Tensor, image_size: int) -
 
 
 class ImageEncoderWithHeads(nn.Module):
-    """The ViT of ``vision`` and the pretraining heads for ``classes`` (see the module docstring)."""
+    """The ViT of ``vision`` and the pretraining heads for ``classes`` (see the module docstring); with
+    ``position`` (worlds only) also a head that regresses each object's box centre."""
 
-    def __init__(self, vision: VisionConfig, classes: dict[str, list[str]]):
+    def __init__(self, vision: VisionConfig, classes: dict[str, list[str]], position: bool = False):
         super().__init__()
         self.config, self.classes = vision, classes
         self.visual_encoder = VisionTransformer(vision)
@@ -81,7 +83,8 @@ class ImageEncoderWithHeads(nn.Module):
         else:
             self.head = nn.ModuleDict({name: nn.Linear(width, len(classes[name]))
                                        for name in (*OBJECT_ATTRIBUTES, "presence")})
-            self.head["position"] = nn.Linear(width, 2)  # box centre (x, y) / image side
+            if position:
+                self.head["position"] = nn.Linear(width, 2)  # box centre (x, y) / image side
         for layer in self.head.values():
             nn.init.trunc_normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
@@ -97,7 +100,8 @@ class ImageEncoderWithHeads(nn.Module):
         if boxes is not None:
             pooled = box_pool(tokens[:, 1:], boxes.to(tokens.dtype), self.config.image_size)
             out.update({a: self.head[a](pooled) for a in OBJECT_ATTRIBUTES})
-            out["position"] = self.head["position"](pooled)  # (B, K, 2)
+            if "position" in self.head:
+                out["position"] = self.head["position"](pooled)  # (B, K, 2)
             out["object_features"] = pooled  # (B, K, D), what the attribute heads read
         return out
 
@@ -126,8 +130,8 @@ def load_image_encoder(directory: str | Path) -> ImageEncoderWithHeads:
         raise FileNotFoundError(f"{directory}: no {INFO_FILE}; not a folder written by softmask pretrain-vision")
     info = json.loads(info_path.read_text())
     vision = config_from_dict({"model": {"vision": info["vision"]}}).model.vision
-    model = ImageEncoderWithHeads(vision, info["classes"])
     sd = read_safetensors(directory / WEIGHTS_FILE)
+    model = ImageEncoderWithHeads(vision, info["classes"], position="head.position.weight" in sd)
     model.load_state_dict({k if k.startswith("head.") else f"visual_encoder.{k}": v for k, v in sd.items()})
     return model
 
@@ -169,13 +173,15 @@ class ImagePretrainTask(nn.Module):
 
 @torch.no_grad()
 def evaluate_image_encoder(model: ImageEncoderWithHeads, data: LabelledImages, batch_size: int = 256,
-                           device: str | torch.device = "cpu") -> dict[str, float]:
+                           device: str | torch.device = "cpu",
+                           confusions: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Accuracy (%) on held-out images. World: per attribute over the objects (``acc_shape`` ...), all four
     attributes right (``acc_object``), the presence labels' micro F1 (``presence_f1``), and
     ``relation_probe``: a linear probe on two objects' box-pooled features that tells where the second
     lies from the first (left, right, above, below; chance about 25), trained on half of the held-out
     pairs and scored on the other half (:mod:`softmask.eval.probe`). Folder: ``acc`` (top-1) and
-    ``acc_top5``."""
+    ``acc_top5``. A ``confusions`` dict given for a world is filled with each attribute's (true, predicted)
+    counts, (values, values) long."""
     from softmask.data.transforms import EvalTransform
     from softmask.eval.probe import RELATIONS, linear_probe_accuracy, pair_relations
 
@@ -203,15 +209,21 @@ def evaluate_image_encoder(model: ImageEncoderWithHeads, data: LabelledImages, b
         logits = model(pixels, boxes)
         objects = data.labels["objects"][rows].to(device)
         valid = objects[..., 0] != -100
-        image, a, b, relation = pair_relations(boxes, valid, margin=model.config.image_size / 16)
+        image, first, second, relation = pair_relations(boxes, valid, margin=model.config.image_size / 16)
         feats = logits["object_features"]
-        pair_features.append(torch.cat([feats[image, a], feats[image, b]], dim=-1).cpu())
+        pair_features.append(torch.cat([feats[image, first], feats[image, second]], dim=-1).cpu())
         pair_labels.append(relation.cpu())
         all_right = valid.clone()
         for i, a in enumerate(OBJECT_ATTRIBUTES):
-            right = logits[a].argmax(-1) == objects[..., i]
+            predicted = logits[a].argmax(-1)
+            right = predicted == objects[..., i]
             add(f"acc_{a}", right[valid], int(valid.sum()))
             all_right &= right
+            if confusions is not None:
+                n = logits[a].shape[-1]
+                pairs = (objects[..., i][valid] * n + predicted[valid]).cpu()
+                confusions[a] = confusions.get(a, torch.zeros(n, n, dtype=torch.long)) + \
+                    torch.bincount(pairs, minlength=n * n).view(n, n)
         add("acc_object", all_right[valid], int(valid.sum()))
         predicted, truth = logits["presence"] > 0, data.labels["presence"][rows].to(device) > 0.5
         tp += float((predicted & truth).sum())
@@ -224,6 +236,31 @@ def evaluate_image_encoder(model: ImageEncoderWithHeads, data: LabelledImages, b
                                                           len(RELATIONS))
     metrics["images"] = float(len(data))
     return metrics
+
+
+def plot_confusions(confusions: dict[str, torch.Tensor], classes: dict[str, list[str]], out: Path) -> Path:
+    """One panel per attribute: the held-out objects' (true, predicted) counts, each row normalised to
+    percent of its true value, the diagonal being the per-value accuracy."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(confusions), 4.6), layout="constrained")
+    for panel, (name, counts) in enumerate(confusions.items()):
+        ax = fig.add_subplot(1, len(confusions), panel + 1)
+        share = 100.0 * counts.float() / counts.sum(1, keepdim=True).clamp_min(1)
+        ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=100)
+        labels = classes[name]
+        ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        for (row, col), value in zip(itertools.product(range(len(labels)), repeat=2), share.flatten().tolist(),
+                                     strict=True):
+            ax.text(col, row, f"{value:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if value > 60 else "black")
+        accuracy = 100.0 * float(counts.diag().sum()) / max(1, int(counts.sum()))
+        ax.set_title(f"{name}: {accuracy:.1f}% right")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+    fig.savefig(out, dpi=90)
+    return out
 
 
 def _labelled_data(cfg: Config) -> tuple[LabelledImages, LabelledImages, nn.Module]:
@@ -260,16 +297,22 @@ def pretrain_vision(cfg: Config) -> dict[str, float]:
         train_data, held_out, transform = _labelled_data(cfg)
         log.info(f"image-encoder pretraining on {len(train_data)} images, {len(held_out)} held out")
         torch.manual_seed(cfg.seed)
-        model = ImageEncoderWithHeads(cfg.model.vision, train_data.classes)
+        model = ImageEncoderWithHeads(cfg.model.vision, train_data.classes,
+                                      position=bool(cfg.world) and cfg.image_pretrain.position_weight > 0)
         task = ImagePretrainTask(cfg, model, transform)
         source = InMemorySource(train_data, cfg.train.batch_size, cfg.seed, info.rank, info.world_size)
         torch.manual_seed(cfg.seed + 1 + info.rank)
         train(cfg, task, source, info)
-        metrics = evaluate_image_encoder(model, held_out, device=info.device)
+        confusions: dict[str, torch.Tensor] = {}
+        metrics = evaluate_image_encoder(model, held_out, device=info.device, confusions=confusions)
         if info.is_main:
-            path = Path(cfg.output_dir) / "metrics_test.json"
-            path.write_text(json.dumps(metrics, indent=2))
-            log.info(f"held-out accuracy written to {path}")
+            out = Path(cfg.output_dir)
+            (out / "metrics_test.json").write_text(json.dumps(metrics, indent=2))
+            log.info("held-out (%d images): %s", len(held_out), ", ".join(
+                f"{key.removeprefix('acc_')} {value:.1f}" for key, value in metrics.items() if key != "images"))
+            log.info(f"written: {out / 'metrics_test.json'}")
+            if confusions:
+                log.info(f"written: {plot_confusions(confusions, train_data.classes, out / 'confusion.png')}")
         return metrics
     finally:
         dist.cleanup()
