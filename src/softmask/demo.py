@@ -143,6 +143,7 @@ def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures:
         f"({settings['size']} px, world seed {settings['world_seed']}) for {settings['steps']} steps of "
         f"{settings['batch_size']} pairs with each method (seed {settings['seed']}). Both are evaluated on "
         f"that world's test split ({test_images} images, never trained on). Total time {seconds / 60:.1f} min.", "",
+        *_itm_verdicts(runs), "",
         "Image encoder, held-out accuracy (%): " + ", ".join(
             f"{key[4:] if key.startswith('acc_') else key} {value:.1f}" for key, value in vision.items()
             if key != "images"), "",
@@ -182,10 +183,33 @@ def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures:
 
 
 def _final_losses(path: Path, last: int = 3) -> dict[str, float]:
-    """Mean of the last ``last`` logged values of loss_itm (and the run's ITM prior)."""
+    """Mean of the last ``last`` logged values of loss_itm (and of loss_itm_soft, the soft-masked pairs'
+    part, where logged) and the run's ITM prior."""
     rows = _rows(path)[-last:]
     share = sum(r.get("soft_mask_share", 0.0) for r in rows) / max(1, len(rows))
-    return {"loss_itm": sum(r["loss_itm"] for r in rows) / max(1, len(rows)), "prior": itm_prior(share)}
+    out = {"loss_itm": sum(r["loss_itm"] for r in rows) / max(1, len(rows)), "prior": itm_prior(share)}
+    if rows and all("loss_itm_soft" in r for r in rows):
+        out["loss_itm_soft"] = sum(r["loss_itm_soft"] for r in rows) / len(rows)
+    return out
+
+
+# A training ITM loss this far under the prior counts as "learned" in the report's first lines.
+ITM_LEARNED_MARGIN = 0.02
+
+
+def _itm_verdicts(runs: dict[str, Path]) -> list[str]:
+    """One line per run: did ITM leave its prior (the training loss of the last logged steps)?"""
+    lines = []
+    for name, run in runs.items():
+        final = _final_losses(run / "metrics.jsonl")
+        learned = final["loss_itm"] < final["prior"] - ITM_LEARNED_MARGIN
+        line = (f"- **ITM {'learned' if learned else 'did not learn'}** ({name}): training loss "
+                f"{final['loss_itm']:.3f} against its prior {final['prior']:.3f}")
+        if "loss_itm_soft" in final:
+            line += (f"; the soft-masked positives alone {final['loss_itm_soft']:.3f} (near 0: the head tells "
+                     "masked images apart rather than pairs; see docs/results.md)")
+        lines.append(line + ".")
+    return lines
 
 
 class _Progress:
