@@ -60,6 +60,10 @@ def test_defaults_without_file():
         ("model.embed_dim", "must look like section.key=value"),
         ("model.temp=2", r"model.temp must be in \[0.001, 0.5\]"),
         ("model.text_pooling=max", "model.text_pooling must be one of cls, mean, got 'max'"),
+        ("itm.easy_negatives_steps=-1", "itm.weight, itm.easy_negatives_steps and itm.negative_temp_min must be >= 0"),
+        ("itm.negative_temp_min=-0.1", "itm.negative_temp_min must be >= 0"),
+        ("image_pretrain.position_weight=-1", "image_pretrain.position_weight must be >= 0"),
+        ("model.vision.stem=resnet", "model.vision.stem must be 'patch' or 'conv'"),
     ],
 )
 def test_bad_values_name_the_key(cfg_file, override, expected):

@@ -318,7 +318,8 @@ def run_demo(out: Path, images: int = DEFAULTS["images"], size: int = DEFAULTS["
                  f"({threads} thread(s); log: {out / 'vision.log'})")
         codes = run_side_by_side([(vision_cmd, out / "vision.log")], 1, env,
                                  poll=_Progress({"image encoder": vision_run}, vision_steps, vision_batch_size,
-                                                {"loss_objects": "objects", "loss_presence": "presence"}),
+                                                {"loss_objects": "objects", "loss_presence": "presence",
+                                                 "loss_position": "position"}),
                                  poll_every_s=progress_every_s)
         _raise_on_failure("image-encoder pretraining", codes, [out / "vision.log"])
         vision_metrics = json.loads((vision_run / "metrics_test.json").read_text())

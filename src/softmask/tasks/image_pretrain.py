@@ -308,11 +308,10 @@ def pretrain_vision(cfg: Config) -> dict[str, float]:
         if info.is_main:
             out = Path(cfg.output_dir)
             (out / "metrics_test.json").write_text(json.dumps(metrics, indent=2))
-            log.info("held-out (%d images): %s", len(held_out), ", ".join(
-                f"{key.removeprefix('acc_')} {value:.1f}" for key, value in metrics.items() if key != "images"))
-            log.info(f"written: {out / 'metrics_test.json'}")
+            log.info(f"held-out metrics written to {out / 'metrics_test.json'}")
             if confusions:
-                log.info(f"written: {plot_confusions(confusions, train_data.classes, out / 'confusion.png')}")
+                log.info(f"one confusion matrix per attribute: "
+                         f"{plot_confusions(confusions, train_data.classes, out / 'confusion.png')}")
         return metrics
     finally:
         dist.cleanup()
