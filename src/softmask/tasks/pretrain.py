@@ -151,7 +151,7 @@ class PretrainTask(ContrastiveTask):
                "loss_mlm": loss_mlm.detach(), "alpha": torch.tensor(self.alpha(step)), "temp": model.temp.detach(),
                "itm_missing_negatives": itm["missing"]}
         if sm.soft_masks:
-            out.update({key: itm[key] for key in ("loss_itm_soft", "itm_pairs")})
+            out.update({key: itm[key] for key in ("loss_itm_soft", "loss_itm_pairs", "itm_pairs")})
             out["soft_mask_share"] = soft_rows.float().mean()
             out["mask_weight_fraction"] = self._last_weight_fraction
         return out
@@ -238,6 +238,8 @@ class PretrainTask(ContrastiveTask):
             soft_logits = logits[b + num_neg:].detach()
             info["loss_itm_soft"] = (F.cross_entropy(soft_logits.float(), labels[b + num_neg:]) if num_soft
                                      else torch.zeros((), device=device))
+            # ... and on the ordinary pairs alone (positives and hard negatives; their prior is ALBEF's).
+            info["loss_itm_pairs"] = F.cross_entropy(logits[:b + num_neg].detach().float(), labels[:b + num_neg])
             info["itm_pairs"] = torch.tensor(float(len(labels)), device=device)
         return loss, info
 
