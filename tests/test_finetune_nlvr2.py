@@ -283,7 +283,7 @@ def test_text_assignment_then_finetune_then_evaluate(world, single_folder, tmp_p
     assert main(["evaluate", "nlvr2", "--checkpoint", str(ft), "--config", TINY, "--world", str(world),
                  "--split", "test", "--json", str(out), "--out", str(tmp_path / "eval")]) == 0
     assert (tmp_path / "eval" / "metrics_test.json").is_file()
-    assert _metrics(out)["acc"] == pytest.approx(test_metrics["acc"])
+    assert _metrics(out)["test"]["acc"] == pytest.approx(test_metrics["acc"])  # {split: metrics}
     # A fine-tuned (2-way) model does not pass for a text-assignment one.
     capsys.readouterr()
     assert main(["evaluate", "nlvr2", "finetune.stage=text_assignment", "--checkpoint", str(ft), "--config", TINY,

@@ -67,7 +67,9 @@ def test_zero_shot_on_a_pretrained_model_folder(world, tmp_path, capsys):
     assert main(["-q", "evaluate", "retrieval", "finetune.k_test=2", "--checkpoint", str(folder), "--config", CONFIG,
                  "--world", str(world), "--split", "test", "--json", str(out), f"output_dir={tmp_path / 'eval'}"]) == 0
     assert (tmp_path / "eval" / "metrics_test.json").is_file()
-    metrics = json.loads(out.read_text())
+    written = json.loads(out.read_text())
+    assert list(written) == ["test"]  # {split: metrics}, one split too
+    metrics = written["test"]
     assert set(metrics) >= KEYS and metrics["k"] == 2
 
 

@@ -189,6 +189,6 @@ def test_evaluate_ve_takes_an_albef_checkpoint_from_the_command_line(world, tmp_
     out = tmp_path / "eval.json"
     assert main(["-q", "evaluate", "ve", "--checkpoint", str(path), "--config", CONFIG, "--world", str(world),
                  "--split", "test", "--json", str(out)]) == 0
-    metrics = json.loads(out.read_text())
+    metrics = json.loads(out.read_text())["test"]
     assert 0 <= metrics["acc"] <= 100 and metrics["count"] > 0
     assert (tmp_path / "eval" / "ve_ALBEF_ve" / "metrics_test.json").is_file()  # next to the file it evaluated

@@ -171,7 +171,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _print_results(results)
     print(f"metrics in {out}")
     if args.json:
-        _write_json(args.json, results if len(results) != 1 else next(iter(results.values())))
+        _write_json(args.json, results)  # always {split: metrics}, one split or several
     return 0
 
 
@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a task: replace metrics files already in --out")
     evaluate.add_argument("--k", type=int, default=16, help="world: retrieval candidates re-ranked by ITM (>= 1)")
     evaluate.add_argument("--layer", type=int, default=None, help="world: Grad-CAM fusion layer for grounding")
-    evaluate.add_argument("--json", default="", help="also write the metrics to this JSON file")
+    evaluate.add_argument("--json", default="", help="also write the metrics to this JSON file: {split: metrics} "
+                                                      "for a task (one split too), the flat metrics for world")
     evaluate.add_argument("--device", default=None, help="world: cpu or cuda (default: cuda when available)")
     evaluate.add_argument("--examples", default="",
                           help="world: write the top-5 images retrieved for a few test captions to this JSON file")
