@@ -92,7 +92,7 @@ class ContrastiveTask(DistilledTask):
 
     def hard_negatives(self, image_feat: torch.Tensor, text_feat: torch.Tensor, image_embeds: torch.Tensor,
                        text_embeds: torch.Tensor, mask: torch.Tensor, bank: MomentumBank, exclude: torch.Tensor,
-                       gen: torch.Generator, rows: torch.Tensor, step: int = 0):
+                       gen: torch.Generator, rows: torch.Tensor, step: int):
         """For each image a hard negative text and for each text a hard negative image, sampled from
         softmax(online vs momentum similarity / temperature) over the batch, as ALBEF: this process's
         batch with ``itm.negatives=local`` (or one process), else the global batch with one random
@@ -106,6 +106,7 @@ class ContrastiveTask(DistilledTask):
             exclude: (G, G) bool, pairs of the global batch that are never negatives (positives,
                 identical captions, the same image id).
             rows: (B,) this process's rows in the global batch.
+            step: the optimiser step (for ``itm.easy_negatives_steps``).
 
         Returns:
             text_neg (B, T, D), mask_neg (B, T), image_neg (B, 1 + N, Dv), valid (B,) bool (False for
@@ -116,7 +117,7 @@ class ContrastiveTask(DistilledTask):
         if itm.negative_temp_min > 0:
             temp = temp.clamp_min(itm.negative_temp_min)
         easy = step < itm.easy_negatives_steps
-        local = self.cfg.itm.negatives == "local" or dist.world_size() == 1
+        local = itm.negatives == "local" or dist.world_size() == 1
         with torch.no_grad():
             if local:
                 img, txt, pick = image_feat, text_feat, slice(None)
