@@ -51,7 +51,7 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
     verdicts = [line for line in report.splitlines()[:6] if line.startswith("- **ITM ")]
     assert [v.split("(")[1].split(")")[0] for v in verdicts] == ["albef", "softmask"], report[:800]
     assert all("did not learn" in v and "against its prior" in v for v in verdicts)
-    assert "on ordinary pairs" in verdicts[1] and "on the soft-masked positives" in verdicts[1]
+    assert "on ordinary pairs" in verdicts[1] and "on the soft-masked pairs" in verdicts[1]
     assert (out / "vision" / "confusion.png").is_file()
     assert "'data.augment.crop_scale=[0.9,1.0]'" in report  # the commands are quoted for a shell
     assert (out / "losses.png").is_file() and (out / "retrieval.png").is_file()
