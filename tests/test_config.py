@@ -64,6 +64,8 @@ def test_defaults_without_file():
         ("itm.negative_temp_min=-0.1", "itm.negative_temp_min must be >= 0"),
         ("image_pretrain.position_weight=-1", "image_pretrain.position_weight must be >= 0"),
         ("model.vision.stem=resnet", "model.vision.stem must be 'patch' or 'conv'"),
+        ("finetune.answer_ranking=once", "finetune.answer_ranking must be one of albef, sequence, got 'once'"),
+        ("finetune.vqa_rules=2019", "finetune.vqa_rules must be one of 2021, 2017, got '2019'"),
     ],
 )
 def test_bad_values_name_the_key(cfg_file, override, expected):

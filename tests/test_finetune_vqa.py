@@ -224,13 +224,22 @@ def test_ranking_scores_whole_answers_after_the_first_token_shortlist():
     answer_mask = (answer_ids != 0).long()
     states, states_mask = torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.long)
     decoder = BigramDecoder(table)
-    best, shortlist, scores = vqa.rank_answers(decoder, states, states_mask, answer_ids, answer_mask, k=3)
+    best, shortlist, scores = vqa.rank_answers(decoder, states, states_mask, answer_ids, answer_mask, k=3,
+                                               ranking="sequence")
     assert best.tolist() == [2, 2]  # "d": the best whole answer, though "a" is the likelier first token
     by_answer = dict(zip(shortlist[0].tolist(), scores[0].exp().tolist(), strict=True))
     assert by_answer == pytest.approx({0: 0.24, 1: 0.36, 2: 0.40})
     # With k = 2 the shortlist holds the two answers starting with "a"; the better whole one wins.
-    best, shortlist, _ = vqa.rank_answers(decoder, states, states_mask, answer_ids, answer_mask, k=2)
+    best, shortlist, _ = vqa.rank_answers(decoder, states, states_mask, answer_ids, answer_mask, k=2,
+                                          ranking="sequence")
     assert best.tolist() == [1, 1] and sorted(shortlist[0].tolist()) == [0, 1]
+    # ALBEF's formula counts the first token twice: "a b" 0.24 * 0.6, "a c" 0.36 * 0.6 = 0.216, "d" 0.40 * 0.4:
+    # it picks "a c" where the whole-answer likelihood picks "d".
+    best, shortlist, scores = vqa.rank_answers(decoder, states, states_mask, answer_ids, answer_mask, k=3,
+                                               ranking="albef")
+    assert best.tolist() == [1, 1]
+    by_answer = dict(zip(shortlist[0].tolist(), scores[0].exp().tolist(), strict=True))
+    assert by_answer == pytest.approx({0: 0.144, 1: 0.216, 2: 0.16})
 
 
 def test_ranking_with_the_real_decoder_matches_brute_force():
@@ -244,7 +253,8 @@ def test_ranking_with_the_real_decoder_matches_brute_force():
     answer_mask = torch.ones_like(answer_ids)
     answer_mask[::2, 3:] = 0  # some answers are shorter (padded)
     answer_ids = answer_ids * answer_mask
-    best, shortlist, scores = vqa.rank_answers(decoder, states, states_mask, answer_ids, answer_mask, k=9, chunk=4)
+    best, shortlist, scores = vqa.rank_answers(decoder, states, states_mask, answer_ids, answer_mask, k=9, chunk=4,
+                                               ranking="sequence")
     with torch.no_grad():
         full = torch.stack([token_log_probs(decoder(answer_ids, answer_mask, states[q:q + 1].expand(9, -1, -1),
                                                     states_mask[q:q + 1].expand(9, -1)), answer_ids,
@@ -335,7 +345,9 @@ def test_evaluate_cli_from_the_run_and_a_test_split_without_answers(run, tmp_pat
                                                                        for r in results)
 
 
-def test_an_albef_vqa_checkpoint_loads_its_answer_decoder_with_the_files_depth(tmp_path):
+def _albef_vqa_model(tmp_path):
+    """A VQA model loaded from a random ALBEF-layout VQA checkpoint (its decoder 3 layers deep where the model has
+    2 fusion layers): (model, the checkpoint's state dict, the model config)."""
     from softmask.config import load_config
     from softmask.tasks.finetune import load_task_model
 
@@ -345,8 +357,7 @@ def test_an_albef_vqa_checkpoint_loads_its_answer_decoder_with_the_files_depth(t
     g = torch.Generator().manual_seed(7)
     sd = {k.replace("text_encoder.bert.", "text_encoder."): v for k, v in albef_state_dict(model_cfg).items()
           if k.startswith(("visual_encoder", "text_encoder")) and ".cls." not in k}
-    # ALBEF's answer decoder: a BertLMHeadModel whose every layer cross-attends to the fused question (width D),
-    # 3 layers deep where the model has 2 fusion layers.
+    # ALBEF's answer decoder: a BertLMHeadModel whose every layer cross-attends to the fused question (width D).
     decoder = bert_lm_state_dict(lambda *shape: torch.randn(*shape, generator=g), "text_decoder.", model_cfg.text, 3,
                                  0, model_cfg.text.hidden_size, position_ids=False)
     sd.update(decoder)
@@ -355,7 +366,11 @@ def test_an_albef_vqa_checkpoint_loads_its_answer_decoder_with_the_files_depth(t
     torch.save({"model": sd}, path)
     cfg = load_config(CONFIG, ["finetune.task=vqa"])
     cfg.model = model_cfg
-    model = load_task_model(cfg, path).eval()
+    return load_task_model(cfg, path).eval(), sd, model_cfg
+
+
+def test_an_albef_vqa_checkpoint_loads_its_answer_decoder_with_the_files_depth(tmp_path):
+    model, sd, model_cfg = _albef_vqa_model(tmp_path)
     assert len(model.decoder.layers) == 3
     p = "text_decoder.bert.encoder.layer."
     assert torch.equal(model.decoder.layers[2].ffn.fc2.weight, sd[p + "2.output.dense.weight"])
@@ -374,3 +389,49 @@ def test_an_albef_vqa_checkpoint_loads_its_answer_decoder_with_the_files_depth(t
     with torch.no_grad():
         logits = model.decoder(ids, torch.ones_like(ids), states, states_mask)
     assert logits.shape == (2, 4, 120) and torch.isfinite(logits).all()
+
+
+def test_albef_ranking_of_a_loaded_albef_vqa_model_equals_albefs_formula_computed_independently(tmp_path):
+    """ALBEF's rank_answer: p(first token) from the first decoding step, its top k, then for each of those
+    answers log p(first) - (the decoder's summed token loss over the whole answer, first token included)."""
+    model, _, model_cfg = _albef_vqa_model(tmp_path)
+    g = torch.Generator().manual_seed(11)
+    n_answers, k = 12, 6
+    answer_ids = torch.randint(5, 120, (n_answers, 5), generator=g)
+    answer_ids[:, 0], answer_ids[:, -1] = 1, 2  # [CLS] ... [SEP]
+    answer_ids[:4, 1] = answer_ids[0, 1]  # answers that share their first token
+    answer_mask = torch.ones_like(answer_ids)
+    answer_mask[::3, 3:] = 0  # shorter answers: [CLS] a b, padded
+    answer_ids = answer_ids * answer_mask
+    states = torch.randn(4, 5, model_cfg.text.hidden_size, generator=g)
+    states_mask = torch.ones(4, 5, dtype=torch.long)
+    states_mask[1, 3:] = 0
+    best, shortlist, scores = vqa.rank_answers(model.decoder, states, states_mask, answer_ids, answer_mask, k=k,
+                                               chunk=5, ranking="albef")
+    with torch.no_grad():
+        for q in range(4):
+            s, m = states[q:q + 1], states_mask[q:q + 1]
+            start = model.decoder(answer_ids[:1, :1], torch.ones(1, 1, dtype=torch.long), s, m)[0, 0]
+            top_probs, top_ids = torch.softmax(start, -1)[answer_ids[:, 1]].topk(k)
+            expected = []
+            for prob, a in zip(top_probs, top_ids.tolist(), strict=True):
+                ids, mask = answer_ids[a:a + 1], answer_mask[a:a + 1]
+                logits = model.decoder(ids, mask, s, m)[0, :-1]
+                targets = ids[0, 1:].masked_fill(mask[0, 1:] == 0, -100)
+                loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+                expected.append(prob.log() - loss)
+            expected = torch.stack(expected)
+            assert shortlist[q].tolist() == top_ids.tolist()
+            assert torch.allclose(scores[q], expected, atol=1e-4)
+            assert best[q] == top_ids[expected.argmax()]
+    # Ours scores each token once: the two differ by exactly the first token's log-probability.
+    _, shortlist_seq, scores_seq = vqa.rank_answers(model.decoder, states, states_mask, answer_ids, answer_mask,
+                                                    k=k, ranking="sequence")
+    assert torch.equal(shortlist_seq, shortlist)
+    with torch.no_grad():
+        start = model.decoder(answer_ids[:1, :1].expand(4, 1), torch.ones(4, 1, dtype=torch.long), states,
+                              states_mask)[:, 0]
+        first = torch.log_softmax(start, -1)[:, answer_ids[:, 1]].gather(1, shortlist)
+    assert torch.allclose(scores - scores_seq, first, atol=1e-4)
+    with pytest.raises(ValueError, match="ranking must be 'albef' or 'sequence'"):
+        vqa.rank_answers(model.decoder, states, states_mask, answer_ids, answer_mask, k=k, ranking="ALBEF")

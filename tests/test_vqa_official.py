@@ -48,25 +48,117 @@ def test_a_prediction_is_normalised_by_every_rule():
     assert normalize_prediction("1,000 people.") == "1000 people"
 
 
-def test_question_accuracy_averages_over_the_ten_humans_left_out():
+@pytest.mark.parametrize("rules", ["2021", "2017"])
+def test_question_accuracy_averages_over_the_ten_humans_left_out(rules):
     humans = ["yes"] * 3 + ["no"] * 2 + ["maybe"] + ["2"] * 4
     # m matching humans of 10: (m * min((m - 1) / 3, 1) + (10 - m) * min(m / 3, 1)) / 10
-    assert question_accuracy("purple", humans) == 0.0
-    assert question_accuracy("maybe", humans) == pytest.approx(0.3)
-    assert question_accuracy("no", humans) == pytest.approx(0.6)
-    assert question_accuracy("Yes.", humans) == pytest.approx(0.9)
-    assert question_accuracy("two", humans) == 1.0  # "two" -> "2"
-    assert question_accuracy("tree", ["tree"]) == 0.0  # one human: nobody else to agree, as officially
+    assert question_accuracy("purple", humans, rules) == 0.0
+    assert question_accuracy("maybe", humans, rules) == pytest.approx(0.3)
+    assert question_accuracy("no", humans, rules) == pytest.approx(0.6)
+    assert question_accuracy("Yes.", humans, rules) == pytest.approx(0.9)
+    assert question_accuracy("two", humans, rules) == 1.0  # "two" -> "2"
+    assert question_accuracy("tree", ["tree"], rules) == 0.0  # one human: nobody else to agree, as officially
 
 
-def test_human_answers_are_normalised_only_when_the_humans_disagree():
+def test_2017_rules_normalise_the_humans_punctuation_only_when_they_disagree():
     # They disagree: punctuation is stripped from theirs ("t-shirt" -> "t shirt"), as from the prediction.
-    assert question_accuracy("t-shirt", ["t-shirt"] * 3 + ["shirt"] * 7) == pytest.approx(0.9)
-    # All ten agree: theirs is compared as written, so a written "t-shirt" never matches a prediction.
-    assert question_accuracy("t-shirt", ["t-shirt"] * 10) == 0.0
-    assert question_accuracy("T shirt", ["t shirt"] * 10) == 1.0
-    # Only punctuation is applied to theirs: a human's "two" stays "two" while the prediction becomes "2".
-    assert question_accuracy("two", ["two"] * 5 + ["three"] * 5) == 0.0
+    assert question_accuracy("t-shirt", ["t-shirt"] * 3 + ["shirt"] * 7, "2017") == pytest.approx(0.9)
+    # All ten agree: theirs is compared as written, with the normalised prediction.
+    assert question_accuracy("t-shirt", ["t-shirt"] * 10, "2017") == 0.0
+    assert question_accuracy("T shirt", ["t shirt"] * 10, "2017") == 1.0
+    assert question_accuracy("Yes.", ["yes"] * 10, "2017") == 1.0
+    # Only punctuation is applied to theirs: a human's "two" stays "two" while the prediction becomes "2";
+    # articles and whitespace stay in theirs.
+    assert question_accuracy("two", ["two"] * 5 + ["three"] * 5, "2017") == 0.0
+    assert question_accuracy("the red", ["a red"] * 3 + ["blue"] * 7, "2017") == 0.0
+    assert question_accuracy("yes", ["yes "] * 10, "2017") == 0.0
+
+
+def test_2021_rules_compare_as_given_when_the_humans_agree_and_normalise_both_sides_when_not():
+    # Unanimous humans: the prediction is compared as given (only whitespace trimmed on both sides).
+    assert question_accuracy("Yes", ["yes"] * 10, "2021") == 0.0
+    assert question_accuracy("yes.", ["yes"] * 10, "2021") == 0.0
+    assert question_accuracy(" yes\n", ["yes"] * 10, "2021") == 1.0
+    assert question_accuracy("t-shirt", ["t-shirt"] * 10, "2021") == 1.0
+    assert question_accuracy("yes", ["yes "] * 10, "2021") == 1.0  # the humans' whitespace is trimmed
+    # Disagreeing humans: number words, articles, case and punctuation are normalised on both sides.
+    assert question_accuracy("two", ["two"] * 5 + ["three"] * 5, "2021") == 1.0
+    assert question_accuracy("the red", ["a red"] * 3 + ["blue"] * 7, "2021") == pytest.approx(0.9)
+    assert question_accuracy("Yes", ["Yes"] * 4 + ["no"] * 6, "2021") == 1.0
+    assert question_accuracy("t-shirt", ["t-shirt"] * 3 + ["shirt"] * 7, "2021") == pytest.approx(0.9)
+    # Whitespace alone can make humans agree: ["yes", "yes "] are unanimous after trimming.
+    assert question_accuracy("Yes", ["yes"] * 2 + ["yes "] * 8, "2021") == 0.0
+    assert question_accuracy("Yes", ["yes"] * 2 + ["yes "] * 8, "2017") == pytest.approx(0.6)  # "yes " != "yes"
+    with pytest.raises(ValueError, match="one of 2021, 2017"):
+        question_accuracy("yes", ["yes"], "2019")
+
+
+class OfficialEvaluator:
+    """The official evaluation loop as the test's own oracle, written from its published rules: human answers
+    as mutable records with ids, normalised in place, each left out by identity. Independent of the module's
+    per-question arithmetic (shared: the punctuation and digit/article helpers, tested alone above)."""
+
+    def __init__(self, version: str):
+        self.version = version
+
+    def accuracy(self, prediction: str, answers: list[str]) -> float:
+        records = [{"answer": a, "answer_id": i + 1} for i, a in enumerate(answers)]
+        res = prediction.replace("\n", " ").replace("\t", " ").strip()
+        if self.version == "2021":
+            for r in records:
+                r["answer"] = r["answer"].replace("\n", " ").replace("\t", " ").strip()
+        else:
+            res = digits_and_articles(strip_punctuation(res))
+        if len({r["answer"] for r in records}) > 1:
+            for r in records:
+                r["answer"] = strip_punctuation(r["answer"])
+                if self.version == "2021":
+                    r["answer"] = digits_and_articles(r["answer"])
+            if self.version == "2021":
+                res = digits_and_articles(strip_punctuation(res))
+        values = []
+        for left_out in records:
+            others = [r for r in records if r != left_out]
+            values.append(min(1, len([r for r in others if r["answer"] == res]) / 3))
+        return sum(values) / len(values)
+
+
+def _noisy_fixture(n: int, seed: int):
+    """n questions with 10 human answers each, written as people write them, and predictions as a model might."""
+    import random
+
+    rng = random.Random(seed)
+    base = ["yes", "no", "2", "two", "red", "a red", "the dog", "dog", "t-shirt", "t shirt", "1,000", "1000",
+            "3.5", "none", "0", "black/white", "black and white", "don't know", "dont know", "tennis"]
+    noisy = base + ["Yes", "yes.", "yes ", " no", "Two", "Red!", "DOG", "tennis\t", "(red)"]
+    annotations, predictions = {}, {}
+    for q in range(n):
+        pool = rng.sample(noisy, rng.choice([1, 1, 2, 3]))
+        humans = [rng.choice(pool) for _ in range(10)]
+        annotations[q] = {"answers": humans, "question_type": rng.choice(["what", "how many", "is the"]),
+                          "answer_type": rng.choice(["yes/no", "number", "other"])}
+        predictions[q] = rng.choice(noisy + humans)
+    return predictions, annotations
+
+
+@pytest.mark.parametrize("rules", ["2021", "2017"])
+def test_score_agrees_with_the_official_loop_of_each_version_on_a_generated_fixture(rules):
+    from collections import defaultdict
+
+    predictions, annotations = _noisy_fixture(300, seed=3)
+    oracle = OfficialEvaluator(rules)
+    per_q = {q: oracle.accuracy(predictions[q], a["answers"]) for q, a in annotations.items()}
+    result = score(predictions, annotations, rules=rules)
+    assert result["rules"] == rules and result["questions"] == 300
+    assert result["overall"] == round(100 * sum(per_q.values()) / len(per_q), 2)
+    for section, key in (("perQuestionType", "question_type"), ("perAnswerType", "answer_type")):
+        groups = defaultdict(list)
+        for q, a in annotations.items():
+            groups[a[key]].append(per_q[q])
+        assert result[section] == {t: round(100 * sum(v) / len(v), 2) for t, v in groups.items()}
+    # The fixture holds the cases where the versions differ, and they differ on it.
+    other = score(predictions, annotations, rules="2017" if rules == "2021" else "2021")
+    assert abs(other["overall"] - result["overall"]) > 1.0
 
 
 def _files(tmp_path, predictions, annotations):
@@ -94,7 +186,7 @@ PREDICTIONS = {1: "Yes", 2: "two", 3: "the red"}
 def test_score_is_the_mean_per_question_and_per_type_in_percent():
     predictions, annotations = PREDICTIONS, {q: {"answers": a, "question_type": qt, "answer_type": at}
                                              for q, (a, qt, at) in ANNOTATIONS.items()}
-    result = score(predictions, annotations)
+    result = score(predictions, annotations, rules="2017")
     assert result["overall"] == pytest.approx(round(100 * (1 + 0.3 + 0.6) / 3, 2)) == 63.33
     assert result["perAnswerType"] == {"number": 30.0, "other": 60.0, "yes/no": 100.0}
     assert result["perQuestionType"] == {"how many": 30.0, "is the": 100.0, "what color": 60.0}
@@ -109,9 +201,15 @@ def test_score_vqa_command_prints_and_writes_the_official_numbers(tmp_path, caps
     out = tmp_path / "score.json"
     assert main(["score", "vqa", "--results", str(results), "--questions", str(questions), "--annotations", str(anns),
                  "--json", str(out)]) == 0
-    assert "overall accuracy 63.33  (3 questions)" in capsys.readouterr().out
+    assert "overall accuracy 30.00  (3 questions, the official evaluator's 2021 rules)" in capsys.readouterr().out
     written = json.loads(out.read_text())
-    assert written["overall"] == 63.33 and written["perAnswerType"]["number"] == 30.0
+    # 2021: "Yes" against ten "yes" is compared as given (0); "the red" against disagreeing humans is "red" (0.6).
+    assert written["overall"] == 30.0 and written["perAnswerType"] == {"number": 30.0, "other": 60.0, "yes/no": 0.0}
+    assert written["rules"] == "2021"
+    assert main(["score", "vqa", "--results", str(results), "--questions", str(questions), "--annotations", str(anns),
+                 "--rules", "2017", "--json", str(out)]) == 0
+    assert "overall accuracy 63.33  (3 questions, the official evaluator's 2017 rules)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["rules"] == "2017"
     # A results file that misses a question: one line.
     results.write_text(json.dumps([{"question_id": 1, "answer": "yes"}]))
     assert main(["score", "vqa", "--results", str(results), "--questions", str(questions),

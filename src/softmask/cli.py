@@ -15,7 +15,7 @@
     softmask explore --checkpoint PATH [--compare PATH2] [--images DIR] [--host H] [--port N]
                      a local web page: per-word Grad-CAM, match scores, retrieval (the explore extra)
     softmask world  --out DIR [--images N] [--size PX] [--seed S] [--shards]   the synthetic world
-    softmask score vqa --results R --questions Q --annotations A [--json OUT]   official VQA accuracy
+    softmask score vqa --results R --questions Q --annotations A [--rules 2021|2017] [--json OUT]
 
 Errors in configs or checkpoints print one line naming the file and key, and exit with status 2.
 """
@@ -236,10 +236,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     predictions, annotations = read_official_files(args.results, args.questions, args.annotations)
     try:
-        result = score(predictions, annotations)
+        result = score(predictions, annotations, rules=args.rules)
     except ValueError as exc:
         raise ConfigError(f"{args.results}: {exc}") from None
-    print(f"overall accuracy {result['overall']:.2f}  ({result['questions']} questions)")
+    print(f"overall accuracy {result['overall']:.2f}  ({result['questions']} questions, the official "
+          f"evaluator's {args.rules} rules)")
     for section, title in (("perAnswerType", "answer type"), ("perQuestionType", "question type")):
         print(f"per {title}:")
         for name, value in result[section].items():
@@ -388,7 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="results in the evaluation server's format: [{question_id, answer}, ...]")
     score_cmd.add_argument("--questions", required=True, help="the VQA questions file ({questions: [...]})")
     score_cmd.add_argument("--annotations", required=True, help="the VQA annotations file ({annotations: [...]})")
-    score_cmd.add_argument("--json", default="", help="also write {overall, perAnswerType, perQuestionType} here")
+    score_cmd.add_argument("--rules", choices=("2021", "2017"), default="2021",
+                           help="the official evaluator's version: 2021 (its repository's current code, the "
+                                "default) or 2017 (its v2.0 release, which most codebases copy)")
+    score_cmd.add_argument("--json", default="",
+                           help="also write {overall, perAnswerType, perQuestionType, questions, rules} here")
     score_cmd.set_defaults(func=cmd_score)
 
     world = sub.add_parser("world", help="generate the synthetic image-caption world (images and annotations)")

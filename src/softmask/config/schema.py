@@ -336,6 +336,8 @@ class SoftMaskConfig:
 
 FINETUNE_TASKS = ("retrieval", "ve", "vqa", "nlvr2")
 NLVR2_STAGES = ("text_assignment", "finetune")
+ANSWER_RANKINGS = ("albef", "sequence")  # finetune.answer_ranking (VQA)
+VQA_RULES = ("2021", "2017")  # finetune.vqa_rules: the official VQA evaluator's versions
 
 # The annotation files (under ``WORLD/annotations/``) that a top-level ``world: WORLD`` fills in.
 WORLD_FILES = {
@@ -366,6 +368,13 @@ class FinetuneConfig:
     score: str = "itm"  # retrieval: final score of a re-ranked pair, itm | itm+itc
     answer_candidates: int = 128  # vqa: answers shortlisted by their first token, then scored whole
     max_answer_tokens: int = 10  # vqa: WordPiece tokens per answer, [CLS]/[SEP] included
+    # vqa: how a shortlisted answer is scored. albef: ALBEF's formula, the first token's log-probability
+    # counted twice (from the shortlist step and again in the whole answer's), which reproduces ALBEF's
+    # answers and published numbers; sequence (ours): the answer's log-likelihood, each token once.
+    answer_ranking: str = "albef"
+    # vqa: the official evaluator's version for the accuracy: 2021 (its repository's current code) or
+    # 2017 (its v2.0 release, which most codebases copy). Recorded in every VQA metrics file.
+    vqa_rules: str = "2021"
 
     def validate(self, key: str) -> None:
         if self.task and self.task not in FINETUNE_TASKS:
@@ -374,6 +383,11 @@ class FinetuneConfig:
             raise ConfigError(f"{key}.stage must be one of {', '.join(NLVR2_STAGES)}, got '{self.stage}'")
         if self.score not in ("itm", "itm+itc"):
             raise ConfigError(f"{key}.score must be 'itm' or 'itm+itc', got '{self.score}'")
+        if self.answer_ranking not in ANSWER_RANKINGS:
+            raise ConfigError(f"{key}.answer_ranking must be one of {', '.join(ANSWER_RANKINGS)}, "
+                              f"got '{self.answer_ranking}'")
+        if self.vqa_rules not in VQA_RULES:
+            raise ConfigError(f"{key}.vqa_rules must be one of {', '.join(VQA_RULES)}, got '{self.vqa_rules}'")
         bad = [s for s in self.eval_splits if s not in ("val", "test")]
         if bad:
             raise ConfigError(f"{key}.eval_splits may hold 'val' and 'test', got {bad}")

@@ -1,12 +1,19 @@
-"""VQA accuracy with the official evaluator's semantics (the VQA challenge's Python evaluation tools).
+"""VQA accuracy with the official evaluator's semantics (the VQA challenge's Python evaluation tools),
+in either of its two published versions (``rules``):
+
+* ``"2021"`` (the default): the official repository's current code, since its 2021 fix of how answers
+  are processed;
+* ``"2017"``: its code as released with VQA v2.0, which most vision-language codebases copy.
 
 What the official evaluation does, rule by rule, and so what this module does:
 
-1. The predicted answer: newlines and tabs become spaces, the ends are stripped, then
-   :func:`strip_punctuation` and :func:`digits_and_articles` normalise it.
-2. The ten human answers are compared as written when all ten agree; when they differ, each goes
-   through :func:`strip_punctuation` only (the released annotations are already lower-case, with
-   digits and without articles).
+1. Newlines and tabs in the predicted answer become spaces and its ends are stripped. 2021: the same
+   is done to every human answer; 2017: the human answers are used as written.
+2. When the ten human answers (after step 1) are not all the same, each goes through
+   :func:`strip_punctuation`; 2021 also applies :func:`digits_and_articles` to them. The prediction goes
+   through both in 2017 always, in 2021 only when the humans disagree: when all ten agree, 2021 compares
+   the prediction as given (so ``"Yes"`` scores 0 against ten ``"yes"``), 2017 compares the normalised
+   prediction with the humans' answer as written.
 3. For each human answer left out in turn, the accuracy is min(1, humans among the other nine who gave
    the prediction / 3); a question's accuracy is the mean of these ten values (so 3 matching humans
    give 0.9, 4 or more give 1).
@@ -37,6 +44,7 @@ ARTICLES = frozenset({"a", "an", "the"})
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
 MAX_PERIODS_REMOVED = 32
+RULES = ("2021", "2017")  # the official evaluator's versions (module docstring); the first is the default
 
 
 def _contractions() -> dict[str, str]:
@@ -89,21 +97,39 @@ def digits_and_articles(text: str) -> str:
     return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
 
 
+def _whitespace(answer: str) -> str:
+    return str(answer).replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_prediction(answer: str) -> str:
-    """A predicted answer as the official evaluation compares it (rule 1)."""
-    text = str(answer).replace("\n", " ").replace("\t", " ").strip()
-    return digits_and_articles(strip_punctuation(text))
+    """A predicted answer fully normalised (rules 1 and 2): whitespace, punctuation, digits and articles."""
+    return digits_and_articles(strip_punctuation(_whitespace(answer)))
 
 
-def question_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
-    """One question's accuracy in [0, 1] (rules 1-3): the mean over the humans of min(1, matches among the
-    others / 3). As in the official code, a question with a single human answer scores 0 (no other human)."""
-    predicted = normalize_prediction(prediction)
-    humans = list(map(str, human_answers))
+def check_rules(rules: str) -> str:
+    if rules not in RULES:
+        raise ValueError(f"VQA scoring rules must be one of {', '.join(RULES)}, got {rules!r}")
+    return rules
+
+
+def question_accuracy(prediction: str, human_answers: Sequence[str], rules: str = "2021") -> float:
+    """One question's accuracy in [0, 1] under the official ``rules`` (``"2021"`` or ``"2017"``; module
+    docstring, rules 1-3): the mean over the humans of min(1, matches among the others / 3). As in the
+    official code, a question with a single human answer scores 0 (no other human)."""
+    check_rules(rules)
+    humans = [_whitespace(a) if rules == "2021" else str(a) for a in human_answers]
     if not humans:
         raise ValueError("a question needs at least one human answer")
-    if len(set(humans)) > 1:
-        humans = [strip_punctuation(answer) for answer in humans]
+    disagree = len(set(humans)) > 1
+    if rules == "2017":
+        predicted = normalize_prediction(prediction)
+        if disagree:
+            humans = [strip_punctuation(answer) for answer in humans]
+    elif disagree:
+        predicted = normalize_prediction(prediction)
+        humans = [digits_and_articles(strip_punctuation(answer)) for answer in humans]
+    else:
+        predicted = _whitespace(prediction)
     matches = sum(answer == predicted for answer in humans)
     # Leaving out human i removes one match when i gave the prediction.
     return sum(min(1.0, (matches - (answer == predicted)) / 3.0) for answer in humans) / len(humans)
@@ -113,8 +139,9 @@ def _percent_mean(values: Sequence[float], digits: int) -> float:
     return round(100.0 * sum(values) / len(values), digits)
 
 
-def score(predictions: dict[int, str], annotations: dict[int, dict], digits: int = 2) -> dict:
-    """The official numbers for predictions of the annotated questions.
+def score(predictions: dict[int, str], annotations: dict[int, dict], digits: int = 2, rules: str = "2021") -> dict:
+    """The official numbers for predictions of the annotated questions, under ``rules`` (``"2021"`` or
+    ``"2017"``, see the module docstring).
 
     Args:
         predictions: question id -> predicted answer, for exactly the annotated questions.
@@ -122,11 +149,13 @@ def score(predictions: dict[int, str], annotations: dict[int, dict], digits: int
         digits: rounding of the percentages (the official evaluation rounds to 2).
 
     Returns:
-        ``{"overall": %, "perQuestionType": {type: %}, "perAnswerType": {type: %}, "questions": n}``.
+        ``{"overall": %, "perQuestionType": {type: %}, "perAnswerType": {type: %}, "questions": n,
+        "rules": rules}``.
 
     Raises:
-        ValueError: the predicted and annotated question ids differ, or there is none.
+        ValueError: the predicted and annotated question ids differ, or there is none; unknown rules.
     """
+    check_rules(rules)
     missing, extra = set(annotations) - set(predictions), set(predictions) - set(annotations)
     if missing or extra:
         detail = []
@@ -139,14 +168,14 @@ def score(predictions: dict[int, str], annotations: dict[int, dict], digits: int
         raise ValueError("no annotated questions")
     per_question, by_qtype, by_atype = [], defaultdict(list), defaultdict(list)
     for qid, ann in annotations.items():
-        acc = question_accuracy(predictions[qid], ann["answers"])
+        acc = question_accuracy(predictions[qid], ann["answers"], rules)
         per_question.append(acc)
         by_qtype[ann["question_type"]].append(acc)
         by_atype[ann["answer_type"]].append(acc)
     return {"overall": _percent_mean(per_question, digits),
             "perQuestionType": {k: _percent_mean(v, digits) for k, v in sorted(by_qtype.items())},
             "perAnswerType": {k: _percent_mean(v, digits) for k, v in sorted(by_atype.items())},
-            "questions": len(per_question)}
+            "questions": len(per_question), "rules": rules}
 
 
 def _read_json(path: str | Path, what: str):

@@ -11,7 +11,9 @@ the answer from the fused question-image states.
   momentum decoder's predictions (ALBEF's momentum distillation; alpha ramped over the first epoch).
 - **Inference** (:func:`rank_answers`): the decoder's first step scores the first token of every
   answer of ``finetune.answer_list``; the ``finetune.answer_candidates`` best answers are scored whole
-  (first-token log-prob + the log-probs of the rest, [SEP] included) and the best one is the answer.
+  and the best one is the answer. ``finetune.answer_ranking``: ``albef`` (the default) scores an answer
+  as ALBEF does, its log-likelihood plus its first token's log-probability a second time;
+  ``sequence`` by its log-likelihood alone.
 - **Evaluation**: VQA accuracy with the official evaluator's rules (:func:`vqa_metrics`, from
   :mod:`softmask.eval.vqa_official`), overall and per answer type; results written as
   ``vqa_{split}_results.json`` in the evaluation server's format. Test records may lack answers.
@@ -64,14 +66,15 @@ def _slug(value: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", value.lower()).strip("_") or "none"
 
 
-def vqa_metrics(rows: list[dict]) -> dict:
+def vqa_metrics(rows: list[dict], rules: str = "2021") -> dict:
     """Metrics in % of rows ``{"prediction", "answers": [str] | None, "qtype": str | None}``, with the
-    official evaluator's rules (:mod:`softmask.eval.vqa_official`: answer normalisation, 10-choose-9):
-    ``acc`` over the questions with human answers, ``acc_<type>`` per answer type (the record's
-    ``answer_type`` or ``type``), and the counts ``questions`` and ``scored``. Accuracies are left out
-    when no row has human answers (a test split). ``softmask score vqa`` gives the same ``acc`` from
-    the results file and the official question and annotation files."""
-    scored = [(row, question_accuracy(row["prediction"], row["answers"])) for row in rows if row["answers"]]
+    official evaluator's ``rules`` (``"2021"`` or ``"2017"``; :mod:`softmask.eval.vqa_official`: answer
+    normalisation, 10-choose-9): ``acc`` over the questions with human answers, ``acc_<type>`` per answer
+    type (the record's ``answer_type`` or ``type``), the counts ``questions`` and ``scored``, and
+    ``rules``. Accuracies are left out when no row has human answers (a test split). ``softmask score
+    vqa --rules`` gives the same ``acc`` from the results file and the official question and annotation
+    files."""
+    scored = [(row, question_accuracy(row["prediction"], row["answers"], rules)) for row in rows if row["answers"]]
     metrics: dict = {}
     if scored:
         metrics["acc"] = 100.0 * sum(acc for _, acc in scored) / len(scored)
@@ -80,6 +83,7 @@ def vqa_metrics(rows: list[dict]) -> dict:
             metrics[f"acc_{_slug(qtype)}"] = 100.0 * sum(group) / len(group)
     metrics["questions"] = len(rows)
     metrics["scored"] = len(scored)
+    metrics["rules"] = rules
     return metrics
 
 
@@ -239,9 +243,9 @@ def flatten_answers(answers: list[list[str]], weights: list[list[float]]) -> tup
 
 @torch.no_grad()
 def rank_answers(decoder, states: torch.Tensor, states_mask: torch.Tensor, answer_ids: torch.Tensor,
-                 answer_mask: torch.Tensor, k: int, chunk: int = RANK_CHUNK
+                 answer_mask: torch.Tensor, k: int, chunk: int = RANK_CHUNK, ranking: str = "albef"
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ALBEF's answer ranking.
+    """ALBEF's answer ranking: shortlist by the first token, then score the shortlisted answers whole.
 
     Args:
         decoder: ``decoder(ids (n, L), mask (n, L), states, states_mask, states_index=None)`` ->
@@ -250,11 +254,17 @@ def rank_answers(decoder, states: torch.Tensor, states_mask: torch.Tensor, answe
         answer_ids, answer_mask: (A, L) every candidate answer as ``[CLS] answer [SEP]``, padded.
         k: answers shortlisted per question by the log-probability of their first token (at most A).
         chunk: answer sequences per decoder pass in the second step.
+        ranking: ``"sequence"``: a shortlisted answer's score is its log-likelihood (each token once,
+            [SEP] included); ``"albef"``: ALBEF's formula, that log-likelihood plus the first token's
+            log-probability once more (ALBEF adds the shortlist step's first-token term to a loss that
+            already holds it), which can change the chosen answer.
 
     Returns:
         best (B,) the index of the chosen answer; shortlist (B, k) answer indices; scores (B, k) their
-        whole-sequence log-likelihoods (first token + the rest, [SEP] included).
+        scores under ``ranking``.
     """
+    if ranking not in ("albef", "sequence"):
+        raise ValueError(f"ranking must be 'albef' or 'sequence', got {ranking!r}")
     b, device = states.shape[0], states.device
     answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
     k = min(k, answer_ids.shape[0])
@@ -266,11 +276,12 @@ def rank_answers(decoder, states: torch.Tensor, states_mask: torch.Tensor, answe
     length = int(mask.sum(1).max())
     ids, mask = ids[:, :length], mask[:, :length]
     question = torch.arange(b, device=device).repeat_interleave(k)
+    first_kept = 0 if ranking == "albef" else 1  # albef: the first token's term once more
     rest = []
     for s in range(0, ids.shape[0], chunk):
         part = slice(s, s + chunk)
         logits = decoder(ids[part], mask[part], states, states_mask, question[part])
-        rest.append(token_log_probs(logits, ids[part], mask[part])[:, 1:].sum(1))  # tokens after the first
+        rest.append(token_log_probs(logits, ids[part], mask[part])[:, first_kept:].sum(1))
     scores = top_lp + torch.cat(rest).view(b, k)
     best = shortlist.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
     return best, shortlist, scores
@@ -325,11 +336,11 @@ class VQAModel(TaskModel):
 
     @torch.no_grad()
     def predict(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                answers: AnswerList, k: int) -> torch.Tensor:
+                answers: AnswerList, k: int, ranking: str = "albef") -> torch.Tensor:
         """(B,) indices into ``answers.answers`` of the chosen answers (:func:`rank_answers`)."""
         states = self.encode_questions(pixels, input_ids, attention_mask)
         best, _, _ = rank_answers(self.decoder, states, attention_mask, answers.input_ids,
-                                  answers.attention_mask, k)
+                                  answers.attention_mask, k, ranking=ranking)
         return best
 
 
@@ -436,7 +447,7 @@ def predict_split(cfg: Config, model: VQAModel, split: str) -> tuple[list[dict],
         pixels = transform(batch["images"].to(device))
         with inference_autocast(cfg.train.precision, device):
             best = model.predict(pixels, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                 answers, cfg.finetune.answer_candidates)
+                                 answers, cfg.finetune.answer_candidates, cfg.finetune.answer_ranking)
         for i, index in enumerate(_as_list(batch["indices"])):
             rows.append({"index": index, "question_id": _as_list(batch["question_id"])[i],
                          "prediction": answers.answers[int(best[i])], "answers": batch["answers"][i],
@@ -458,7 +469,7 @@ def evaluate(cfg: Config, model: VQAModel, split: str, out_dir: Path | None) -> 
     """VQA accuracy on ``finetune.<split>`` (omitted when its records have no answers) and, on the main
     process with ``out_dir``, ``out_dir/vqa_{split}_results.json``."""
     rows, skipped = predict_split(cfg, model, split)
-    metrics = vqa_metrics(rows)
+    metrics = vqa_metrics(rows, cfg.finetune.vqa_rules)
     if skipped:
         metrics["skipped"] = skipped
     if out_dir is not None and dist.rank() == 0:
