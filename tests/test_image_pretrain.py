@@ -172,6 +172,19 @@ def test_a_conv_stem_encoder_loads_as_model_vision_init_and_a_patch_stem_model_r
     patch = VisionLanguageModel(load_config(None, [*VISION, *text]).model)
     with pytest.raises(CheckpointError, match=r"model.vision.stem is patch .* a convolutional stem"):
         load_vision_checkpoint(patch, tmp_path / "enc")
+    # A deeper, wider stem loads into its own config and is refused, naming both structures, by another.
+    deep = load_config(None, [*VISION, "model.vision.stem=conv", "model.vision.stem_convs_per_level=2",
+                              "model.vision.stem_channels=32", *text]).model
+    ImageEncoderWithHeads(deep.vision, {"label": ["a", "b"]}).save_pretrained(tmp_path / "deep")
+    stem_keys = [k for k in load_image_encoder(tmp_path / "deep").visual_encoder.state_dict()
+                 if k.startswith("patch_embed.stem.") and k.endswith(".weight")]
+    assert len(stem_keys) == 2 * 3 * 2  # two convolutions per level, each a conv and a norm weight
+    report = load_vision_checkpoint(VisionLanguageModel(deep), tmp_path / "deep")
+    assert not report.missing and not report.unexpected
+    with pytest.raises(CheckpointError, match=r"stem_convs_per_level/stem_channels/patch_size is 1/0/8 \(3 3x3 "
+                                              r"convolutions with 8, 12, 24 channels\) but the checkpoint .*deep has "
+                                              r"6 3x3 convolutions with 8, 8, 16, 16, 32, 32 channels"):
+        load_vision_checkpoint(vlp, tmp_path / "deep")
 
 
 def test_position_loss_and_the_relation_probe(vision_world, tmp_path):

@@ -389,3 +389,16 @@ def test_pretraining_masks_sep_as_albef_does_unless_told_not_to(mask_sep):
     sep_rate = (labels[:, 5] != -100).float().mean().item()
     assert (abs(sep_rate - 0.15) < 0.03) if mask_sep else sep_rate == 0.0
     assert (labels[:, 0] == -100).all() and (labels[:, 6:] == -100).all()
+
+
+def test_ema_update_is_the_per_parameter_formula_bit_for_bit():
+    from softmask.objectives.distill import ema_update
+
+    torch.manual_seed(0)
+    online, target = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5)), torch.nn.Sequential(
+        torch.nn.Linear(7, 5), torch.nn.LayerNorm(5))
+    expected = [t.detach().clone().mul_(0.995).add_(o.detach(), alpha=1.0 - 0.995)
+                for o, t in zip(online.parameters(), target.parameters(), strict=True)]
+    ema_update(online, target, 0.995)
+    assert all(torch.equal(t, e) for t, e in zip(target.parameters(), expected, strict=True))
+    assert all(not t.requires_grad or t.grad is None for t in target.parameters())

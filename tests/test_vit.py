@@ -166,7 +166,16 @@ def test_conv_stem_gives_one_token_per_patch_and_sees_across_patch_borders():
     pixels[0, :, 0, 7] = 1.0
     changed = (vit.patch_embed(pixels) - base).abs().sum(-1)[0]
     assert changed[0] > 0 and changed[1] > 0 and torch.all(changed[2:] == 0)
+    # Two convolutions per level (the second of stride 1): the same grid, a wider view.
+    deep = VisionTransformer(model_config_from_dict({"vision": {**vision, "stem": "conv", "stem_convs_per_level": 2,
+                                                                "stem_channels": 32}}).vision).eval()
+    strides = [m.stride[0] for m in deep.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    channels = [m.out_channels for m in deep.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [2, 1, 2, 1, 2, 1] and channels == [8, 8, 16, 16, 32, 32]
+    assert deep.patch_embed(pixels).shape == (1, 16, 48)
     for bad, message in (({"stem": "resnet"}, "stem must be 'patch' or 'conv'"),
+                         ({"stem": "conv", "stem_convs_per_level": 0}, "stem_convs_per_level must be"),
+                         ({"stem": "conv", "stem_channels": -1}, "stem_channels must be >= 0"),
                          ({"stem": "conv", "patch_size": 12, "image_size": 36}, "power of two")):
         with pytest.raises(ConfigError, match=message):
             model_config_from_dict({"vision": {**vision, **bad}})

@@ -62,19 +62,20 @@ def _measure(cfg: Config, batch_size: int, steps: int, warmup: int, device: torc
     from softmask.models.vlp import create_model
     from softmask.tasks.pretrain import build_task
     from softmask.train.loop import _autocast
-    from softmask.train.schedule import param_groups
+    from softmask.train.schedule import make_optimizer
 
     torch.manual_seed(cfg.seed)
     task = build_task(cfg, create_model(cfg), alpha_warmup_steps=1).to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(task, cfg.train.weight_decay), lr=1e-5)
+    optimizer = make_optimizer(task, cfg.train)
     batch = synthetic_batch(cfg, batch_size)
 
-    def step(i: int) -> None:
+    def step(i: int) -> None:  # what the training loop does per optimiser step
         with _autocast(cfg.train.precision, device):
             loss = task(batch, i)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        task.momentum_update()
 
     for i in range(warmup):
         step(i)

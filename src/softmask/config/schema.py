@@ -35,9 +35,16 @@ class VisionConfig:
     # paper); "conv" = ours, a convolutional stem (log2(patch_size) stride-2 3x3 convolutions, then 1x1),
     # for encoders trained from scratch on small images (configs/vision/world_vit.yaml).
     stem: str = "patch"
+    # stem=conv: 3x3 convolutions per level (the first of stride 2, the rest of stride 1), and the
+    # channels of the last level (halving towards the first; 0 = width / 2).
+    stem_convs_per_level: int = 1
+    stem_channels: int = 0
 
     def validate(self, key: str) -> None:
-        _positive(self, key, "image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim")
+        _positive(self, key, "image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim",
+                  "stem_convs_per_level")
+        if self.stem_channels < 0:
+            raise ConfigError(f"{key}.stem_channels must be >= 0 (0 = width / 2), got {self.stem_channels}")
         if self.stem not in ("patch", "conv"):
             raise ConfigError(f"{key}.stem must be 'patch' or 'conv', got '{self.stem}'")
         if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
@@ -221,6 +228,9 @@ class TrainConfig:
     # Ours: the learning rate of the fusion's cross-attention and the ITM head (new, randomly initialised
     # layers when the encoders come from unimodal checkpoints) times this; 1 = one rate for all (ALBEF).
     cross_attention_lr_scale: float = 1.0
+    # AdamW's fused kernel where the device has one (CPU, CUDA): the same update up to float rounding,
+    # in one pass over each parameter; false = PyTorch's default implementation.
+    fused_optimizer: bool = True
     log_every: int = 50
     save_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
     keep_last: int = 3

@@ -40,6 +40,7 @@ from softmask.models.key_maps import (
     strip_prefix,
     vit_rule,
 )
+from softmask.models.vit import PatchEmbed, describe_stem
 
 log = logging.getLogger("softmask")
 
@@ -233,8 +234,14 @@ def _check_vit(model, sd: dict, source: Path, key: str, hf_config: dict | None) 
     if "patch_embed.proj.weight" in sd and has_stem != (cfg.stem == "conv"):
         raise _mismatch(source, f"{key}.stem", cfg.stem, "patch embedding",
                         "a convolutional stem" if has_stem else "a linear patch projection")
-    if has_stem:  # one stride-2 convolution (a 4-d weight) per halving
-        patch = 2 ** sum(1 for k, v in sd.items() if k.startswith("patch_embed.stem.") and v.dim() == 4)
+    if has_stem:  # the whole stem's structure must be the config's (its patch size included)
+        theirs = {k[len("patch_embed."):]: tuple(v.shape) for k, v in sd.items() if k.startswith("patch_embed.")}
+        ours = {k: tuple(v.shape) for k, v in PatchEmbed.of(cfg).state_dict().items()}
+        if theirs != ours:
+            raise _mismatch(source, f"{key}.stem_convs_per_level/stem_channels/patch_size",
+                            f"{cfg.stem_convs_per_level}/{cfg.stem_channels}/{cfg.patch_size} "
+                            f"({describe_stem(ours)})", "convolutional stem", describe_stem(theirs))
+        patch = None
     else:
         patch = sd["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in sd else None
     checks = [("width", cfg.width, "width", sd["cls_token"].shape[-1] if "cls_token" in sd else None),

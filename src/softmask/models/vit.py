@@ -53,13 +53,16 @@ class PatchEmbed(nn.Module):
     ``stem="patch"`` (ViT/DeiT): one linear projection of each non-overlapping p x p patch
     (``proj``, a p x p convolution of stride p). ``stem="conv"`` (ours, off in the paper's configs): a
     convolutional stem in the manner of Xiao et al. 2021, "Early convolutions help transformers see
-    better": log2(p) 3x3 convolutions of stride 2, each followed by a LayerNorm over the channels (at
-    each position, so a token depends on nearby pixels only) and a GELU (``stem``; channels
-    width/2^k ... width/2), then a 1x1 convolution to the width (``proj``). Overlapping receptive fields
-    let a token see the edges of a small object that straddles patches.
+    better": log2(p) levels, each a 3x3 convolution of stride 2 and then ``convs_per_level - 1`` 3x3
+    convolutions of stride 1, each convolution followed by a LayerNorm over the channels (at each
+    position, so a token depends on nearby pixels only) and a GELU (``stem``, one flat sequence;
+    channels ``channels``/2^k ... ``channels`` from the first level to the last, ``channels`` = 0 meaning
+    width/2), then a 1x1 convolution to the width (``proj``). Overlapping receptive fields let a token
+    see the edges of a small object that straddles patches; more convolutions per level see shapes.
     """
 
-    def __init__(self, patch_size: int, width: int, stem: str = "patch"):
+    def __init__(self, patch_size: int, width: int, stem: str = "patch", convs_per_level: int = 1,
+                 channels: int = 0):
         super().__init__()
         if stem == "patch":
             self.stem = None
@@ -67,18 +70,40 @@ class PatchEmbed(nn.Module):
             return
         layers: list[nn.Module] = []
         levels = conv_stem_levels(patch_size)
+        last = channels or width // 2
         channels_in = 3
         for level in range(levels):
-            channels = max(8, width >> (levels - level))
-            layers += [nn.Conv2d(channels_in, channels, kernel_size=3, stride=2, padding=1, bias=False),
-                       ChannelNorm(channels), nn.GELU()]
-            channels_in = channels
+            channels_out = max(8, last >> (levels - 1 - level))
+            for conv in range(convs_per_level):
+                layers += [nn.Conv2d(channels_in, channels_out, kernel_size=3, stride=1 if conv else 2, padding=1,
+                                     bias=False), ChannelNorm(channels_out), nn.GELU()]
+                channels_in = channels_out
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(channels_in, width, kernel_size=1)
+
+    @classmethod
+    def of(cls, cfg: VisionConfig) -> PatchEmbed:
+        return cls(cfg.patch_size, cfg.width, cfg.stem, cfg.stem_convs_per_level, cfg.stem_channels)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels if self.stem is None else self.stem(pixels)
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def describe_stem(shapes: dict[str, tuple[int, ...]]) -> str:
+    """A patch embedding's structure from its weight shapes (``stem.N.weight``/``proj.weight`` keys),
+    e.g. "a linear 16x16 patch projection" or "6 3x3 convolutions with 32, 32, 64, 64, 128, 128 channels"."""
+    convs = [shape for name, shape in sorted(shapes.items(), key=lambda kv: _stem_index(kv[0]))
+             if name.startswith("stem.") and len(shape) == 4]
+    if not convs:
+        proj = shapes.get("proj.weight")
+        return f"a linear {proj[-2]}x{proj[-1]} patch projection" if proj else "no patch embedding"
+    return f"{len(convs)} 3x3 convolutions with {', '.join(str(s[0]) for s in convs)} channels"
+
+
+def _stem_index(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else -1
 
 
 class ChannelNorm(nn.LayerNorm):
@@ -144,7 +169,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.grid = cfg.image_size // cfg.patch_size
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width, cfg.stem)
+        self.patch_embed = PatchEmbed.of(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid * self.grid, cfg.width))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))

@@ -21,9 +21,14 @@ def momentum_copy(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * online, parameter by parameter."""
-    for p_online, p_target in zip(online.parameters(), target.parameters(), strict=True):
-        p_target.mul_(momentum).add_(p_online.detach(), alpha=1.0 - momentum)
+    """target <- momentum * target + (1 - momentum) * online, parameter by parameter (in one multi-tensor
+    call per operation: the same arithmetic, element by element, as a loop over the parameters)."""
+    pairs = list(zip(online.parameters(), target.parameters(), strict=True))
+    if not pairs:
+        return
+    targets = [p_target for _, p_target in pairs]
+    torch._foreach_mul_(targets, momentum)
+    torch._foreach_add_(targets, [p_online.detach() for p_online, _ in pairs], alpha=1.0 - momentum)
 
 
 def distilled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,

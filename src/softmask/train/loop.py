@@ -36,7 +36,7 @@ from softmask.train.checkpoint import (
     set_rng_state,
 )
 from softmask.train.log import RunLogger
-from softmask.train.schedule import lr_at, param_groups, total_steps_for
+from softmask.train.schedule import lr_at, make_optimizer, total_steps_for
 from softmask.train.stop import Interrupted, StopRequest, signal_name
 
 log = logging.getLogger("softmask")
@@ -154,8 +154,7 @@ def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -
     out = Path(cfg.output_dir)
     total_steps = total_steps_for(cfg, data.batches_per_epoch)
     task.to(info.device)
-    optimizer = torch.optim.AdamW(param_groups(task, cfg.train.weight_decay, cfg.train.cross_attention_lr_scale),
-                                  lr=cfg.train.lr_start)
+    optimizer = make_optimizer(task, cfg.train)
     scaler = torch.amp.GradScaler(enabled=cfg.train.precision == "fp16")
     state = TrainState()
 

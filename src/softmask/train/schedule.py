@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from softmask.config import TrainConfig
@@ -38,6 +39,17 @@ def param_groups(module: nn.Module, weight_decay: float, cross_attention_lr_scal
     return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
              "lr_scale": cross_attention_lr_scale if scaled else 1.0}
             for (no_decay, scaled), params in groups.items() if params or not scaled]
+
+
+def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` at ``lr_start``; with ``cfg.fused_optimizer`` its fused kernel (one
+    pass over each parameter and its moments instead of one per operation: the same update up to float
+    rounding) where every trainable parameter is a floating-point tensor on a CPU or CUDA device."""
+    groups = param_groups(module, cfg.weight_decay, cfg.cross_attention_lr_scale)
+    params = [p for group in groups for p in group["params"]]
+    fused = cfg.fused_optimizer and bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr_start, fused=fused or None)
 
 
 def total_steps_for(cfg, batches_per_epoch: int | None) -> int:
