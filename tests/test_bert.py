@@ -106,3 +106,31 @@ def test_pytorch_model_bin_folder(tmp_path):
     with torch.no_grad():
         ref = hf.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[2]
         assert (model.encode_text(ids, mask) - ref)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_packed_tokens_give_the_padded_layouts_outputs_at_every_real_token():
+    """text.pack_tokens: the per-token work on the real tokens only; attention still on the padded batch."""
+    outputs = {}
+    for pack in (False, True):
+        torch.manual_seed(0)
+        model = create_model(tiny_model_config(text__pack_tokens=pack, text__dropout=0.0,
+                                               text__attention_dropout=0.0)).eval()
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(5, 120, (4, 9), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 5:], mask[2, 2:], mask[3, 8:] = 0, 0, 0
+        image = model.encode_image(torch.randn(4, 3, 32, 32, generator=g))
+        text = model.encode_text(ids * mask, mask)
+        fused, probs = model.fuse(text, mask, image, attention_layer=0)
+        weights = torch.randn(fused.shape[-1], generator=g)
+        (fused[mask.bool()] @ weights).square().sum().backward()  # what every consumer reads: the real tokens
+        outputs[pack] = (text.detach(), fused.detach(), probs.detach(),
+                         model.text_encoder.embeddings.word_embeddings.weight.grad.clone())
+    real = mask.bool()
+    for plain, packed in zip(outputs[False][:2], outputs[True][:2], strict=True):
+        assert torch.allclose(packed[real], plain[real], atol=1e-5)
+        assert packed[~real].abs().max() == 0  # padding is zeros when packed
+    probs_plain, probs_packed = outputs[False][2], outputs[True][2]
+    assert torch.allclose(probs_packed.transpose(1, 2)[real], probs_plain.transpose(1, 2)[real], atol=1e-6)
+    grad_plain, grad_packed = outputs[False][3], outputs[True][3]
+    assert grad_plain.abs().max() > 1e-3 and torch.allclose(grad_packed, grad_plain, rtol=1e-4, atol=1e-6)

@@ -218,3 +218,33 @@ def test_pair_relations_and_a_linear_probe_by_hand():
     y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()  # linearly separable, 4 classes
     assert linear_probe_accuracy(x, y, 4) > 90.0
     assert linear_probe_accuracy(torch.randn(400, 6, generator=gen), y, 4) < 45.0  # features that carry nothing
+
+
+def test_colourless_images_keep_their_shapes_and_lose_their_colour_and_presence_labels():
+    from softmask.tasks.image_pretrain import attribute_losses, without_colour
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g)
+    rows = torch.tensor([False, True, False, True])
+    out = without_colour(images, rows, g)
+    assert torch.equal(out[~rows], images[~rows])
+    grey = out[rows].int()
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 0], grey[:, 2])  # no colour left
+    lo, hi = images[rows].int().amin(1), images[rows].int().amax(1)
+    assert bool(((grey[:, 0] >= lo) & (grey[:, 0] <= hi)).all())  # a mix of the pixel's own channels
+    # The loss ignores the colour logits and presence logits of colourless images, and only those.
+    cfg = load_config(None, [])
+    k, values = 2, {a: 5 for a in OBJECT_ATTRIBUTES}
+    logits = {a: torch.randn(4, k, n, generator=g) for a, n in values.items()}
+    logits["presence"] = torch.randn(4, 7, generator=g)
+    batch = {"objects": torch.randint(0, 5, (4, k, 4), generator=g), "presence": torch.rand(4, 7, generator=g).round(),
+             "colourless": rows}
+    base = attribute_losses(logits, batch, cfg)["loss"]
+    changed = {**logits, "colour": logits["colour"].clone(), "presence": logits["presence"].clone()}
+    changed["colour"][rows] += 5 * torch.randn(2, k, 5, generator=g)
+    changed["presence"][rows] += 5
+    assert attribute_losses(changed, batch, cfg)["loss"] == base
+    changed["colour"][0] += torch.randn(k, 5, generator=g)
+    assert attribute_losses(changed, batch, cfg)["loss"] != base
+    with pytest.raises(ConfigError, match=r"colourless_share must be in \[0, 1\)"):
+        load_config(None, ["image_pretrain.colourless_share=1"])

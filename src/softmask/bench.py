@@ -46,17 +46,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def synthetic_batch(cfg: Config, batch_size: int, seed: int = 0) -> dict:
-    """Images (B, 3, S, S) uint8 and captions of ``data.max_tokens`` tokens (no padding)."""
+def synthetic_batch(cfg: Config, batch_size: int, seed: int = 0, text_fill: float = 1.0) -> dict:
+    """Images (B, 3, S, S) uint8 and captions padded to ``data.max_tokens`` tokens. ``text_fill`` is about
+    the share of real tokens: 1 = no padding; below 1 the first caption has every token and the others
+    lengths drawn uniformly in [a, T] (a set so the mean is ``text_fill`` of T, at least 3 tokens), as
+    captions padded to the longest of their batch are (the world's: 0.50 at T = 27)."""
+    if not 0.0 < text_fill <= 1.0:
+        raise ValueError(f"text_fill must be in (0, 1], got {text_fill}")
     g = torch.Generator().manual_seed(seed)
     size, length = cfg.model.vision.image_size, cfg.data.max_tokens
     ids = torch.randint(1000, cfg.model.text.vocab_size, (batch_size, length), generator=g)
-    ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP] of the bert-base-uncased vocabulary
+    lengths = torch.full((batch_size,), length)
+    if text_fill < 1.0:
+        shortest = max(3, min(length, round((2 * text_fill - 1) * length)))
+        lengths = torch.randint(shortest, length + 1, (batch_size,), generator=g)
+        lengths[0] = length
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids[:, 0] = 101  # [CLS] ... [SEP] of the bert-base-uncased vocabulary, then [PAD] (0)
+    ids[torch.arange(batch_size), lengths - 1] = 102
+    ids = ids * mask
     return {"images": torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=g),
-            "input_ids": ids, "attention_mask": torch.ones_like(ids), "skipped": 0}
+            "input_ids": ids, "attention_mask": mask, "skipped": 0}
 
 
-def _measure(cfg: Config, batch_size: int, steps: int, warmup: int, device: torch.device) -> dict:
+def _measure(cfg: Config, batch_size: int, steps: int, warmup: int, device: torch.device,
+             text_fill: float = 1.0) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from softmask.models.vlp import create_model
@@ -67,7 +81,7 @@ def _measure(cfg: Config, batch_size: int, steps: int, warmup: int, device: torc
     torch.manual_seed(cfg.seed)
     task = build_task(cfg, create_model(cfg), alpha_warmup_steps=1).to(device).train()
     optimizer = make_optimizer(task, cfg.train)
-    batch = synthetic_batch(cfg, batch_size)
+    batch = synthetic_batch(cfg, batch_size, text_fill=text_fill)
 
     def step(i: int) -> None:  # what the training loop does per optimiser step
         with _autocast(cfg.train.precision, device):
@@ -102,16 +116,16 @@ def _measure(cfg: Config, batch_size: int, steps: int, warmup: int, device: torc
 
 
 def _worker(args: tuple, queue) -> None:
-    config, overrides, method, batch_size, steps, warmup, device = args
+    config, overrides, method, batch_size, steps, warmup, device, text_fill = args
     try:
         cfg = load_config(config, [*overrides, f"method={method}"])
-        queue.put(_measure(cfg, batch_size, steps, warmup, torch.device(device)))
+        queue.put(_measure(cfg, batch_size, steps, warmup, torch.device(device), text_fill))
     except BaseException as exc:  # report to the parent instead of dying silently
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
 def bench_step(config: str, overrides: list[str], methods: list[str], batch_size: int, steps: int,
-               warmup: int, device: str | None = None) -> dict:
+               warmup: int, device: str | None = None, text_fill: float = 1.0) -> dict:
     """Measure every method (each in its own subprocess); returns the JSON-able result."""
     cfg = load_config(config, overrides)  # validate before any compute
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,8 +137,8 @@ def bench_step(config: str, overrides: list[str], methods: list[str], batch_size
     result: dict = {}
     for method in methods:
         queue = ctx.Queue()
-        proc = ctx.Process(target=_worker, args=((config, overrides, method, batch_size, steps, warmup, device),
-                                                 queue))
+        proc = ctx.Process(target=_worker, args=((config, overrides, method, batch_size, steps, warmup, device,
+                                                  text_fill), queue))
         proc.start()
         out = queue.get()
         proc.join()
@@ -139,6 +153,7 @@ def bench_step(config: str, overrides: list[str], methods: list[str], batch_size
                                      for m, r in result.items() if m != "albef"}
     result["matmul_flops"] = rate
     result["setup"] = {"config": config, "overrides": overrides, "batch_size": batch_size, "steps": steps,
+                       "text_fill": text_fill,
                        "device": device, "precision": cfg.train.precision, "torch": torch.__version__,
                        "threads": torch.get_num_threads()}
     return result
@@ -146,7 +161,8 @@ def bench_step(config: str, overrides: list[str], methods: list[str], batch_size
 
 def print_table(result: dict, file=sys.stdout) -> None:
     setup = result["setup"]
-    print(f"config {setup['config']} {' '.join(setup['overrides'])} | batch {setup['batch_size']} | "
+    print(f"config {setup['config']} {' '.join(setup['overrides'])} | batch {setup['batch_size']} "
+          f"(text fill {setup.get('text_fill', 1.0):.2f}) | "
           f"{setup['device']} {setup['precision']} | matmul {result['matmul_flops'] / 1e9:.1f} GFLOP/s", file=file)
     print(f"{'method':10s} {'step_s':>8s} {'pairs/s':>8s} {'peak MB':>9s} {'GFLOP/step':>11s} {'MFU':>6s}", file=file)
     for method, r in result.items():
@@ -160,7 +176,7 @@ def print_table(result: dict, file=sys.stdout) -> None:
 
 def main_step(args) -> int:
     result = bench_step(args.config, args.overrides, args.methods.split(","), args.batch_size, args.steps,
-                        args.warmup, args.device)
+                        args.warmup, args.device, args.text_fill)
     if args.json:
         with contextlib.suppress(KeyError):
             for method in args.methods.split(","):

@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     step.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     step.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    step.add_argument("--text-fill", type=float, default=1.0,
+                      help="about the share of real tokens in the padded captions (1 = no padding; the world's "
+                           "captions padded to the longest of a batch of 32: 0.5)")
     step.add_argument("--json", action="store_true", help="print one JSON object")
     step.set_defaults(func=cmd_bench)
 

@@ -82,6 +82,11 @@ class TextConfig:
     # Ours: with ``init`` a deeper BERT, "first" takes its first ``num_layers`` layers and reports the rest
     # as ignored (a cheaper model from a pretrained one); "all" (default) refuses a depth mismatch.
     init_layers: str = "all"
+    # Ours: the per-token work of the text and fusion layers (projections, FFN, norms) on the real tokens
+    # only, padding left out (attention still sees the padded batch); the same outputs at every real
+    # token up to float rounding, zeros at padding. With dropout > 0 the dropout draws differ from the
+    # padded layout's (the same distribution). false = every position computed, as BERT does.
+    pack_tokens: bool = True
 
     def validate(self, key: str) -> None:
         if self.init_layers not in ("all", "first"):
@@ -426,10 +431,17 @@ class ImagePretrainConfig:
     # world: each object's box centre (x, y as shares of the image side) regressed from its box-pooled
     # tokens, so that the tokens keep where the object is (captions say "left of", "above")
     position_weight: float = 0.0
+    # world: this share of each batch's images is shown without colour (each a random mix of its red,
+    # green and blue, the same in all three channels), their colour and presence labels left out, so
+    # that shape, size and pattern are learnt apart from colour (else a colour-shape pair never seen in
+    # training gets the wrong shape)
+    colourless_share: float = 0.0
 
     def validate(self, key: str) -> None:
         if not 0.0 < self.val_share < 1.0:
             raise ConfigError(f"{key}.val_share must be in (0, 1), got {self.val_share}")
+        if not 0.0 <= self.colourless_share < 1.0:
+            raise ConfigError(f"{key}.colourless_share must be in [0, 1), got {self.colourless_share}")
         for name in ("object_weight", "presence_weight", "position_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")

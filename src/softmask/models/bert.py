@@ -5,6 +5,11 @@ Post-norm layers exactly as BERT: ``x = LN(x + Dropout(Sublayer(x)))``. Attentio
 ``F.scaled_dot_product_attention`` except in the one fusion layer asked to return its
 cross-attention probabilities, which computes them explicitly (inside the autograd graph) so that
 Grad-CAM can differentiate with respect to them.
+
+With ``text.pack_tokens`` the encoders run every per-token operation (projections, FFN, LayerNorms)
+on the real tokens only, packed as (N, D) (:class:`TokenPacking`), and unpack them to the padded
+(B, T, ...) layout around each attention: captions padded to the longest of their batch are about half
+padding, whose outputs nothing reads (a padded key is masked, a padded query's output is never used).
 """
 
 from __future__ import annotations
@@ -20,6 +25,43 @@ def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     """(B, T) with 1 = keep, 0 = padding -> (B, 1, 1, T) additive mask (0 or the dtype's minimum)."""
     keep = attention_mask[:, None, None, :].to(torch.bool)
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+class TokenPacking:
+    """Where the real tokens of a padded (B, T) batch are: ``pack`` (B, T, ...) -> (N, ...) keeps them
+    (row-major order), ``unpack`` (N, ...) -> (B, T, ...) puts them back with zeros at the padding."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.shape = tuple(attention_mask.shape)
+        self.index = attention_mask.flatten().nonzero().squeeze(1)  # (N,)
+
+    @property
+    def full(self) -> bool:
+        """True when there is no padding (packing would change nothing)."""
+        return self.index.numel() == self.shape[0] * self.shape[1]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros((self.shape[0] * self.shape[1], *x.shape[1:])).index_copy(0, self.index, x)
+        return out.view(*self.shape, *x.shape[1:])
+
+
+def packing_for(attention_mask: torch.Tensor, enabled: bool) -> TokenPacking | None:
+    """The packing of ``attention_mask`` (B, T) when ``enabled`` and the batch has padding, else None."""
+    if not enabled:
+        return None
+    packing = TokenPacking(attention_mask)
+    return None if packing.full else packing
+
+
+def _unpacked(x: torch.Tensor, packing: TokenPacking | None) -> torch.Tensor:
+    return x if packing is None else packing.unpack(x)
+
+
+def _packed(x: torch.Tensor, packing: TokenPacking | None) -> torch.Tensor:
+    return x if packing is None else packing.pack(x)
 
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -69,17 +111,20 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor,
+                packing: TokenPacking | None = None) -> torch.Tensor:
+        """``x`` (B, T, D), or (N, D) real tokens with ``packing``; the output has the same layout."""
+        qkv = _unpacked(self.qkv(x), packing)
+        q, k, v = (_split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
         mask = additive_mask(attention_mask, q.dtype)
         if self.causal:  # (B, 1, 1, T) -> (B, 1, T, T): query i never sees key j > i
-            t = x.shape[1]
+            t = qkv.shape[1]
             future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
             mask = mask.masked_fill(future, torch.finfo(q.dtype).min)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.out(_merge_heads(out))
+        return self.out(_packed(_merge_heads(out), packing))
 
 
 class CrossAttention(nn.Module):
@@ -98,13 +143,14 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, image: torch.Tensor, return_probs: bool = False,
-                image_index: torch.Tensor | None = None, image_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                image_index: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+                packing: TokenPacking | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``image_index`` (B,), optional: ``image`` holds U distinct images (U, 1 + N, Dv) and row b of
         ``x`` attends to image ``image_index[b]``; keys and values are then projected once per image.
         ``image_mask`` (B, 1 + N), optional: 1 = attend, 0 = padding never attended (per row of ``x``,
-        i.e. already indexed); e.g. when the keys are a padded question's fused tokens."""
-        q = _split_heads(self.q(x), self.num_heads)
+        i.e. already indexed); e.g. when the keys are a padded question's fused tokens. With ``packing``,
+        ``x`` and the output are (N, D) real tokens (the probabilities stay padded: zero queries at padding)."""
+        q = _split_heads(_unpacked(self.q(x), packing), self.num_heads)
         kv = self.kv(image)
         if image_index is not None:
             kv = kv[image_index]
@@ -113,13 +159,13 @@ class CrossAttention(nn.Module):
         mask = None if image_mask is None else additive_mask(image_mask, q.dtype)
         if not return_probs:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-            return self.out(_merge_heads(out)), None
+            return self.out(_packed(_merge_heads(out), packing)), None
         scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
         if mask is not None:
             scores = scores + mask
         probs = scores.softmax(dim=-1)
         out = torch.matmul(F.dropout(probs, drop, self.training), v)
-        return self.out(_merge_heads(out)), probs
+        return self.out(_packed(_merge_heads(out), packing)), probs
 
 
 class FeedForward(nn.Module):
@@ -150,14 +196,16 @@ class BertLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor | None = None,
                 return_probs: bool = False, image_index: torch.Tensor | None = None,
-                image_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``image_mask`` (B, 1 + N), optional: padding of the cross-attention keys (see CrossAttention)."""
-        x = self.attn_norm(x + self.dropout(self.attn(x, attention_mask)))
+                image_mask: torch.Tensor | None = None, packing: TokenPacking | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` (B, T, D), or with ``packing`` (N, D) real tokens (the output likewise). ``image_mask``
+        (B, 1 + N), optional: padding of the cross-attention keys (see CrossAttention)."""
+        x = self.attn_norm(x + self.dropout(self.attn(x, attention_mask, packing)))
         probs = None
         if self.has_cross_attention:
             if image is None:
                 raise ValueError("a fusion layer needs the image tokens")
-            attended, probs = self.cross_attn(x, image, return_probs, image_index, image_mask)
+            attended, probs = self.cross_attn(x, image, return_probs, image_index, image_mask, packing)
             x = self.cross_norm(x + self.dropout(attended))
         x = self.ffn_norm(x + self.dropout(self.ffn(x)))
         return x, probs
@@ -182,13 +230,17 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.embeddings = TextEmbeddings(cfg)
         self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.fusion_layer))
+        self.pack_tokens = cfg.pack_tokens
         init_bert_weights(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, D); with ``text.pack_tokens`` zeros at the padding."""
         x = self.embeddings(input_ids)
+        packing = packing_for(attention_mask, self.pack_tokens and len(self.layers) > 0)
+        x = _packed(x, packing)
         for layer in self.layers:
-            x, _ = layer(x, attention_mask)
-        return x
+            x, _ = layer(x, attention_mask, packing=packing)
+        return _unpacked(x, packing)
 
 
 class FusionEncoder(nn.Module):
@@ -197,6 +249,7 @@ class FusionEncoder(nn.Module):
     def __init__(self, cfg: TextConfig, image_width: int):
         super().__init__()
         self.layers = nn.ModuleList(BertLayer(cfg, image_width) for _ in range(cfg.num_fusion_layers))
+        self.pack_tokens = cfg.pack_tokens
         init_bert_weights(self)
 
     def forward(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
@@ -205,17 +258,19 @@ class FusionEncoder(nn.Module):
         """(B, T, D) text, (B, T) mask, (B, 1 + N, Dv) image -> (B, T, D) fused, and the
         cross-attention probabilities (B, heads, T, 1 + N) of fusion layer ``attention_layer``
         (0-based within the fusion encoder) when it is given, else None. With ``image_index`` (B,),
-        ``image_embeds`` holds U distinct images (U, 1 + N, Dv) shared by the rows that index them."""
+        ``image_embeds`` holds U distinct images (U, 1 + N, Dv) shared by the rows that index them.
+        With ``text.pack_tokens`` the fused tokens are zeros at the padding."""
         n = len(self.layers)
         if attention_layer is not None and not 0 <= attention_layer < n:
             raise ValueError(f"attention_layer must be a fusion-layer index in [0, {n}), got {attention_layer}")
-        x, kept = text_embeds, None
+        packing = packing_for(attention_mask, self.pack_tokens)
+        x, kept = _packed(text_embeds, packing), None
         for i, layer in enumerate(self.layers):
             x, probs = layer(x, attention_mask, image_embeds, return_probs=i == attention_layer,
-                             image_index=image_index)
+                             image_index=image_index, packing=packing)
             if i == attention_layer:
                 kept = probs
-        return x, kept
+        return _unpacked(x, packing), kept
 
 
 class MLMHead(nn.Module):

@@ -143,8 +143,15 @@ def attribute_losses(logits: dict[str, torch.Tensor], batch: dict, cfg: Config) 
         loss = F.cross_entropy(logits["label"].float(), batch["label"])
         return {"loss": loss, "loss_label": loss.detach()}
     ip = cfg.image_pretrain
-    presence = F.binary_cross_entropy_with_logits(logits["presence"].float(), batch["presence"].float())
-    objects = sum(F.cross_entropy(logits[a].flatten(0, 1).float(), batch["objects"][..., i].flatten())
+    targets = batch["objects"]
+    coloured = ~batch["colourless"] if "colourless" in batch else torch.ones(len(targets), dtype=torch.bool,
+                                                                                device=targets.device)
+    if not bool(coloured.all()):  # colourless images: no colour label, no presence labels
+        targets = targets.clone()
+        targets[~coloured, :, OBJECT_ATTRIBUTES.index("colour")] = -100
+    presence = F.binary_cross_entropy_with_logits(logits["presence"][coloured].float(),
+                                                  batch["presence"][coloured].float())
+    objects = sum(F.cross_entropy(logits[a].flatten(0, 1).float(), targets[..., i].flatten())
                   for i, a in enumerate(OBJECT_ATTRIBUTES)) / len(OBJECT_ATTRIBUTES)
     out = {"loss": ip.presence_weight * presence + ip.object_weight * objects,
            "loss_presence": presence.detach(), "loss_objects": objects.detach()}
@@ -157,8 +164,21 @@ def attribute_losses(logits: dict[str, torch.Tensor], batch: dict, cfg: Config) 
     return out
 
 
+def without_colour(images: torch.Tensor, rows: torch.Tensor, generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
+    """uint8 images (B, 3, S, S) with those of ``rows`` (B,) bool made colourless: each becomes one random
+    convex mix of its red, green and blue (weights drawn per image), in all three channels."""
+    weights = torch.rand(int(rows.sum()), 3, generator=generator).to(images.device)
+    weights = weights / weights.sum(1, keepdim=True)
+    grey = (images[rows].float() * weights[:, :, None, None]).sum(1, keepdim=True).round().clamp(0, 255)
+    out = images.clone()
+    out[rows] = grey.to(images.dtype).expand(-1, 3, -1, -1)
+    return out
+
+
 class ImagePretrainTask(nn.Module):
-    """The loop's task: augment (or only normalise) the uint8 images, run the heads, return the losses."""
+    """The loop's task: augment (or only normalise) the uint8 images (with ``image_pretrain.colourless_share``
+    some made colourless), run the heads, return the losses."""
 
     def __init__(self, cfg: Config, model: ImageEncoderWithHeads, transform: nn.Module):
         super().__init__()
@@ -167,7 +187,14 @@ class ImagePretrainTask(nn.Module):
     def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         device = self.model.visual_encoder.cls_token.device
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        logits = self.model(self.transform(batch["images"]), batch.get("boxes"))
+        images, share = batch["images"], self.cfg.image_pretrain.colourless_share
+        if share > 0 and "objects" in batch:
+            b = len(images)
+            rows = torch.zeros(b, dtype=torch.bool)
+            rows[torch.randperm(b)[:min(b - 1, round(share * b))]] = True
+            batch["colourless"] = rows.to(device)
+            images = without_colour(images, batch["colourless"])
+        logits = self.model(self.transform(images), batch.get("boxes"))
         return attribute_losses(logits, batch, self.cfg)
 
 
