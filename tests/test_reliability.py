@@ -61,7 +61,7 @@ def world(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_a_wrong_image_root_stops_within_seconds_with_one_line_and_a_bounded_log(world, tmp_path):
+def test_a_wrong_image_root_stops_before_any_step_with_one_line_and_a_bounded_log(world, tmp_path):
     out = tmp_path / "run"
     args = overrides(world, out, "train.batch_size=4", "train.max_steps=2", "data.image_root=/data/nope")
     done = softmask("pretrain", "--config", str(TINY), *args, timeout=600)

@@ -134,12 +134,15 @@ def test_gradcam_equals_full_backward_and_finite_differences():
     (grad,) = torch.autograd.grad(model.itm_logits(fused)[:, 1].sum(), attn)
     assert torch.allclose(gradcam_maps(attn.detach(), grad), ref, atol=1e-6)
 
-    # Finite differences: nudge one attention probability of the kept layer and watch the logit.
+    # Finite differences: nudge one attention probability of the kept layer and watch the logit (in the
+    # padded layout, which the nudging forward below reads; the maps above came from the packed one).
+    model.text_encoder.pack_tokens = model.fusion_encoder.pack_tokens = False
     cross = model.fusion_encoder.layers[0].cross_attn
     original = type(cross).forward
     nudge = {}
 
-    def forward(self, x, image, return_probs=False, image_index=None, image_mask=None):
+    def forward(self, x, image, return_probs=False, image_index=None, image_mask=None, packing=None):
+        assert packing is None
         out, probs = original(self, x, image, True, image_index, image_mask)
         if "delta" in nudge:  # recompute the output with the nudged probabilities
             q = self.kv(image)
