@@ -5,8 +5,8 @@ relative markdown link points to a file that exists. Nothing is run.
 Which lines are commands: inside ``` fenced blocks, after joining lines that end with a backslash and
 dropping ``# comments`` (as the shell does), a line whose first word is ``softmask``, or one that runs
 ``-m softmask`` (``torchrun ... -m softmask``, ``python -m softmask``); the words after ``softmask`` are
-the arguments. They are parsed as ``softmask.cli.main`` parses them: ``build_parser().parse_known_args``,
-then any extra words accepted only as trailing ``key=value`` overrides, then ``refuse_repeated_keys``.
+the arguments. They are parsed as ``softmask.cli.main`` parses them: ``softmask.cli.parse_command_line``
+(extra words accepted only as trailing ``key=value`` overrides), then ``refuse_repeated_keys``.
 An argparse exit (SystemExit) or a ConfigError fails, naming the file, the line and the command.
 
 Usage synopses are written with placeholders; these rules turn them into commands (and nothing else is
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from softmask.cli import build_parser
+from softmask.cli import parse_command_line
 from softmask.config import FINETUNE_TASKS, ConfigError, load_config, override_key, refuse_repeated_keys, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,12 +126,7 @@ def argument_lists(command: str) -> list[list[str]]:
 
 def parse(argv: list[str]):
     """Parse as ``softmask.cli.main`` does, without running anything."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = [*args.overrides, *extra]
+    args = parse_command_line(argv)
     refuse_repeated_keys(getattr(args, "overrides", []))
     return args
 

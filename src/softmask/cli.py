@@ -430,11 +430,8 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    from softmask.data.images import BadSample
-    from softmask.train.stop import Interrupted
-
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_command_line(argv: list[str]) -> argparse.Namespace:
+    """The command line's arguments, parsed without running anything (argparse exits on an error)."""
     parser = build_parser()
     # TASK and the key=value overrides are both positionals, which argparse fills before the first option:
     # overrides given after --config come back as extras, appended here in order.
@@ -443,6 +440,14 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from softmask.data.images import BadSample
+    from softmask.train.stop import Interrupted
+
+    args = parse_command_line(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     # SIGTERM (what clusters send before preempting a job) ends a command like Ctrl-C does; training
     # catches both itself, to stop at a step boundary with a checkpoint.
