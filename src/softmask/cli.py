@@ -447,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     from softmask.data.images import BadSample
     from softmask.train.stop import Interrupted
 
-    args = parse_command_line(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_command_line(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     # SIGTERM (what clusters send before preempting a job) ends a command like Ctrl-C does; training
     # catches both itself, to stop at a step boundary with a checkpoint.
