@@ -143,14 +143,13 @@ def attribute_losses(logits: dict[str, torch.Tensor], batch: dict, cfg: Config) 
         loss = F.cross_entropy(logits["label"].float(), batch["label"])
         return {"loss": loss, "loss_label": loss.detach()}
     ip = cfg.image_pretrain
-    targets = batch["objects"]
-    coloured = ~batch["colourless"] if "colourless" in batch else torch.ones(len(targets), dtype=torch.bool,
-                                                                                device=targets.device)
-    if not bool(coloured.all()):  # colourless images: no colour label, no presence labels
+    targets, presence_logits, presence_labels = batch["objects"], logits["presence"], batch["presence"]
+    if "colourless" in batch:  # colourless images: no colour label, no presence labels
+        colourless = batch["colourless"]
         targets = targets.clone()
-        targets[~coloured, :, OBJECT_ATTRIBUTES.index("colour")] = -100
-    presence = F.binary_cross_entropy_with_logits(logits["presence"][coloured].float(),
-                                                  batch["presence"][coloured].float())
+        targets[colourless, :, OBJECT_ATTRIBUTES.index("colour")] = -100
+        presence_logits, presence_labels = presence_logits[~colourless], presence_labels[~colourless]
+    presence = F.binary_cross_entropy_with_logits(presence_logits.float(), presence_labels.float())
     objects = sum(F.cross_entropy(logits[a].flatten(0, 1).float(), targets[..., i].flatten())
                   for i, a in enumerate(OBJECT_ATTRIBUTES)) / len(OBJECT_ATTRIBUTES)
     out = {"loss": ip.presence_weight * presence + ip.object_weight * objects,
