@@ -292,7 +292,7 @@ def run_demo(out: Path, images: int = DEFAULTS["images"], size: int = DEFAULTS["
     ``OUT/vision.log``, ``OUT/METHOD.log`` and ``OUT/METHOD/eval.log``. Raises ``ConfigError`` for bad
     settings before anything is computed, ``TrainingError`` naming the log when a child fails.
     """
-    from softmask.viz.gradcam import gradcam_figures
+    from softmask.viz.gradcam import draw_gradcam, load_for_gradcam
 
     if vision_world_seed == world_seed:
         raise ConfigError("the image encoder must be pretrained on another world than the one it is evaluated "
@@ -361,11 +361,12 @@ def run_demo(out: Path, images: int = DEFAULTS["images"], size: int = DEFAULTS["
                        world, out / "retrieval.png")
         scenes = [s for s in json.loads((world / "annotations" / "objects.json").read_text()) if s["split"] == "test"]
         figures = []
-        for n, scene in enumerate(scenes[:3]):
+        loaded = load_for_gradcam(list(runs.values()), labels=list(runs))
+        for n, scene in enumerate(scenes[:3]):  # the comparison only: the report shows nothing else
             caption = next(c["caption"] for c in scene["captions"] if c["kind"] in ("full", "relation"))
-            _, paths = gradcam_figures(list(runs.values()), world / scene["image"], caption,
-                                       out / "gradcam" / f"{n:02d}", labels=list(runs))
-            figures += [p for p in paths if p.name == "compare.png"]
+            _, paths = draw_gradcam(loaded, world / scene["image"], caption, out / "gradcam" / f"{n:02d}",
+                                    overlays=False)
+            figures += paths
         settings = {"images": images, "size": size, "steps": steps, "batch_size": batch_size, "seed": seed,
                     "world_seed": world_seed, "vision_images": vision_images, "vision_steps": vision_steps,
                     "vision_batch_size": vision_batch_size, "vision_world_seed": vision_world_seed}

@@ -219,21 +219,33 @@ def prepare_image(path: str | Path, image_size: int, max_pixels: int = DEFAULT_M
     return model_view(load_image(str(path), max_pixels), image_size)
 
 
+def _check_inputs(source: str, image_path: str | Path) -> None:
+    from softmask.config import ConfigError
+
+    if source not in SOURCES:
+        raise ConfigError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
+    if not Path(image_path).is_file():
+        raise FileNotFoundError(f"image not found: {image_path}")
+
+
+def load_for_gradcam(checkpoints: Sequence[str | Path], labels: Sequence[str] | None = None
+                     ) -> list[tuple[str, torch.nn.Module, object, str]]:
+    """Load each model with :func:`softmask.inference.load_model`: (label, model, run config or None,
+    tokenizer source) per checkpoint, for :func:`draw_gradcam` (labels default to the paths as given)."""
+    from softmask.inference import load_model, tokenizer_source
+
+    names = list(labels) if labels is not None else [str(path) for path in checkpoints]
+    return [(name, *load_model(path), tokenizer_source(path)) for name, path in zip(names, checkpoints, strict=True)]
+
+
 def gradcam_figures(checkpoints: Sequence[str | Path], image_path: str | Path, text: str, out_dir: str | Path,
                     layer: int | None = None, source: str = "gradcam", labels: Sequence[str] | None = None,
                     ) -> tuple[list[tuple[str, dict]], list[Path]]:
-    """Load each model with :func:`softmask.inference.load_model`, compute :func:`word_gradcam` for the
-    image and the cleaned caption, and draw the figures of the first model into ``out_dir``; with more
-    than one model also ``out_dir/compare.png`` (a row per model).
+    """Load each model (:func:`load_for_gradcam`) and :func:`draw_gradcam` the image and caption with them.
 
     Args:
         checkpoints: run folders, checkpoint files or save_pretrained folders; the first is the main one.
-        image_path: the image file.
-        text: the caption (cleaned with ``pre_caption``, tokenised with the run's tokenizer or the
-            default bert-base-uncased vocabulary, at most ``min(max_positions, 64)`` tokens).
-        out_dir: where the PNGs go.
-        layer: fusion-layer index; None = :func:`default_layer` of each model.
-        source: ``"gradcam"`` or ``"attention"``.
+        image_path, text, out_dir, layer, source: as for :func:`draw_gradcam`.
         labels: a name per model for the figures (default: the paths as given).
 
     Returns:
@@ -242,18 +254,37 @@ def gradcam_figures(checkpoints: Sequence[str | Path], image_path: str | Path, t
     Raises:
         CheckpointError, ConfigError, FileNotFoundError: bad checkpoint, layer, caption or image path.
     """
+    _check_inputs(source, image_path)  # before any model is loaded
+    return draw_gradcam(load_for_gradcam(checkpoints, labels), image_path, text, out_dir, layer, source)
+
+
+def draw_gradcam(loaded: Sequence[tuple[str, torch.nn.Module, object, str]], image_path: str | Path, text: str,
+                 out_dir: str | Path, layer: int | None = None, source: str = "gradcam", overlays: bool = True,
+                 ) -> tuple[list[tuple[str, dict]], list[Path]]:
+    """Compute :func:`word_gradcam` of each loaded model (:func:`load_for_gradcam`) for the image and the
+    cleaned caption; draw the first model's per-word figures into ``out_dir`` (unless ``overlays`` is
+    False) and, with more than one model, ``out_dir/compare.png`` (a row per model).
+
+    Args:
+        loaded: (label, model, run config or None, tokenizer source) per model; the first is the main one.
+        image_path: the image file.
+        text: the caption (cleaned with ``pre_caption``, tokenised with the run's tokenizer or the
+            default bert-base-uncased vocabulary, at most ``min(max_positions, 64)`` tokens).
+        out_dir: where the PNGs go.
+        layer: fusion-layer index; None = :func:`default_layer` of each model.
+        source: ``"gradcam"`` or ``"attention"``.
+        overlays: draw the main model's per-word figures (else only the comparison).
+
+    Returns:
+        ((label, result) per model, the paths written).
+
+    Raises:
+        ConfigError, FileNotFoundError: bad layer, caption or image path.
+    """
     from softmask.config import ConfigError
     from softmask.data.text import open_tokenizer, pre_caption
-    from softmask.inference import load_model, tokenizer_source
 
-    if source not in SOURCES:
-        raise ConfigError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
-    image_path = Path(image_path)
-    if not image_path.is_file():
-        raise FileNotFoundError(f"image not found: {image_path}")
-    names = list(labels) if labels is not None else [str(path) for path in checkpoints]
-    loaded = [(name, *load_model(path), tokenizer_source(path)) for name, path in zip(names, checkpoints,
-                                                                                      strict=True)]
+    _check_inputs(source, image_path)
     max_tokens = min(min(m.config.text.max_positions for _, m, _, _ in loaded), MAX_TOKENS)
     caption = pre_caption(text, max_words=max_tokens)
     if not caption:
@@ -284,7 +315,7 @@ def gradcam_figures(checkpoints: Sequence[str | Path], image_path: str | Path, t
                               f"{results[0][0]} into {results[0][1]['words']}: their tokenizers differ")
         results.append((label, result))
 
-    written = save_overlays(image, results[0][1], out_dir)
+    written = save_overlays(image, results[0][1], out_dir) if overlays else []
     if len(results) > 1:
         written.append(save_comparison(image, results, Path(out_dir) / "compare.png"))
     return results, written
