@@ -72,11 +72,30 @@ def test_fast_equals_plain():
     ids[:, 0] = 1
     mask = torch.ones_like(ids)
     mask[::3, 5:] = 0
+    ids[9], mask[9] = ids[1], mask[1]  # the same caption for two images (as "A green diamond." in the world)
+    ids[6, 5:] = 77  # behind the mask: still caption 0's tokens
+    ids[6, :5] = ids[0, :5]
     text_to_image = np.repeat(np.arange(6), 2)
+    fused_rows = []
+    fuse = model.fuse
+    model.fuse = lambda text, mask, *args, **kw: fused_rows.append(len(text)) or fuse(text, mask, *args, **kw)
     fast = evaluate_retrieval(model, pixels, ids, mask, text_to_image, k=3, batch_size=5)
+    model.fuse = fuse
     plain, i2t, t2i = _plain_retrieval(model, pixels, ids, mask, text_to_image, k=3)
     assert fast.metrics == plain
     assert np.allclose(fast.i2t, i2t, atol=1e-5) and np.allclose(fast.t2i, t2i, atol=1e-5)
+    # An image is fused once with each distinct caption among its candidates.
+    pairs = candidate_pairs(torch.from_numpy(fast.itc), 3, 3)
+    canonical = {(i, {6: 0, 9: 1}.get(c, c)) for i, c in pairs.tolist()}
+    assert sum(fused_rows) == len(canonical) < len(pairs)
+
+
+def test_first_of_equal_rows():
+    from softmask.eval.retrieval import first_of_equal_rows
+
+    rows = torch.tensor([[3, 4], [5, 6], [3, 4], [7, 8], [5, 6], [3, 4]])
+    assert first_of_equal_rows(rows).tolist() == [0, 1, 0, 3, 1, 0]
+    assert first_of_equal_rows(rows[:0]).tolist() == []
 
 
 def test_retrieval_benchmark_script_runs(capsys):

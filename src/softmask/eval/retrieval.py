@@ -71,13 +71,25 @@ def recall_at_k(i2t: np.ndarray, t2i: np.ndarray, text_to_image: np.ndarray, ks=
 @dataclass
 class Features:
     """Unimodal outputs kept for the re-ranking: image tokens (I, 1+N, Dv), image ITC features (I, E),
-    text-encoder outputs (C, T, D) with masks (C, T), text ITC features (C, E)."""
+    text-encoder outputs (C, T, D) with masks (C, T), text ITC features (C, E), and for each caption the
+    index of the first caption with the same tokens (C,) (itself when it is the first)."""
 
     image_embeds: torch.Tensor
     image_feat: torch.Tensor
     text_embeds: torch.Tensor
     text_mask: torch.Tensor
     text_feat: torch.Tensor
+    text_first: torch.Tensor
+
+
+def first_of_equal_rows(tokens: torch.Tensor) -> torch.Tensor:
+    """(C, T) token ids -> (C,) long: for each row, the index of the first row equal to it."""
+    if tokens.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=tokens.device)
+    _, group = torch.unique(tokens, dim=0, return_inverse=True)
+    first = torch.full((int(group.max()) + 1,), tokens.shape[0], dtype=torch.long, device=tokens.device)
+    first.scatter_reduce_(0, group, torch.arange(tokens.shape[0], device=tokens.device), reduce="amin")
+    return first[group]
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -138,6 +150,8 @@ def compute_features(model: VisionLanguageModel, pixels: torch.Tensor, input_ids
         text_embeds=_gather_rows(cat(text_embeds, empty(0, length, d, dtype=dtype)), input_ids.shape[0]),
         text_mask=_gather_rows(attention_mask[rows_c].to(device), input_ids.shape[0]),
         text_feat=_gather_rows(cat(text_feat, empty(0, e)), input_ids.shape[0]),
+        # Padding ids are zero wherever the mask is: equal masked ids are equal captions.
+        text_first=first_of_equal_rows((input_ids * (attention_mask != 0)).to(device)),
     )
 
 
@@ -157,7 +171,15 @@ def candidate_pairs(sim: torch.Tensor, k_i2t: int, k_t2i: int) -> torch.Tensor:
 @torch.inference_mode()
 def itm_scores(model: VisionLanguageModel, features: Features, pairs: torch.Tensor, batch_size: int = 256,
                amp: bool = True) -> torch.Tensor:
-    """The ITM match logit (P,) of each (image, caption) pair, as ALBEF ranks candidates by it."""
+    """The ITM match logit (P,) of each (image, caption) pair, as ALBEF ranks candidates by it. Pairs of
+    one image with captions of the same tokens (``features.text_first``) are fused once."""
+    canonical = torch.stack([pairs[:, 0], features.text_first.to(pairs.device)[pairs[:, 1]]], dim=1)
+    distinct, back = torch.unique(canonical, dim=0, return_inverse=True)
+    return _itm_scores_of(model, features, distinct, batch_size, amp)[back.to(model.temp.device)]
+
+
+def _itm_scores_of(model: VisionLanguageModel, features: Features, pairs: torch.Tensor, batch_size: int,
+                   amp: bool) -> torch.Tensor:
     device = model.temp.device
     rows = _shard(pairs.shape[0])
     mine = pairs[rows]
