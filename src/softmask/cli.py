@@ -136,7 +136,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from softmask.inference import load_model, tokenizer_source
 
         if args.overrides or args.config:
-            raise ConfigError("evaluate world takes --world DIR, --k and --layer, not a config")
+            raise ConfigError("evaluate world takes --world DIR, --k, --layer and --grounding-captions, not a config")
         if not args.world:
             raise ConfigError("evaluate world needs --world DIR (a folder written by `softmask world`)")
         import torch
@@ -144,7 +144,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, _ = load_model(args.checkpoint, device=device)
         examples: list = []
+        if args.grounding_captions < 1:
+            raise ConfigError(f"--grounding-captions must be at least 1, got {args.grounding_captions}")
         metrics = evaluate_world(model, args.world, k=args.k, layer=args.layer, examples_out=examples,
+                                 max_grounding_captions=args.grounding_captions,
                                  tokenizer=tokenizer_source(args.checkpoint))
         for key, value in metrics.items():
             print(f"{key:24s} {value:8.2f}")
@@ -187,13 +190,11 @@ def evaluation_folder(checkpoint: str | Path, task: str) -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from softmask.demo import run_demo
+    from softmask.demo import BUDGETS, run_demo
 
-    budget = {key: getattr(args, key) for key in ("images", "size", "steps", "batch_size", "seed", "world_seed",
-                                                  "vision_images", "vision_steps", "vision_batch_size",
-                                                  "vision_world_seed")}
-    report = run_demo(Path(args.out), overrides=args.overrides,
-                      **{key: value for key, value in budget.items() if value is not None})
+    settings = {key: getattr(args, key) for key in BUDGETS[args.budget]}
+    report = run_demo(Path(args.out), args.budget, overrides=args.overrides,
+                      **{key: value for key, value in settings.items() if value is not None})
     print(f"report: {report}")
     return 0
 
@@ -329,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a task: replace metrics files already in --out")
     evaluate.add_argument("--k", type=int, default=16, help="world: retrieval candidates re-ranked by ITM (>= 1)")
     evaluate.add_argument("--layer", type=int, default=None, help="world: Grad-CAM fusion layer for grounding")
+    evaluate.add_argument("--grounding-captions", type=int, default=500,
+                          help="world: how many test captions the grounding metrics score (the first N)")
     evaluate.add_argument("--json", default="", help="also write the metrics to this JSON file: {split: metrics} "
                                                       "for a task (one split too), the flat metrics for world")
     evaluate.add_argument("--device", default=None, help="world: cpu or cuda (default: cuda when available)")
@@ -337,26 +340,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="a task's config overrides")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    from softmask.demo import DEFAULTS
+    from softmask.demo import BUDGETS
 
     demo = sub.add_parser("demo", help="worlds -> image encoder -> pretrain albef and softmask -> evaluate -> "
                           "report.md")
     demo.add_argument("--out", default="runs/demo", help="output folder (a rerun reuses its worlds)")
-    demo.add_argument("--images", type=int, help=f"world size (default {DEFAULTS['images']})")
-    demo.add_argument("--size", type=int, help=f"image side in pixels (default {DEFAULTS['size']})")
-    demo.add_argument("--steps", type=int, help=f"training steps per method (default {DEFAULTS['steps']})")
-    demo.add_argument("--batch-size", type=int, help=f"pairs per step (default {DEFAULTS['batch_size']})")
-    demo.add_argument("--seed", type=int, help=f"training seed (default {DEFAULTS['seed']})")
-    demo.add_argument("--world-seed", type=int,
-                      help=f"world seed (default {DEFAULTS['world_seed']}, the study's world)")
-    demo.add_argument("--vision-images", type=int,
-                      help=f"size of the image encoder's world (default {DEFAULTS['vision_images']})")
-    demo.add_argument("--vision-steps", type=int,
-                      help=f"image-encoder pretraining steps (default {DEFAULTS['vision_steps']})")
-    demo.add_argument("--vision-batch-size", type=int,
-                      help=f"images per image-encoder step (default {DEFAULTS['vision_batch_size']})")
-    demo.add_argument("--vision-world-seed", type=int,
-                      help=f"the image encoder's world seed (default {DEFAULTS['vision_world_seed']})")
+
+    def default(key: str) -> str:
+        ours, full = BUDGETS["default"][key], BUDGETS["full"][key]
+        return f"{ours}" + (f"; {full} with --budget full" if full != ours else "")
+
+    demo.add_argument("--budget", choices=list(BUDGETS), default="default",
+                      help="default: about 15 min on 2 cores; full: seed 0 of the study in docs/results.md "
+                      "(about 17 min: more image-encoder steps, 32 pairs per step, a larger evaluation)")
+    for option, key, what in (
+            ("--images", "images", "world size"), ("--size", "size", "image side in pixels"),
+            ("--steps", "steps", "training steps per method"), ("--batch-size", "batch_size", "pairs per step"),
+            ("--seed", "seed", "training seed"), ("--world-seed", "world_seed", "world seed (the study's world)"),
+            ("--vision-images", "vision_images", "size of the image encoder's world"),
+            ("--vision-steps", "vision_steps", "image-encoder pretraining steps"),
+            ("--vision-batch-size", "vision_batch_size", "images per image-encoder step"),
+            ("--vision-world-seed", "vision_world_seed", "the image encoder's world seed"),
+            ("--eval-k", "eval_k", "retrieval candidates re-ranked by ITM"),
+            ("--grounding-captions", "grounding_captions", "test captions the grounding metrics score")):
+        demo.add_argument(option, type=int, dest=key, help=f"{what} (default {default(key)})")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both runs")
     demo.set_defaults(func=cmd_demo)
     gradcam = sub.add_parser("gradcam", help="word-level Grad-CAM of the ITM match logit: one overlay per word")
