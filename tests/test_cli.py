@@ -39,10 +39,14 @@ def test_export_writes_a_loadable_folder(tmp_path, capsys):
 def test_demo_end_to_end_on_a_small_budget(tmp_path):
     out = tmp_path / "demo"
     args = ["-q", "demo", "--out", str(out), "--images", "40", "--steps", "2", "--batch-size", "4",
-            "--vision-images", "60", "--vision-steps", "2", "--vision-batch-size", "8", "itc.queue_size=8",
-            "data.augment.crop_scale=[0.9,1.0]"]
+            "--vision-images", "60", "--vision-steps", "2", "--vision-batch-size", "8", "--eval-k", "3",
+            "--grounding-captions", "2", "itc.queue_size=8", "data.augment.crop_scale=[0.9,1.0]"]
     assert main(args) == 0
     report = (out / "report.md").read_text()
+    assert "re-ranks ITC's top 3 of every query by ITM, grounding scores the first 2 captions" in report
+    assert "Budget `default` (`--budget full` runs seed 0 of the study" in report
+    assert "changed: images 40, steps 2, batch_size 4, vision_images 60, vision_steps 2, vision_batch_size 8, " \
+        "eval_k 3, grounding_captions 2;" in report
     assert "| metric (%) | albef | softmask |" in report and "minimal edits, ITM" in report
     assert "... colour edited" in report and "softmask pretrain --config" in report
     assert "softmask pretrain-vision --config" in report and "Image encoder, held-out accuracy (%): shape" in report
@@ -63,6 +67,7 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
     for method in ("albef", "softmask"):
         metrics = json.loads((out / method / "eval_world.json").read_text())
         assert 0 <= metrics["itm_all"] <= 100 and 0 <= metrics["tr1"] <= 100
+        assert metrics["grounding_captions"] <= 2  # captions whose words the tokenizer splits differently are skipped
         examples = json.loads((out / method / "retrieval_examples.json").read_text())
         assert len(examples) == 4 and all(len(e["top"]) == 4 for e in examples)  # 4 test images in 40
         # the vision-language runs start from the image encoder the demo pretrained
@@ -84,6 +89,26 @@ def test_demo_rejects_a_bad_override_before_any_work(tmp_path, capsys):
     assert main(["-q", "demo", "--out", str(out), "--images", "40", "model.text_pooling=max"]) == 2
     assert "text_pooling" in capsys.readouterr().err
     assert not out.exists()  # no world generated, nothing trained
+
+
+def test_demo_budgets_and_bad_settings_are_checked_before_any_work(tmp_path, capsys):
+    from softmask.demo import BUDGETS, run_demo
+
+    out = tmp_path / "demo"
+    assert set(BUDGETS) == {"default", "full"} and set(BUDGETS["default"]) == set(BUDGETS["full"])
+    # full: seed 0 of the study in docs/results.md
+    assert {k: BUDGETS["full"][k] for k in ("steps", "batch_size", "vision_steps", "eval_k", "grounding_captions")} \
+        == {"steps": 300, "batch_size": 32, "vision_steps": 600, "eval_k": 16, "grounding_captions": 500}
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        main(["-q", "demo", "--out", str(out), "--budget", "huge"])
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+    assert main(["-q", "demo", "--out", str(out), "--eval-k", "0"]) == 2
+    assert "--eval-k must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["-q", "demo", "--out", str(out), "--budget", "full", "--grounding-captions", "0"]) == 2
+    assert "--grounding-captions must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="unknown settings"):
+        run_demo(out, steps_per_epoch=3)
+    assert not out.exists()
 
 
 def test_module_entry_point():

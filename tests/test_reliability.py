@@ -358,6 +358,8 @@ def test_evaluate_world_refuses_k_0_and_a_missing_layer(task_world, pretrained_r
     base = ["-q", "evaluate", "world", "--world", str(task_world), "--checkpoint", str(pretrained_run)]
     assert main([*base, "--k", "0"]) == 2
     one_line_error(capsys.readouterr().err, "--k", "at least 1, got 0")
+    assert main([*base, "--grounding-captions", "0"]) == 2
+    one_line_error(capsys.readouterr().err, "--grounding-captions", "at least 1, got 0")
     assert main([*base, "--layer", "9"]) == 2
     one_line_error(capsys.readouterr().err, "--layer", "9")
 

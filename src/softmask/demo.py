@@ -150,11 +150,7 @@ def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures:
         f"{settings['batch_size']} pairs with each method (seed {settings['seed']}). Both are evaluated on "
         f"that world's test split ({test_images} images, never trained on): retrieval re-ranks ITC's top "
         f"{settings['eval_k']} of every query by ITM, grounding scores the first {settings['grounding_captions']} "
-        f"captions. Budget `{settings['budget']}`" + (" (`--budget full` runs seed 0 of the study in "
-                                                     "docs/results.md: more steps, a larger evaluation)"
-                                                     if settings["budget"] != "full" else " (seed 0 of the study in "
-                                                     "docs/results.md)") +
-        f"; total time {seconds / 60:.1f} min.", "",
+        f"captions. {_budget_words(settings)}; total time {seconds / 60:.1f} min.", "",
         *_itm_verdicts(runs), "",
         "Image encoder, held-out accuracy (%): " + ", ".join(
             f"{key[4:] if key.startswith('acc_') else key} {value:.1f}" for key, value in vision.items()
@@ -192,6 +188,16 @@ def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _budget_words(settings: dict) -> str:
+    """"Budget `default` (...)" with the settings changed from it, for the report's first paragraph."""
+    budget = settings["budget"]
+    changed = ", ".join(f"{key} {value}" for key, value in settings.items()
+                        if key in BUDGETS[budget] and value != BUDGETS[budget][key])
+    what = ("seed 0 of the study in docs/results.md" if budget == "full" else
+            "`--budget full` runs seed 0 of the study in docs/results.md: more steps, a larger evaluation")
+    return f"Budget `{budget}` ({what})" + (f", changed: {changed}" if changed else "")
 
 
 def _final_losses(path: Path, last: int = 3) -> dict[str, float]:
