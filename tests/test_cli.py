@@ -44,7 +44,7 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
     assert main(args) == 0
     report = (out / "report.md").read_text()
     assert "re-ranks ITC's top 3 of every query by ITM, grounding scores the first 2 captions" in report
-    assert "Budget `default` (`--budget full` runs seed 0 of the study" in report
+    assert "Budget `default` (`--budget full` runs the recipe of the study" in report
     assert "changed: images 40, steps 2, batch_size 4, vision_images 60, vision_steps 2, vision_batch_size 8, " \
         "eval_k 3, grounding_captions 2;" in report
     assert "| metric (%) | albef | softmask |" in report and "minimal edits, ITM" in report
@@ -96,7 +96,7 @@ def test_demo_budgets_and_bad_settings_are_checked_before_any_work(tmp_path, cap
 
     out = tmp_path / "demo"
     assert set(BUDGETS) == {"default", "full"} and set(BUDGETS["default"]) == set(BUDGETS["full"])
-    # full: seed 0 of the study in docs/results.md
+    # full: the recipe of the study in docs/results.md
     assert {k: BUDGETS["full"][k] for k in ("steps", "batch_size", "vision_steps", "eval_k", "grounding_captions")} \
         == {"steps": 300, "batch_size": 32, "vision_steps": 600, "eval_k": 16, "grounding_captions": 500}
     with pytest.raises(SystemExit):  # argparse: not one of the choices

@@ -8,7 +8,7 @@
 5. ``OUT/report.md``: the metrics side by side, the loss curves with the ITM prior, the top-5 images each
    model retrieves for a few captions, and Grad-CAM grids comparing what the two models look at.
 
-With its defaults the demo is seed 0 of the study in docs/results.md.
+With `--budget full` the demo runs the study's recipe (docs/results.md), seed 0; the default fits 15 minutes.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "pretrain" / "world_mini.yaml"
 VISION_CONFIG = ROOT / "configs" / "vision" / "world_vit.yaml"
 METHODS = ("albef", "softmask")
-# The demo's budgets. "full": seed 0 of the study in docs/results.md (the world of `softmask world --seed 5`,
+# The demo's budgets. "full": the recipe of the study in docs/results.md (the world of `softmask world --seed 5`,
 # its image encoder pretrained on another world, seed 105, with the first world's held-out pairs left out;
 # ~17 min on 2 cores). "default": the same worlds and recipe cut to fit 15 minutes on 2 cores: fewer
 # image-encoder steps, 28 pairs per step instead of 32 (the same 300 steps and schedule), and an evaluation
@@ -195,8 +195,8 @@ def _budget_words(settings: dict) -> str:
     budget = settings["budget"]
     changed = ", ".join(f"{key} {value}" for key, value in settings.items()
                         if key in BUDGETS[budget] and value != BUDGETS[budget][key])
-    what = ("seed 0 of the study in docs/results.md" if budget == "full" else
-            "`--budget full` runs seed 0 of the study in docs/results.md: more steps, a larger evaluation")
+    what = ("the recipe of the study in docs/results.md" if budget == "full" else
+            "`--budget full` runs the recipe of the study in docs/results.md: more steps, a larger evaluation")
     return f"Budget `{budget}` ({what})" + (f", changed: {changed}" if changed else "")
 
 
