@@ -20,6 +20,17 @@ VISION = ["model.vision.image_size=32", "model.vision.patch_size=8", "model.visi
           "model.vision.num_heads=2", "model.vision.mlp_dim=96"]
 
 
+def _load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def vision_world(tmp_path_factory):
     from softmask.world import generate_world
@@ -68,7 +79,7 @@ def test_excluded_pairs_leave_out_every_image_holding_one(vision_world):
     assert kept.labels["presence"][:, names.index("red circle")].sum() == 0
 
 
-def test_pretrain_vision_learns_and_loads_as_model_vision_init(vision_world, tmp_path, caplog):
+def test_pretrain_vision_learns_and_loads_as_model_vision_init(vision_world, tmp_path, caplog, capsys):
     out = tmp_path / "vit"
     cfg = load_config(None, [f"world={vision_world}", f"output_dir={out}", *VISION, "train.batch_size=32",
                              "train.max_steps=100", "train.warmup_steps=5", "train.lr_peak=2e-3", "train.log_every=10",
@@ -81,6 +92,31 @@ def test_pretrain_vision_learns_and_loads_as_model_vision_init(vision_world, tmp
     assert metrics["acc_colour"] > 40.0
     assert metrics["images"] == 40
     assert json.loads((out / "metrics_test.json").read_text()) == metrics
+    # Shape accuracy split by whether training showed the object's colour-shape pair, computed again here.
+    from softmask.data.transforms import EvalTransform
+    from softmask.world.objects import heldout_pairs_of
+
+    held_out = world_objects(vision_world, "test", 32)
+    encoder = load_image_encoder(out / "model").eval()
+    with torch.no_grad():
+        shape = encoder(EvalTransform(32)(held_out.images), held_out.labels["boxes"])["shape"].argmax(-1)
+    objects = held_out.labels["objects"]
+    valid = objects[..., 0] != -100
+    pairs, colours, shapes = heldout_pairs_of(vision_world), held_out.classes["colour"], held_out.classes["shape"]
+    unseen = torch.tensor([[h >= 0 and (colours[c], shapes[h]) in pairs for h, c in row[:, :2].tolist()]
+                           for row in objects])
+    unseen &= valid
+    right = shape == objects[..., 0]
+    assert unseen.any() and (valid & ~unseen).any()
+    assert metrics["acc_shape_unseen_pairs"] == pytest.approx(100 * right[unseen].float().mean().item())
+    assert metrics["acc_shape_seen_pairs"] == pytest.approx(100 * right[valid & ~unseen].float().mean().item())
+    # The same numbers from the script that scores an encoder on any world's split.
+    bench = _load_script("encoder_on_world.py")
+    assert bench.main(["--encoder", str(out / "model"), "--world", str(vision_world), "--unseen-from",
+                       str(vision_world)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("acc_shape", "acc_shape_seen_pairs", "acc_shape_unseen_pairs", "acc_colour", "images"):
+        assert printed[key] == pytest.approx(metrics[key], abs=0.01)
 
     # The checkpoint loads into a vision-language model through the timm/DeiT path, with a clean report.
     from softmask.models.loading import load_vision_checkpoint

@@ -200,14 +200,17 @@ class ImagePretrainTask(nn.Module):
 @torch.no_grad()
 def evaluate_image_encoder(model: ImageEncoderWithHeads, data: LabelledImages, batch_size: int = 256,
                            device: str | torch.device = "cpu",
-                           confusions: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+                           confusions: dict[str, torch.Tensor] | None = None,
+                           unseen_pairs: set[tuple[str, str]] = frozenset()) -> dict[str, float]:
     """Accuracy (%) on held-out images. World: per attribute over the objects (``acc_shape`` ...), all four
     attributes right (``acc_object``), the presence labels' micro F1 (``presence_f1``), and
     ``relation_probe``: a linear probe on two objects' box-pooled features that tells where the second
     lies from the first (left, right, above, below; chance about 25), trained on half of the held-out
     pairs and scored on the other half (:mod:`softmask.eval.probe`). Folder: ``acc`` (top-1) and
     ``acc_top5``. A ``confusions`` dict given for a world is filled with each attribute's (true, predicted)
-    counts, (values, values) long."""
+    counts, (values, values) long. With ``unseen_pairs`` (the (colour, shape) pairs training never showed),
+    shape accuracy is also split into ``acc_shape_seen_pairs`` and ``acc_shape_unseen_pairs`` (each present
+    when some held-out object is of that kind)."""
     from softmask.data.transforms import EvalTransform
     from softmask.eval.probe import RELATIONS, linear_probe_accuracy, pair_relations
 
@@ -222,6 +225,10 @@ def evaluate_image_encoder(model: ImageEncoderWithHeads, data: LabelledImages, b
 
     tp = fp = fn = 0.0
     pair_features, pair_labels = [], []
+    unseen_table = None
+    if unseen_pairs and "label" not in model.head:  # (colours, shapes) bool: is this pair unseen
+        colours, shapes = data.classes["colour"], data.classes["shape"]
+        unseen_table = torch.tensor([[(c, s) in unseen_pairs for s in shapes] for c in colours], device=device)
     for start in range(0, len(data), batch_size):
         rows = slice(start, start + batch_size)
         pixels = transform(data.images[rows].to(device))
@@ -244,6 +251,11 @@ def evaluate_image_encoder(model: ImageEncoderWithHeads, data: LabelledImages, b
             predicted = logits[a].argmax(-1)
             right = predicted == objects[..., i]
             add(f"acc_{a}", right[valid], int(valid.sum()))
+            if a == "shape" and unseen_table is not None:
+                unseen = valid & unseen_table[objects[..., 1].clamp_min(0), objects[..., 0].clamp_min(0)]
+                for key, chosen in (("seen", valid & ~unseen), ("unseen", unseen)):
+                    if chosen.any():
+                        add(f"acc_shape_{key}_pairs", right[chosen], int(chosen.sum()))
             all_right &= right
             if confusions is not None:
                 n = logits[a].shape[-1]
@@ -311,6 +323,17 @@ def _labelled_data(cfg: Config) -> tuple[LabelledImages, LabelledImages, nn.Modu
     return train_data, held_out, training_transform(size, cfg.data.augment)
 
 
+def _pairs_never_trained_on(cfg: Config) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs no training image of a world run holds: the world's own held-out pairs
+    and those of ``image_pretrain.exclude_heldout_of``; empty for an image folder."""
+    from softmask.world.objects import heldout_pairs_of
+
+    if not cfg.world:
+        return set()
+    excluded = cfg.image_pretrain.exclude_heldout_of
+    return heldout_pairs_of(cfg.world) | (heldout_pairs_of(excluded) if excluded else set())
+
+
 def pretrain_vision(cfg: Config) -> dict[str, float]:
     """Train the image encoder of ``cfg.model.vision`` into ``cfg.output_dir``; returns the held-out
     metrics (also written to ``OUTPUT_DIR/metrics_test.json``)."""
@@ -330,7 +353,8 @@ def pretrain_vision(cfg: Config) -> dict[str, float]:
         torch.manual_seed(cfg.seed + 1 + info.rank)
         train(cfg, task, source, info)
         confusions: dict[str, torch.Tensor] = {}
-        metrics = evaluate_image_encoder(model, held_out, device=info.device, confusions=confusions)
+        metrics = evaluate_image_encoder(model, held_out, device=info.device, confusions=confusions,
+                                         unseen_pairs=_pairs_never_trained_on(cfg))
         if info.is_main:
             out = Path(cfg.output_dir)
             (out / "metrics_test.json").write_text(json.dumps(metrics, indent=2))
