@@ -23,6 +23,17 @@ TINY = {
 }
 
 
+def load_benchmark(name: str):
+    """A script under benchmarks/ imported as a module (they are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_model_config(**changes) -> ModelConfig:
     """The tiny model section; ``changes`` are dotted keys relative to ``model``, e.g. text__num_layers."""
     data = {"embed_dim": TINY["embed_dim"], "vision": dict(TINY["vision"]), "text": dict(TINY["text"])}

@@ -16,19 +16,10 @@ from softmask.data.labelled_images import image_folder
 from softmask.tasks.image_pretrain import box_pool, load_image_encoder, pretrain_vision
 from softmask.world.objects import OBJECT_ATTRIBUTES, presence_names, world_objects
 
+from conftest import load_benchmark
+
 VISION = ["model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=48", "model.vision.depth=2",
           "model.vision.num_heads=2", "model.vision.mlp_dim=96"]
-
-
-def _load_script(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / name
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +102,7 @@ def test_pretrain_vision_learns_and_loads_as_model_vision_init(vision_world, tmp
     assert metrics["acc_shape_unseen_pairs"] == pytest.approx(100 * right[unseen].float().mean().item())
     assert metrics["acc_shape_seen_pairs"] == pytest.approx(100 * right[valid & ~unseen].float().mean().item())
     # The same numbers from the script that scores an encoder on any world's split.
-    bench = _load_script("encoder_on_world.py")
+    bench = load_benchmark("encoder_on_world.py")
     assert bench.main(["--encoder", str(out / "model"), "--world", str(vision_world), "--unseen-from",
                        str(vision_world)]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -6,7 +6,7 @@ import torch
 
 from softmask.eval.retrieval import candidate_pairs, evaluate_retrieval, recall_at_k
 
-from conftest import tiny_model_config
+from conftest import load_benchmark, tiny_model_config
 
 
 def test_recall_on_a_known_matrix():
@@ -99,14 +99,9 @@ def test_first_of_equal_rows():
 
 
 def test_retrieval_benchmark_script_runs(capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval_eval.py"
-    spec = importlib.util.spec_from_file_location("retrieval_eval", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("retrieval_eval.py")
     assert bench.main(["--images", "12", "--k", "3", "--repeats", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["recalls_equal"] is True and result["captions"] == 60 and result["speedup"] > 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("world_study", ROOT / "benchmarks" / "world_study.py")
-world_study = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(world_study)
+world_study = load_benchmark("world_study.py")
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():

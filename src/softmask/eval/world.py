@@ -155,6 +155,9 @@ def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, l
                           f"model, got {layer}")
     if k < 1:
         raise ConfigError(f"k (--k), the retrieval candidates ITM re-ranks, must be at least 1, got {k}")
+    if max_grounding_captions is not None and max_grounding_captions < 1:
+        raise ConfigError("max_grounding_captions (--grounding-captions), the captions grounding scores, must be "
+                          f"at least 1, got {max_grounding_captions}")
     model.eval()
     enc = _Encoder(model, world, tokenizer)
     test = _read(world, "retrieval_test.json")
