@@ -48,7 +48,8 @@ VARIANTS = {
 DEFAULT_VARIANTS = ("albef", "softmask", "soft_masks_only", "focal_itc_only", "augmentation_only")
 # The metrics of the table, in order (keys of `softmask evaluate world`).
 # Training metrics averaged over the last logged steps of each run, added to its metrics as train_<key>.
-TRAIN_KEYS = ("loss_itc", "loss_itm", "loss_itm_soft", "loss_mlm", "temp")
+# loss_itm_pairs: ITM on ordinary pairs only (positives and hard negatives; logged when soft masks add pairs).
+TRAIN_KEYS = ("loss_itc", "loss_itm", "loss_itm_pairs", "loss_itm_soft", "loss_mlm", "temp")
 TABLE_KEYS = ("tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "r_mean", "itc_tr1", "itc_tr10", "itc_ir1", "itc_ir10",
               "itc_r_mean", "itm_all", "itm_salient", "itm_secondary",
               "itm_heldout", *(f"itm_attr_{a}" for a in EDIT_ATTRIBUTES), "itc_all", "itc_salient", "itc_secondary",
@@ -174,8 +175,8 @@ def merge_studies(paths: list[Path]) -> tuple[dict, dict[str, dict[str, dict]]]:
                 if seed in per_run.get(variant, {}):
                     raise ValueError(f"{path}: run {variant} seed {seed} is also in an earlier study")
                 run_dir = Path(path).parent / f"{variant}_s{seed}"
-                if not any(k.startswith("train_") for k in metrics) and (run_dir / "metrics.jsonl").is_file():
-                    metrics = {**metrics, **training_summary(run_dir)}  # a study written before TRAIN_KEYS
+                if (run_dir / "metrics.jsonl").is_file():  # training keys a study written before TRAIN_KEYS lacks
+                    metrics = {**training_summary(run_dir), **metrics}
                 per_run.setdefault(variant, {})[seed] = metrics
         variants.update(settings["variants"])
         failed += settings.get("failed_runs", [])

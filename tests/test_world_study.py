@@ -100,6 +100,16 @@ def test_merging_fills_in_training_losses_from_the_run_folders(tmp_path):
     assert "| train_loss_itc | 3.000 ± 0.000 |" in world_study.table(world_study.summarise(per_run))
 
 
+def test_merging_adds_training_keys_a_study_did_not_record_and_keeps_those_it_did(tmp_path):
+    a = write_fake_study(tmp_path / "a" / "study.json", {"softmask": {"0": {"tr1": 2.0, "train_loss_itc": 9.0}}})
+    rows = [{"step": 50 * i, "loss_itc": 1.0, "loss_itm": 0.5, "loss_itm_pairs": 0.6 + 0.01 * i} for i in (1, 2, 3, 4)]
+    (tmp_path / "a" / "softmask_s0").mkdir()
+    (tmp_path / "a" / "softmask_s0" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    metrics = world_study.merge_studies([a])[1]["softmask"]["0"]
+    assert metrics["train_loss_itc"] == 9.0  # what the study recorded wins
+    assert metrics["train_loss_itm_pairs"] == pytest.approx(0.63)  # added: the mean of the last three
+
+
 def test_merging_names_a_file_that_is_not_a_study(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"runs": {}}')
