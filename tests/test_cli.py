@@ -144,3 +144,22 @@ def test_itm_prior_is_the_entropy_of_the_share_of_positives():
 
     assert itm_prior(0.0) == pytest.approx(0.6365, abs=1e-4)  # 1 positive, 2 negatives per image
     assert itm_prior(1.0) == pytest.approx(0.6931, abs=1e-4)  # + 1 soft-masked positive: half are positives
+
+
+def test_the_itm_panel_shows_softmask_ordinary_pairs_against_their_own_prior(tmp_path):
+    from softmask.demo import itm_extra_lines, plot_losses
+
+    albef = [{"step": s, "loss_itm": 0.6} for s in (25, 50)]
+    softmask = [{"step": s, "loss_itm": 0.47, "soft_mask_share": 1.0, "loss_itm_pairs": p}
+                for s, p in ((25, 0.64), (50, 0.63))]
+    assert [line[0] for line in itm_extra_lines("albef", albef)] == ["albef: prior 0.637"]
+    (prior, _, value, _), (label, steps, values, _) = itm_extra_lines("softmask", softmask)
+    assert prior == "softmask: prior 0.693" and value == [pytest.approx(0.6931, abs=1e-4)]
+    assert label == "softmask: ordinary pairs (prior 0.637)" and steps == [25, 50] and values == [0.64, 0.63]
+    runs = {}
+    for name, rows in (("albef", albef), ("softmask", softmask)):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        keys = {"loss": 1.0, "loss_itc": 2.0, "loss_mlm": 3.0}
+        (runs[name] / "metrics.jsonl").write_text("".join(json.dumps({**keys, **r}) + "\n" for r in rows))
+    assert plot_losses(runs, tmp_path / "losses.png").stat().st_size > 0

@@ -74,12 +74,26 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def itm_extra_lines(name: str, rows: list[dict]) -> list[tuple[str, list[int], list[float], str]]:
+    """What the ITM panel draws for a run besides its loss: ``(label, steps, values, linestyle)``, with no
+    steps for a horizontal line. Always the run's prior (:func:`itm_prior`, dashed); for a run with soft
+    masks (it logs ``loss_itm_pairs``) also the loss on its ordinary pairs (dotted), whose prior is ALBEF's:
+    its total falls under its own prior through the soft-masked pairs alone."""
+    shares = [r.get("soft_mask_share", 0.0) for r in rows]
+    prior = itm_prior(sum(shares) / max(1, len(shares)))
+    lines = [(f"{name}: prior {prior:.3f}", [], [prior], "--")]
+    if rows and all("loss_itm_pairs" in r for r in rows):
+        lines.append((f"{name}: ordinary pairs (prior {itm_prior(0.0):.3f})", [r["step"] for r in rows],
+                      [r["loss_itm_pairs"] for r in rows], ":"))
+    return lines
+
+
 def plot_losses(runs: dict[str, Path], out: Path) -> Path:
     """loss, loss_itc, loss_itm, loss_mlm against step for every run, one panel each; the ITM panel
-    draws each run's prior (:func:`itm_prior`) as a dashed line."""
+    adds each run's prior and, with soft masks, its ordinary pairs' loss (:func:`itm_extra_lines`)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 3.2))
+    fig = Figure(figsize=(12, 4.4))
     keys = ("loss", "loss_itc", "loss_itm", "loss_mlm")
     for panel, key in enumerate(keys):
         ax = fig.add_subplot(1, len(keys), panel + 1)
@@ -87,14 +101,15 @@ def plot_losses(runs: dict[str, Path], out: Path) -> Path:
             rows = _rows(run / "metrics.jsonl")
             line, = ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
             if key == "loss_itm":
-                shares = [r.get("soft_mask_share", 0.0) for r in rows]
-                prior = itm_prior(sum(shares) / max(1, len(shares)))
-                ax.axhline(prior, color=line.get_color(), linestyle="--", linewidth=1,
-                           label=f"{name}: prior {prior:.3f}")
+                for label, steps, values, style in itm_extra_lines(name, rows):
+                    if steps:
+                        ax.plot(steps, values, color=line.get_color(), linestyle=style, linewidth=1, label=label)
+                    else:
+                        ax.axhline(values[0], color=line.get_color(), linestyle=style, linewidth=1, label=label)
         ax.set_title(key)
         ax.set_xlabel("step")
-        if key == "loss_itm":
-            ax.legend(fontsize=7)
+        if key == "loss_itm":  # below the panel: inside, it would hide the curves near the prior
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1)
     fig.axes[0].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=90)
