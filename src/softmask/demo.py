@@ -5,8 +5,9 @@
 3. ``softmask pretrain`` with ``method: albef`` and ``method: softmask`` (configs/pretrain/world_mini.yaml:
    that ViT and the first layers of the MiniLM BERT), same seed and budget, side by side;
 4. ``softmask evaluate world`` of both on the first world's test split;
-5. ``OUT/report.md``: the metrics side by side, the loss curves with the ITM prior, the top-5 images each
-   model retrieves for a few captions, and Grad-CAM grids comparing what the two models look at.
+5. ``OUT/report.md``: the metrics side by side, the loss curves with the ITM prior (and the ordinary pairs'
+   loss of a run with soft masks), the top-5 images each model retrieves for a few captions, and Grad-CAM
+   grids comparing what the two models look at.
 
 With `--budget full` the demo runs the study's recipe (docs/results.md), seed 0; the default fits 15 minutes.
 """
@@ -185,6 +186,8 @@ def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures:
               "text retrieval counts any of the image's captions). The ITM prior is the loss of a head that only "
               "knows how often pairs match.", "",
               "## Training losses", "", "![losses](losses.png)", "",
+              "In the ITM panel, dashed: each run's prior; dotted: the loss of a run with soft masks on its ordinary "
+              "pairs (each image with its caption and two hard negatives), whose prior is ALBEF's.", "",
               "## What each model retrieves", "",
               "For a few test captions, the five images each model ranks first (ITC candidates re-ranked by ITM); "
               "the caption's own image is framed in green.", "", "![retrieval](retrieval.png)", "",
