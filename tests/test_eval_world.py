@@ -65,3 +65,47 @@ def test_minimal_edits_count_every_distractor(world, model, monkeypatch):
     enc = world_eval._Encoder(model, world)
     metrics = minimal_edit_accuracy(model, enc, items)
     assert metrics["itm_all"] == 100.0
+
+
+def test_mlm_reads_image_masks_one_group_word_per_caption_and_scores_it(world, model, monkeypatch):
+    import json
+    import random
+    from collections import Counter
+
+    from softmask.data.text import open_tokenizer
+
+    from conftest import load_benchmark
+
+    bench = load_benchmark("mlm_reads_image.py")
+    test = json.loads((world / "annotations" / "retrieval_test.json").read_text())
+    items = bench.masked_items(test, 50, random.Random(1))
+    for group in ("colour", "shape", "relation"):
+        assert 0 < len(items[group]) <= 50
+        assert all(word in bench.WORD_GROUPS[group] and word in caption.lower() for _, caption, word in items[group])
+    # A model whose MLM always prefers the commonest masked colour: right exactly on the items whose masked
+    # word it is, with either image.
+    top, count = Counter(word for _, _, word in items["colour"]).most_common(1)[0]
+    assert count < len(items["colour"])
+    top_id = open_tokenizer("").wordpiece.get_vocab()[top]
+    real = model.mlm_logits
+
+    def prefer_top(fused):
+        logits = real(fused)
+        logits[..., top_id] = 1e6
+        return logits
+
+    seen_ids = []
+    real_text = model.encode_text
+
+    def record_text(ids, mask):
+        seen_ids.append(ids.clone())
+        return real_text(ids, mask)
+
+    monkeypatch.setattr(model, "mlm_logits", prefer_top)
+    monkeypatch.setattr(model, "encode_text", record_text)
+    result = bench.masked_word_accuracy(model, world, per_group=50, seed=1)
+    mask_id = open_tokenizer("").special["mask"]
+    assert all(((ids == mask_id).sum(1) == 1).all() for ids in seen_ids)  # one word masked per caption
+    assert {g: result[f"{g}_n"] for g in items} == {g: len(v) for g, v in items.items()}
+    share = round(100.0 * count / len(items["colour"]), 1)
+    assert result["colour_right"] == result["colour_shuffled"] == share

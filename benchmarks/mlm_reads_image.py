@@ -1,0 +1,90 @@
+"""What a pretrained model's fusion reads from the image: MLM on one masked word of each world test caption,
+with the caption's own image vs a random other one.
+
+    python benchmarks/mlm_reads_image.py --checkpoint RUN --world WORLD [--per-group 600] [--seed 0]
+
+For each word group (colour, shape, relation) it takes the test captions holding a word of the group,
+masks one such word per caption (the first ``--per-group`` captions), and predicts it from the fused MLM
+logits at the mask, argmax over the group's words only. Printed as JSON: ``<group>_right`` and
+``<group>_shuffled`` (% right with the own / a random other test image) and ``<group>_n``. A group whose
+two numbers agree is guessed from the text alone: the fusion does not read it from the image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from softmask.eval.world import _Encoder
+from softmask.inference import load_model
+from softmask.world.vocab import COLOURS, SHAPES
+
+# The single words that name each group's values in captions (relation phrases by their key word).
+WORD_GROUPS = {"colour": tuple(COLOURS), "shape": SHAPES,
+               "relation": ("left", "right", "above", "below", "higher", "lower", "bigger", "smaller", "larger")}
+
+
+def masked_items(test: list[dict], per_group: int, rng: random.Random) -> dict[str, list[tuple[str, str, str]]]:
+    """{group: [(image, caption, masked word)]}: each caption holding a word of a group gives one item per
+    group, the word drawn at random among its words of that group; the first ``per_group`` per group."""
+    items: dict[str, list[tuple[str, str, str]]] = {group: [] for group in WORD_GROUPS}
+    for record in test:
+        for caption in record["caption"]:
+            words = caption.lower().rstrip(".").split()
+            for group, names in WORD_GROUPS.items():
+                found = [w for w in words if w in names]
+                if found and len(items[group]) < per_group:
+                    items[group].append((record["image"], caption, rng.choice(found)))
+    return items
+
+
+@torch.no_grad()
+def masked_word_accuracy(model, world: str | Path, per_group: int = 600, seed: int = 0,
+                         batch_size: int = 128) -> dict[str, float]:
+    """See the module docstring; ``model`` a VisionLanguageModel in eval mode."""
+    world = Path(world)
+    rng = random.Random(seed)
+    test = json.loads((world / "annotations" / "retrieval_test.json").read_text())
+    enc = _Encoder(model, world)
+    vocab = enc.tokenizer.wordpiece.get_vocab()
+    mask_id = enc.tokenizer.special["mask"]
+    images = [record["image"] for record in test]
+    out: dict[str, float] = {}
+    for group, items in masked_items(test, per_group, rng).items():
+        candidates = torch.tensor([vocab[w] for w in WORD_GROUPS[group]])
+        for condition in ("right", "shuffled"):
+            hits = 0
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                shown = [image if condition == "right" else rng.choice([i for i in images if i != image])
+                         for image, _, _ in chunk]
+                ids, mask = enc.text([caption for _, caption, _ in chunk])
+                targets = torch.tensor([vocab[word] for _, _, word in chunk])
+                positions = (ids == targets[:, None]).int().argmax(1)  # the word's first occurrence
+                ids[torch.arange(len(chunk)), positions] = mask_id
+                fused = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(enc.pixels(shown)))
+                logits = model.mlm_logits(fused)[torch.arange(len(chunk)), positions][:, candidates]
+                hits += int((candidates[logits.argmax(-1)] == targets).sum())
+            out[f"{group}_{condition}"] = round(100.0 * hits / max(1, len(items)), 1)
+        out[f"{group}_n"] = len(items)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a `softmask pretrain` run folder or checkpoint")
+    parser.add_argument("--world", required=True, help="a folder written by `softmask world`")
+    parser.add_argument("--per-group", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    model = load_model(args.checkpoint)[0].eval()
+    print(json.dumps(masked_word_accuracy(model, args.world, args.per_group, args.seed)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
