@@ -21,11 +21,14 @@ import torch
 
 from softmask.eval.world import _Encoder
 from softmask.inference import load_model
-from softmask.world.vocab import COLOURS, SHAPES
+from softmask.world.vocab import COLOURS, RELATION_WORDS, SHAPES
 
-# The single words that name each group's values in captions (relation phrases by their key word).
+# The words that name each group's values in captions: canonical colours and shapes, and each relation
+# phrase's key word ("left" of "to the left of"; the phrases' function words say nothing about the image).
+_FUNCTION_WORDS = {"to", "the", "on", "of", "than"}
 WORD_GROUPS = {"colour": tuple(COLOURS), "shape": SHAPES,
-               "relation": ("left", "right", "above", "below", "higher", "lower", "bigger", "smaller", "larger")}
+               "relation": tuple(dict.fromkeys(w for phrases in RELATION_WORDS.values() for phrase in phrases
+                                               for w in phrase if w not in _FUNCTION_WORDS))}
 
 
 def masked_items(test: list[dict], per_group: int, rng: random.Random) -> dict[str, list[tuple[str, str, str]]]:

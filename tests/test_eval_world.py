@@ -86,7 +86,8 @@ def test_mlm_reads_image_masks_one_group_word_per_caption_and_scores_it(world, m
     # word it is, with either image.
     top, count = Counter(word for _, _, word in items["colour"]).most_common(1)[0]
     assert count < len(items["colour"])
-    top_id = open_tokenizer("").wordpiece.get_vocab()[top]
+    tokenizer = open_tokenizer("")
+    top_id = tokenizer.wordpiece.get_vocab()[top]
     real = model.mlm_logits
 
     def prefer_top(fused):
@@ -104,8 +105,8 @@ def test_mlm_reads_image_masks_one_group_word_per_caption_and_scores_it(world, m
     monkeypatch.setattr(model, "mlm_logits", prefer_top)
     monkeypatch.setattr(model, "encode_text", record_text)
     result = bench.masked_word_accuracy(model, world, per_group=50, seed=1)
-    mask_id = open_tokenizer("").special["mask"]
-    assert all(((ids == mask_id).sum(1) == 1).all() for ids in seen_ids)  # one word masked per caption
+    # One word masked per caption.
+    assert all(((ids == tokenizer.special["mask"]).sum(1) == 1).all() for ids in seen_ids)
     assert {g: result[f"{g}_n"] for g in items} == {g: len(v) for g, v in items.items()}
     share = round(100.0 * count / len(items["colour"]), 1)
     assert result["colour_right"] == result["colour_shuffled"] == share
