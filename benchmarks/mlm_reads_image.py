@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from softmask.checkpoint_files import CheckpointError
+from softmask.config import ConfigError
 from softmask.eval.world import _Encoder
 from softmask.inference import load_model
 from softmask.world.vocab import COLOURS, RELATION_WORDS, SHAPES
@@ -84,7 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-group", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    model = load_model(args.checkpoint)[0].eval()
+    test = Path(args.world) / "annotations" / "retrieval_test.json"
+    if not test.is_file():
+        parser.error(f"--world {args.world}: no annotations/retrieval_test.json (not a folder written by "
+                     "`softmask world`)")
+    try:
+        model = load_model(args.checkpoint)[0].eval()
+    except (CheckpointError, ConfigError, OSError) as err:
+        parser.error(f"--checkpoint {args.checkpoint}: {err}")
     print(json.dumps(masked_word_accuracy(model, args.world, args.per_group, args.seed)))
     return 0
 

@@ -110,3 +110,14 @@ def test_mlm_reads_image_masks_one_group_word_per_caption_and_scores_it(world, m
     assert {g: result[f"{g}_n"] for g in items} == {g: len(v) for g, v in items.items()}
     share = round(100.0 * count / len(items["colour"]), 1)
     assert result["colour_right"] == result["colour_shuffled"] == share
+
+
+def test_mlm_reads_image_names_a_wrong_world_or_checkpoint(world, tmp_path, capsys):
+    from conftest import load_benchmark
+
+    bench = load_benchmark("mlm_reads_image.py")
+    for argv, message in ((["--checkpoint", str(tmp_path), "--world", str(tmp_path)], "not a folder written by"),
+                          (["--checkpoint", str(tmp_path / "none"), "--world", str(world)], "--checkpoint")):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
