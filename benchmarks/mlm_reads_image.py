@@ -3,11 +3,13 @@ with the caption's own image vs a random other one.
 
     python benchmarks/mlm_reads_image.py --checkpoint RUN --world WORLD [--per-group 600] [--seed 0]
 
-For each word group (colour, shape, relation) it takes the test captions holding a word of the group,
-masks one such word per caption (the first ``--per-group`` captions), and predicts it from the fused MLM
-logits at the mask, argmax over the group's words only. Printed as JSON: ``<group>_right`` and
-``<group>_shuffled`` (% right with the own / a random other test image) and ``<group>_n``. A group whose
-two numbers agree is guessed from the text alone: the fusion does not read it from the image.
+For each word group (colour, shape, size, pattern, relation) it takes the test captions holding a word of
+the group, masks one such word per caption (the first ``--per-group`` captions), and predicts it from the
+fused MLM logits at the mask, argmax over the group's words only; the prediction is right when it names
+the same value as the masked word (a synonym counts: "big" for "large", "spots" for "dots"). Printed as
+JSON: ``<group>_right`` and ``<group>_shuffled`` (% right with the own / a random other test image),
+``<group>_n`` and ``<group>_gap`` (right - shuffled, in points). A group whose two numbers agree is
+guessed from the text alone: the fusion does not read it from the image.
 """
 
 from __future__ import annotations
@@ -23,14 +25,20 @@ from softmask.checkpoint_files import CheckpointError
 from softmask.config import ConfigError
 from softmask.eval.world import _Encoder
 from softmask.inference import load_model
-from softmask.world.vocab import COLOURS, RELATION_WORDS, SHAPES
+from softmask.world.vocab import PATTERN_NOUNS, RELATION_WORDS, SYNONYMS
 
-# The words that name each group's values in captions: canonical colours and shapes, and each relation
-# phrase's key word ("left" of "to the left of"; the phrases' function words say nothing about the image).
+# The words that name each group's values in captions, each mapped to the value it names: every synonym of
+# an attribute value (and the pattern nouns of "with stripes"), and each relation phrase's key word ("left"
+# of "to the left of"; the phrases' function words say nothing about the image).
 _FUNCTION_WORDS = {"to", "the", "on", "of", "than"}
-WORD_GROUPS = {"colour": tuple(COLOURS), "shape": SHAPES,
-               "relation": tuple(dict.fromkeys(w for phrases in RELATION_WORDS.values() for phrase in phrases
-                                               for w in phrase if w not in _FUNCTION_WORDS))}
+WORD_GROUPS: dict[str, dict[str, str]] = {
+    **{attribute: {word: value for value, words in SYNONYMS[attribute].items() for word in words}
+       for attribute in ("colour", "shape", "size")},
+    "pattern": {word: value for value, words in (*SYNONYMS["pattern"].items(), *PATTERN_NOUNS.items())
+                for word in words},
+    "relation": {word: relation for relation, phrases in RELATION_WORDS.items() for phrase in phrases
+                 for word in phrase if word not in _FUNCTION_WORDS},
+}
 
 
 def masked_items(test: list[dict], per_group: int, rng: random.Random) -> dict[str, list[tuple[str, str, str]]]:
@@ -60,7 +68,9 @@ def masked_word_accuracy(model, world: str | Path, per_group: int = 600, seed: i
     images = [record["image"] for record in test]
     out: dict[str, float] = {}
     for group, items in masked_items(test, per_group, rng).items():
-        candidates = torch.tensor([vocab[w] for w in WORD_GROUPS[group]])
+        words = list(WORD_GROUPS[group])
+        candidates = torch.tensor([vocab[w] for w in words])
+        value_of = torch.tensor([sorted(set(WORD_GROUPS[group].values())).index(WORD_GROUPS[group][w]) for w in words])
         for condition in ("right", "shuffled"):
             hits = 0
             for start in range(0, len(items), batch_size):
@@ -69,13 +79,15 @@ def masked_word_accuracy(model, world: str | Path, per_group: int = 600, seed: i
                          for image, _, _ in chunk]
                 ids, mask = enc.text([caption for _, caption, _ in chunk])
                 targets = torch.tensor([vocab[word] for _, _, word in chunk])
+                target_values = value_of[[words.index(word) for _, _, word in chunk]]
                 positions = (ids == targets[:, None]).int().argmax(1)  # the word's first occurrence
                 ids[torch.arange(len(chunk)), positions] = mask_id
                 fused = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(enc.pixels(shown)))
                 logits = model.mlm_logits(fused)[torch.arange(len(chunk)), positions][:, candidates]
-                hits += int((candidates[logits.argmax(-1)] == targets).sum())
+                hits += int((value_of[logits.argmax(-1)] == target_values).sum())
             out[f"{group}_{condition}"] = round(100.0 * hits / max(1, len(items)), 1)
         out[f"{group}_n"] = len(items)
+        out[f"{group}_gap"] = round(out[f"{group}_right"] - out[f"{group}_shuffled"], 1)
     return out
 
 

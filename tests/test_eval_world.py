@@ -79,7 +79,7 @@ def test_mlm_reads_image_masks_one_group_word_per_caption_and_scores_it(world, m
     bench = load_benchmark("mlm_reads_image.py")
     test = json.loads((world / "annotations" / "retrieval_test.json").read_text())
     items = bench.masked_items(test, 50, random.Random(1))
-    for group in ("colour", "shape", "relation"):
+    for group in ("colour", "shape", "size", "pattern", "relation"):
         assert 0 < len(items[group]) <= 50
         assert all(word in bench.WORD_GROUPS[group] and word in caption.lower() for _, caption, word in items[group])
     # A model whose MLM always prefers the commonest masked colour: right exactly on the items whose masked
@@ -87,12 +87,14 @@ def test_mlm_reads_image_masks_one_group_word_per_caption_and_scores_it(world, m
     top, count = Counter(word for _, _, word in items["colour"]).most_common(1)[0]
     assert count < len(items["colour"])
     tokenizer = open_tokenizer("")
-    top_id = tokenizer.wordpiece.get_vocab()[top]
+    vocab = tokenizer.wordpiece.get_vocab()
+    top_id = vocab[top]
     real = model.mlm_logits
 
-    def prefer_top(fused):
+    def prefer_top(fused):  # ... and "big" among the size words: right wherever the masked word names "large"
         logits = real(fused)
         logits[..., top_id] = 1e6
+        logits[..., vocab["big"]] = 1e6
         return logits
 
     seen_ids = []
@@ -109,7 +111,10 @@ def test_mlm_reads_image_masks_one_group_word_per_caption_and_scores_it(world, m
     assert all(((ids == tokenizer.special["mask"]).sum(1) == 1).all() for ids in seen_ids)
     assert {g: result[f"{g}_n"] for g in items} == {g: len(v) for g, v in items.items()}
     share = round(100.0 * count / len(items["colour"]), 1)
-    assert result["colour_right"] == result["colour_shuffled"] == share
+    assert result["colour_right"] == result["colour_shuffled"] == share and result["colour_gap"] == 0.0
+    large = sum(word in ("large", "big") for _, _, word in items["size"])
+    assert 0 < large < len(items["size"]) and any(word == "large" for _, _, word in items["size"])
+    assert result["size_right"] == result["size_shuffled"] == round(100.0 * large / len(items["size"]), 1)
 
 
 def test_mlm_reads_image_names_a_wrong_world_or_checkpoint(world, tmp_path, capsys):

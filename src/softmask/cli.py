@@ -257,12 +257,13 @@ def cmd_world(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         summary = generate_world(args.out, images=args.images, size=args.size, seed=args.seed, shards=args.shards,
-                                 workers=args.workers, max_objects=args.max_objects)
+                                 workers=args.workers, max_objects=args.max_objects,
+                                 held_out_pairs=args.held_out_pairs)
     except ValueError as exc:  # a bad argument: one line, like the other errors
         print(f"softmask: error: {exc}", file=sys.stderr)
         return 2
     splits = ", ".join(f"{n} {name}" for name, n in summary["splits"].items())
-    pairs = ", ".join(" ".join(pair) for pair in summary["heldout_pairs"])
+    pairs = ", ".join(" ".join(pair) for pair in summary["heldout_pairs"]) or "no pair"
     print(f"wrote {summary['images']} images ({splits}) at {summary['size']} px to {args.out} "
           f"in {time.perf_counter() - start:.1f} s; held out of train/val: {pairs}")
     if summary["shards"]:
@@ -413,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--workers", type=int, default=None, help="drawing processes (default: up to 2)")
     world.add_argument("--max-objects", type=int, default=4,
                        help="at most this many objects per image, 1-4 (an easier world for a first curriculum stage)")
+    world.add_argument("--held-out-pairs", type=int, default=4, metavar="N",
+                       help="(colour, shape) pairs kept out of train/val, 0-6 (0: every pair is trained on, as for "
+                            "the world that pretrains the image encoder)")
     world.set_defaults(func=cmd_world)
     return parser
 

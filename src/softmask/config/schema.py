@@ -240,11 +240,18 @@ class TrainConfig:
     save_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
     keep_last: int = 3
     max_nonfinite: int = 10  # consecutive non-finite losses that stop the run
+    # Ours, off (0) in the paper's configs: the lowest layers of the image encoder kept as loaded, neither
+    # trained nor back-propagated through: 1 = its patch embedding (the stem), k > 1 = also its position
+    # embeddings, [CLS] and first k - 1 transformer blocks. A cheaper step when the encoder was pretrained
+    # on the same kind of images (the synthetic world's recipe); ALBEF trains every layer.
+    frozen_image_layers: int = 0
 
     def validate(self, key: str) -> None:
         if self.cross_attention_lr_scale <= 0:
             raise ConfigError(f"{key}.cross_attention_lr_scale must be > 0, got {self.cross_attention_lr_scale}")
         _positive(self, key, "batch_size", "grad_accum", "log_every", "save_every", "keep_last", "max_nonfinite")
+        if self.frozen_image_layers < 0:
+            raise ConfigError(f"{key}.frozen_image_layers must be >= 0, got {self.frozen_image_layers}")
         if self.epochs < 0 or self.max_steps < 0 or (self.epochs == 0 and self.max_steps == 0):
             raise ConfigError(f"{key}: set {key}.epochs or {key}.max_steps to a positive number")
         for name in ("lr_start", "lr_peak", "lr_end"):
@@ -485,6 +492,9 @@ class Config:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
         self._resolve_method_switches()
+        if self.train.frozen_image_layers > self.model.vision.depth + 1:
+            raise ConfigError(f"train.frozen_image_layers ({self.train.frozen_image_layers}) can be at most "
+                              f"model.vision.depth + 1 ({self.model.vision.depth + 1}: the stem and every block)")
         if self.data.max_tokens > self.model.text.max_positions:
             raise ConfigError(f"data.max_tokens ({self.data.max_tokens}) exceeds model.text.max_positions "
                               f"({self.model.text.max_positions})")

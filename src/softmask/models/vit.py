@@ -191,6 +191,18 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def freeze_lowest(self, layers: int) -> None:
+        """Turn off the gradient of the lowest ``layers`` layers (``train.frozen_image_layers``): 1 = the patch
+        embedding, k > 1 = also the position embeddings, [CLS] and the first k - 1 blocks. Nothing below a
+        frozen layer trains, so autograd neither stores activations for them nor back-propagates there."""
+        if not 0 <= layers <= len(self.blocks) + 1:
+            raise ValueError(f"cannot freeze {layers} image-encoder layers: it has a stem and {len(self.blocks)} blocks")
+        parts: list[nn.Module | nn.Parameter] = [self.patch_embed] if layers else []
+        if layers > 1:
+            parts += [self.pos_embed, self.cls_token, *self.blocks[:layers - 1]]
+        for part in parts:
+            part.requires_grad_(False)
+
     def forward(self, pixels: torch.Tensor, patch_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``patch_scale`` (B, N), optional: multiplies each patch embedding before the position
         embeddings are added (SoftMask's ``apply_to: patch_embeddings``)."""

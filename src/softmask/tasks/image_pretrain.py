@@ -341,6 +341,9 @@ def pretrain_vision(cfg: Config) -> dict[str, float]:
 
     if cfg.model.vision.init:
         raise ConfigError("pretrain-vision starts from random weights; model.vision.init must be empty")
+    if cfg.train.frozen_image_layers:
+        raise ConfigError("pretrain-vision trains every layer of the image encoder; train.frozen_image_layers "
+                          "must be 0")
     info = dist.init_distributed()
     try:
         train_data, held_out, transform = _labelled_data(cfg)

@@ -13,10 +13,13 @@ from softmask.train.schedule import ramped_alpha
 class DistilledTask(nn.Module):
     """``cfg``, the trained ``model``, its frozen momentum copy (None with ``momentum=False``) and the
     distillation ramp. The training loop calls :meth:`momentum_update` once after every optimiser step
-    (never inside ``forward``: with gradient accumulation that would move it once per micro-batch)."""
+    (never inside ``forward``: with gradient accumulation that would move it once per micro-batch).
+    ``train.frozen_image_layers`` is applied here, before the copy."""
 
     def __init__(self, cfg: Config, model: nn.Module, alpha_warmup_steps: int, momentum: bool = True):
         super().__init__()
+        if cfg.train.frozen_image_layers:
+            model.visual_encoder.freeze_lowest(cfg.train.frozen_image_layers)
         self.cfg = cfg
         self.model = model
         self.momentum_model = momentum_copy(model) if momentum else None

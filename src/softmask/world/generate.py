@@ -33,7 +33,16 @@ from softmask.world import vocab
 from softmask.world.captions import make_captions
 from softmask.world.pairs import nlvr_items, text_assignment_items
 from softmask.world.render import encode_png
-from softmask.world.scene import MAX_OBJECTS, SPLIT_NAMES, heldout_pairs, image_random, make_scene, world_random
+from softmask.world.scene import (
+    HELD_OUT_PAIRS,
+    MAX_OBJECTS,
+    SPLIT_NAMES,
+    heldout_pairs,
+    image_random,
+    make_scene,
+    world_random,
+)
+from softmask.world.vocab import SHAPES
 from softmask.world.tasks import minimal_edit_items, ve_items, vqa_items
 
 FORMAT_VERSION = 1
@@ -158,7 +167,7 @@ def _check_arguments(images: int, size: int, seed: int, workers: int | None) -> 
 
 def generate_world(out_dir: str | os.PathLike, images: int = 10000, size: int = 128, seed: int = 0,
                    shards: bool = False, workers: int | None = None, samples_per_shard: int = 1000,
-                   max_objects: int = MAX_OBJECTS) -> dict:
+                   max_objects: int = MAX_OBJECTS, held_out_pairs: int = HELD_OUT_PAIRS) -> dict:
     """Generate the synthetic image-caption world into ``out_dir``.
 
     Writes ``images/NNNNNN.png``, ``annotations/*.json`` (pretrain, retrieval, VQA, VE, NLVR, text
@@ -177,6 +186,9 @@ def generate_world(out_dir: str | os.PathLike, images: int = 10000, size: int = 
         max_objects: at most this many objects per image (1-4; fewer makes an easier world, e.g. a
             first curriculum stage); the default 4 keeps the full world. Other images stay the same:
             each image's count is drawn as usual and then capped.
+        held_out_pairs: how many (colour, shape) pairs appear only in test images (0-6; distinct colours
+            and shapes). 0 shows every pair in training: a world for pretraining the image encoder,
+            the stand-in for ImageNet, which has seen every combination a caption can name.
 
     Returns:
         A summary: seed, size, images per split, the held-out (colour, shape) pairs, records per file,
@@ -188,7 +200,9 @@ def generate_world(out_dir: str | os.PathLike, images: int = 10000, size: int = 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
-    heldout = heldout_pairs(seed)
+    if not 0 <= held_out_pairs <= len(SHAPES):
+        raise ValueError(f"held_out_pairs must be in [0, {len(SHAPES)}], got {held_out_pairs}")
+    heldout = heldout_pairs(seed, held_out_pairs)
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     results = _run_jobs([(str(out), seed, index, size, heldout, max_objects) for index in range(images)], workers)
     files = _annotation_files(results, seed, heldout)

@@ -53,7 +53,10 @@ def forces_heldout(index: int) -> bool:
     return split_of(index) == "test" and (index // 10) % 2 == 0
 
 
-def heldout_pairs(seed: int, count: int = 4) -> list[tuple[str, str]]:
+HELD_OUT_PAIRS = 4  # (colour, shape) pairs a world keeps out of train/val by default
+
+
+def heldout_pairs(seed: int, count: int = HELD_OUT_PAIRS) -> list[tuple[str, str]]:
     """The (colour, shape) pairs kept out of train/val images, chosen from the seed.
 
     The pairs use distinct colours and distinct shapes, so every colour and every shape still occurs in
@@ -230,7 +233,7 @@ def _sample_objects(r: random.Random, index: int, size: int, heldout: list[tuple
     ``max_objects`` of them (the count is drawn as usual, then capped)."""
     split = split_of(index)
     allowed = [(c, s) for c in COLOURS for s in SHAPES if split == "test" or (c, s) not in heldout]
-    forced = r.choice(heldout) if forces_heldout(index) else None
+    forced = r.choice(heldout) if heldout and forces_heldout(index) else None
     count = min(r.choices(OBJECT_COUNTS, weights=COUNT_WEIGHTS)[0], max_objects)
     objects = [_new_object(r, size, c, s) for c, s in _pick_pairs(r, count, allowed, forced)]
     while True:
