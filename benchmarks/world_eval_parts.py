@@ -29,7 +29,7 @@ def main() -> None:
     model, _ = load_model(args.checkpoint)
     model.eval()
     world = Path(args.world)
-    enc = W._Encoder(model, world)
+    enc = W.WorldEncoder(model, world)
     test = W._read(world, "retrieval_test.json")
     captions = [c for r in test for c in r["caption"]]
     text_to_image = np.repeat(np.arange(len(test)), [len(r["caption"]) for r in test])

@@ -40,16 +40,24 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
     out = tmp_path / "demo"
     args = ["-q", "demo", "--out", str(out), "--images", "40", "--steps", "2", "--batch-size", "4",
             "--vision-images", "60", "--vision-steps", "2", "--vision-batch-size", "8", "--eval-k", "3",
-            "--grounding-captions", "2", "itc.queue_size=8", "data.augment.crop_scale=[0.9,1.0]"]
+            "--grounding-captions", "2", "--mlm-captions", "3", "itc.queue_size=8", "data.augment.crop_scale=[0.9,1.0]"]
     assert main(args) == 0
     report = (out / "report.md").read_text()
     assert "re-ranks ITC's top 3 of every query by ITM, grounding scores the first 2 captions" in report
     assert "Budget `default` (`--budget full` runs the recipe of the study" in report
     assert "changed: images 40, steps 2, batch_size 4, vision_images 60, vision_steps 2, vision_batch_size 8, " \
-        "eval_k 3, grounding_captions 2;" in report
+        "eval_k 3, grounding_captions 2, mlm_captions 3;" in report
     assert "| metric (%) | albef | softmask |" in report and "minimal edits, ITM" in report
     assert "... colour edited" in report and "softmask pretrain --config" in report
-    assert "softmask pretrain-vision --config" in report and "Image encoder, held-out accuracy (%): shape" in report
+    assert "softmask pretrain-vision --config" in report and "Image encoder, all held-out measures (%): shape" in report
+    # The table per attribute: encoder, MLM own / shuffled image per model, edits by ITM and ITC per model.
+    table = [line for line in report.splitlines() if line.startswith(("| colour (12.5, 12.5, 50) |",
+                                                                        "| relation (25, 16.7, 50) |"))]
+    assert len(table) == 2 and all(len(line.split("|")) == 2 + 1 + 1 + 2 * 3 for line in table), table
+    assert "--held-out-pairs 0" in report  # the image encoder's world shows every colour-shape pair
+    assert json.loads((out / "world" / "world.json").read_text())["heldout_pairs"]
+    assert json.loads((out / "vision_world" / "world.json").read_text())["heldout_pairs"] == []
+    assert (out / "vision" / "metrics_vl_world.json").is_file()  # the encoder scored on the first world's test split
     assert "ITM training loss (last logged steps) |" in report and "(prior 0.637)" in report
     # Its first lines say, per method, whether ITM left its prior (two steps: it did not).
     verdicts = [line for line in report.splitlines()[:6] if line.startswith("- **ITM ")]

@@ -25,10 +25,15 @@ def model():
 
 
 def test_world_metrics_are_complete_and_in_range(world, model):
-    metrics = evaluate_world(model, world, k=4, max_grounding_captions=10)
+    metrics = evaluate_world(model, world, k=4, max_grounding_captions=10, mlm_captions=20)
     for key in ("tr1", "ir1", "r_mean", "itm_all", "itc_all", "itm_salient", "itm_secondary", "itm_heldout",
-                "pointing_all", "energy_all"):
+                "pointing_all", "energy_all",
+                *(f"mlm_{g}_{c}" for g in ("colour", "shape", "size", "pattern", "relation")
+                  for c in ("right", "shuffled"))):
         assert 0.0 <= metrics[key] <= 100.0, key
+    assert metrics["mlm_colour_gap"] == pytest.approx(metrics["mlm_colour_right"] - metrics["mlm_colour_shuffled"])
+    assert not any(key.startswith("mlm_") for key in evaluate_world(model, world, k=4, max_grounding_captions=1,
+                                                                     mlm_captions=0))
     assert metrics["grounding_captions"] == 10
     for key in ("tr1", "tr10", "ir1", "ir10", "r_mean"):
         assert 0.0 <= metrics[f"itc_{key}"] <= 100.0, key
@@ -62,21 +67,20 @@ def test_minimal_edits_count_every_distractor(world, model, monkeypatch):
 
     captions = [c for item in items for c in [item["caption"]] + [d["caption"] for d in item["distractors"]]]
     monkeypatch.setattr(world_eval, "itm_scores", fake_itm)
-    enc = world_eval._Encoder(model, world)
+    enc = world_eval.WorldEncoder(model, world)
     metrics = minimal_edit_accuracy(model, enc, items)
     assert metrics["itm_all"] == 100.0
 
 
-def test_mlm_reads_image_masks_one_group_word_per_caption_and_scores_it(world, model, monkeypatch):
+def test_mlm_reads_masks_one_group_word_per_caption_and_scores_it(world, model, monkeypatch):
     import json
     import random
     from collections import Counter
 
     from softmask.data.text import open_tokenizer
+    from softmask.eval import mlm_reads as bench
+    from softmask.eval.world import WorldEncoder
 
-    from conftest import load_benchmark
-
-    bench = load_benchmark("mlm_reads_image.py")
     test = json.loads((world / "annotations" / "retrieval_test.json").read_text())
     items = bench.masked_items(test, 50, random.Random(1))
     for group in ("colour", "shape", "size", "pattern", "relation"):
@@ -106,7 +110,7 @@ def test_mlm_reads_image_masks_one_group_word_per_caption_and_scores_it(world, m
 
     monkeypatch.setattr(model, "mlm_logits", prefer_top)
     monkeypatch.setattr(model, "encode_text", record_text)
-    result = bench.masked_word_accuracy(model, world, per_group=50, seed=1)
+    result = bench.masked_word_accuracy(model, WorldEncoder(model, world), test, per_group=50, seed=1)
     # One word masked per caption.
     assert all(((ids == tokenizer.special["mask"]).sum(1) == 1).all() for ids in seen_ids)
     assert {g: result[f"{g}_n"] for g in items} == {g: len(v) for g, v in items.items()}

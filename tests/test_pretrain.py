@@ -214,7 +214,7 @@ def test_the_momentum_model_moves_one_ema_step_per_optimiser_step(world, tmp_pat
 
 
 def test_a_run_and_its_saved_model_record_the_tokenizer_every_command_reads_them_with(world, tmp_path):
-    from softmask.eval.world import _Encoder
+    from softmask.eval.world import WorldEncoder
     from softmask.inference import load_model, tokenizer_source
 
     vocab = tmp_path / "vocab.txt"  # a vocabulary of the world's own words, not bert-base-uncased's
@@ -227,7 +227,7 @@ def test_a_run_and_its_saved_model_record_the_tokenizer_every_command_reads_them
     for path in (out, out / "model", list_checkpoints(out)[-1]):
         assert Path(tokenizer_source(path)).read_text() == vocab.read_text(), path
         model, _ = load_model(path)
-        assert _Encoder(model, world, tokenizer_source(path)).tokenizer.size == len(words)
+        assert WorldEncoder(model, world, tokenizer_source(path)).tokenizer.size == len(words)
     assert tokenizer_source(tmp_path / "nothing_saved_here") == ""  # the default vocabulary
 
 

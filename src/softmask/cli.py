@@ -136,7 +136,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from softmask.inference import load_model, tokenizer_source
 
         if args.overrides or args.config:
-            raise ConfigError("evaluate world takes --world DIR, --k, --layer and --grounding-captions, not a config")
+            raise ConfigError("evaluate world takes --world DIR, --k, --layer, --grounding-captions and "
+                              "--mlm-captions, not a config")
         if not args.world:
             raise ConfigError("evaluate world needs --world DIR (a folder written by `softmask world`)")
         import torch
@@ -145,7 +146,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model, _ = load_model(args.checkpoint, device=device)
         examples: list = []
         metrics = evaluate_world(model, args.world, k=args.k, layer=args.layer, examples_out=examples,
-                                 max_grounding_captions=args.grounding_captions,
+                                 max_grounding_captions=args.grounding_captions, mlm_captions=args.mlm_captions,
                                  tokenizer=tokenizer_source(args.checkpoint))
         for key, value in metrics.items():
             print(f"{key:24s} {value:8.2f}")
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--layer", type=int, default=None, help="world: Grad-CAM fusion layer for grounding")
     evaluate.add_argument("--grounding-captions", type=int, default=500,
                           help="world: how many test captions the grounding metrics score (the first N)")
+    evaluate.add_argument("--mlm-captions", type=int, default=600,
+                          help="world: captions per word group for what the fusion reads (MLM with the own vs a "
+                               "shuffled image; 0 skips it)")
     evaluate.add_argument("--json", default="", help="also write the metrics to this JSON file: {split: metrics} "
                                                       "for a task (one split too), the flat metrics for world")
     evaluate.add_argument("--device", default=None, help="world: cpu or cuda (default: cuda when available)")
@@ -361,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("--vision-batch-size", "vision_batch_size", "images per image-encoder step"),
             ("--vision-world-seed", "vision_world_seed", "the image encoder's world seed"),
             ("--eval-k", "eval_k", "retrieval candidates re-ranked by ITM"),
-            ("--grounding-captions", "grounding_captions", "test captions the grounding metrics score")):
+            ("--grounding-captions", "grounding_captions", "test captions the grounding metrics score"),
+            ("--mlm-captions", "mlm_captions", "test captions per word group for what the fusion reads")):
         demo.add_argument(option, type=int, dest=key, help=f"{what} (default {default(key)})")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both runs")
     demo.set_defaults(func=cmd_demo)

@@ -26,6 +26,7 @@ from softmask.config import ConfigError, load_config, override_key
 from softmask.side_by_side import run_side_by_side, softmask_command, threads_per_process
 from softmask.train.loop import TrainingError
 from softmask.train.stop import Interrupted
+from softmask.world.scene import HELD_OUT_PAIRS
 from softmask.world.vocab import EDIT_ATTRIBUTES
 
 log = logging.getLogger("softmask")
@@ -35,14 +36,15 @@ CONFIG = ROOT / "configs" / "pretrain" / "world_mini.yaml"
 VISION_CONFIG = ROOT / "configs" / "vision" / "world_vit.yaml"
 METHODS = ("albef", "softmask")
 # The demo's budgets. "full": the recipe of the study in docs/results.md (the world of `softmask world --seed 5`,
-# its image encoder pretrained on another world, seed 105, with the first world's held-out pairs left out;
+# its image encoder pretrained on another world, seed 105, that shows every colour-shape pair;
 # ~17 min on 2 cores). "default": the same worlds and recipe cut to fit 15 minutes on 2 cores: fewer
 # image-encoder steps, 28 pairs per step instead of 32 (the same 300 steps and schedule), and an evaluation
 # that re-ranks the top 10 instead of 16 and grounds 300 captions instead of 500.
 _FULL = {"images": 8000, "size": 64, "steps": 300, "batch_size": 32, "seed": 0, "world_seed": 5,
          "vision_images": 8000, "vision_steps": 600, "vision_batch_size": 64, "vision_world_seed": 105,
-         "eval_k": 16, "grounding_captions": 500}
-BUDGETS = {"default": {**_FULL, "vision_steps": 500, "batch_size": 28, "eval_k": 10, "grounding_captions": 300},
+         "eval_k": 16, "grounding_captions": 500, "mlm_captions": 600}
+BUDGETS = {"default": {**_FULL, "vision_steps": 500, "batch_size": 28, "eval_k": 10, "grounding_captions": 300,
+                       "mlm_captions": 300},
            "full": _FULL}
 # Settings the demo makes itself, with the option that changes them.
 DEMO_KEYS = {"world": "--out", "output_dir": "--out", "method": "(both methods run)", "seed": "--seed",
@@ -61,6 +63,39 @@ REPORT_KEYS = [
     ("pointing_all", "pointing game"), ("pointing_secondary", "  ... secondary objects"),
     ("energy_all", "energy in box"), ("energy_secondary", "  ... secondary objects"),
 ]
+
+
+# Chance of each word group's measures: the image encoder's classifier and MLM's pick among the group's
+# values (uniform guess), and a minimal edit (the true caption vs one distractor: 50).
+GROUP_VALUES = {"colour": 8, "shape": 6, "size": 3, "pattern": 3, "relation": 6}
+
+
+def attribute_table(vision: dict[str, float], metrics: dict[str, dict[str, float]]) -> list[str]:
+    """The report's table per attribute (colour, shape, size, pattern, relation): what the image encoder names
+    (``vision``: its held-out accuracy on the vision-language world's test objects, ``acc_<attribute>`` and
+    ``relation_probe``), what each model's fusion reads (MLM with the own / a shuffled image,
+    ``mlm_<group>_right`` / ``_shuffled``) and how often its ITM and ITC reject a minimal edit of that
+    attribute (``itm_attr_<a>``, ``itc_attr_<a>``), with chance stated on each row. A cell whose metric a
+    model lacks reads "-"."""
+    names = list(metrics)
+
+    def cell(values: dict[str, float], *keys: str) -> str:
+        return " / ".join(f"{values[k]:.1f}" for k in keys) if all(k in values for k in keys) else "-"
+
+    header = ["attribute (chance: encoder, MLM, edits)", "image encoder names it",
+              *(f"{name}: MLM own / shuffled image" for name in names),
+              *(f"{name}: ITM rejects edits" for name in names), *(f"{name}: ITC rejects edits" for name in names)]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for group, values in GROUP_VALUES.items():
+        chance = 100.0 / values
+        encoder_chance = "25" if group == "relation" else f"{chance:.1f}"
+        encoder_key = "relation_probe" if group == "relation" else f"acc_{group}"
+        row = [f"{group} ({encoder_chance}, {chance:.1f}, 50)", cell(vision, encoder_key),
+               *(cell(metrics[n], f"mlm_{group}_right", f"mlm_{group}_shuffled") for n in names),
+               *(cell(metrics[n], f"itm_attr_{group}") for n in names),
+               *(cell(metrics[n], f"itc_attr_{group}") for n in names)]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def itm_prior(soft_share: float = 0.0) -> float:
@@ -153,13 +188,29 @@ def plot_retrieval(examples: dict[str, list[dict]], world: Path, out: Path) -> P
     return out
 
 
+def encoder_on_world(vision_run: Path, world: Path) -> dict[str, float]:
+    """The pretrained image encoder's accuracy on ``world``'s test objects (what the vision-language runs are
+    given), also written to ``VISION_RUN/metrics_vl_world.json``; cached there for a rerun."""
+    path = vision_run / "metrics_vl_world.json"
+    if path.is_file() and path.stat().st_mtime >= (vision_run / "model" / "model.safetensors").stat().st_mtime:
+        return json.loads(path.read_text())
+    from softmask.tasks.image_pretrain import evaluate_image_encoder, load_image_encoder
+    from softmask.world.objects import world_objects
+
+    encoder = load_image_encoder(vision_run / "model")
+    metrics = evaluate_image_encoder(encoder, world_objects(world, "test", encoder.config.image_size))
+    path.write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
 def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures: list[Path], settings: dict,
             commands: list[list[str]], test_images: int, seconds: float, vision: dict[str, float]) -> Path:
     """``OUT/report.md``: the settings, the metrics side by side, the figures and the exact commands."""
     lines = [
         "# softmask demo", "",
         f"The paper's recipe in miniature. An image encoder (a ViT) is first pretrained alone on a world of "
-        f"{settings['vision_images']} images (world seed {settings['vision_world_seed']}) to name each object's "
+        f"{settings['vision_images']} images that shows every colour-shape pair (world seed "
+        f"{settings['vision_world_seed']}; our ImageNet) to name each object's "
         f"shape, colour, size and pattern, {settings['vision_steps']} steps; then, starting from it and from the "
         f"MiniLM BERT, vision-language pretraining runs on another world of {settings['images']} images "
         f"({settings['size']} px, world seed {settings['world_seed']}) for {settings['steps']} steps of "
@@ -168,9 +219,16 @@ def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures:
         f"{settings['eval_k']} of every query by ITM, grounding scores the first {settings['grounding_captions']} "
         f"captions. {_budget_words(settings)}; total time {seconds / 60:.1f} min.", "",
         *_itm_verdicts(runs), "",
-        "Image encoder, held-out accuracy (%): " + ", ".join(
+        "## What each part sees, per attribute", "",
+        "The image encoder's accuracy on this world's test objects (relation: a linear probe on two objects' "
+        "features); what each model's fusion reads from the image (MLM restores a masked word of that group with "
+        "the caption's own image / a shuffled one: equal numbers mean it is guessed from the text); how often ITM "
+        "and ITC score the true caption above a one-word edit of that attribute. %, chance in brackets.", "",
+        *attribute_table(vision, metrics), "",
+        "Image encoder, all held-out measures (%): " + ", ".join(
             f"{key[4:] if key.startswith('acc_') else key} {value:.1f}" for key, value in vision.items()
             if key != "images"), "",
+        "## All metrics", "",
         "Read with care: one seed, small models trained for minutes; differences smaller than a few points are "
         "within what another seed would change (docs/results.md has the study over 3 seeds).", "",
         "| metric (%) | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs),
@@ -297,7 +355,7 @@ def _last_row(path: Path) -> dict | None:
     return None
 
 
-def _world(out: Path, images: int, size: int, seed: int, exclude: str = "") -> None:
+def _world(out: Path, images: int, size: int, seed: int, held_out_pairs: int = HELD_OUT_PAIRS) -> None:
     """Generate a world into ``out``, or keep the one there if it was made with the same settings."""
     from softmask.world import generate_world
 
@@ -305,13 +363,15 @@ def _world(out: Path, images: int, size: int, seed: int, exclude: str = "") -> N
     if done.is_file():
         try:
             made = json.loads(done.read_text())
-            if (made.get("images"), made.get("size"), made.get("seed")) == (images, size, seed):
+            if (made.get("images"), made.get("size"), made.get("seed"), len(made.get("heldout_pairs", ()))) == (
+                    images, size, seed, held_out_pairs):
                 log.info(f"      reusing {out} ({images} images, seed {seed})")
                 return
         except json.JSONDecodeError:
             pass
-    log.info(f"      {out}: {images} images at {size} px, world seed {seed}{exclude}")
-    generate_world(out, images=images, size=size, seed=seed)
+    pairs = f"{held_out_pairs} colour-shape pairs held out of training" if held_out_pairs else "every pair in training"
+    log.info(f"      {out}: {images} images at {size} px, world seed {seed}, {pairs}")
+    generate_world(out, images=images, size=size, seed=seed, held_out_pairs=held_out_pairs)
 
 
 def run_demo(out: Path, budget: str = "default", config: str | Path = CONFIG, vision_config: str | Path = VISION_CONFIG,
@@ -338,7 +398,7 @@ def run_demo(out: Path, budget: str = "default", config: str | Path = CONFIG, vi
         "images", "size", "steps", "batch_size", "seed", "world_seed"))
     vision_images, vision_steps, vision_batch_size, vision_world_seed = (settings[key] for key in (
         "vision_images", "vision_steps", "vision_batch_size", "vision_world_seed"))
-    for key in ("eval_k", "grounding_captions"):
+    for key in ("eval_k", "grounding_captions", "mlm_captions"):
         if settings[key] < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {settings[key]}")
     from softmask.viz.gradcam import draw_gradcam, load_for_gradcam
@@ -355,10 +415,9 @@ def run_demo(out: Path, budget: str = "default", config: str | Path = CONFIG, vi
     world, vision_world, vision_run = out / "world", out / "vision_world", out / "vision"
     runs = {method: out / method for method in METHODS}
     vision_args = [f"world={vision_world}", f"output_dir={vision_run}", f"seed={seed}",
-                   f"image_pretrain.exclude_heldout_of={world}", f"train.max_steps={vision_steps}",
-                   f"train.batch_size={vision_batch_size}", f"train.save_every={vision_steps}", "resume=auto",
-                   *vision_overrides]
-    load_config(vision_config, [o for o in vision_args if not o.startswith(("world=", "image_pretrain.exclude"))])
+                   f"train.max_steps={vision_steps}", f"train.batch_size={vision_batch_size}",
+                   f"train.save_every={vision_steps}", "resume=auto", *vision_overrides]
+    load_config(vision_config, [o for o in vision_args if not o.startswith("world=")])
     vision_cmd = softmask_command("pretrain-vision", "--config", str(vision_config), *vision_args, quiet=False)
     train_cmds = []
     for method, run in runs.items():
@@ -373,7 +432,7 @@ def run_demo(out: Path, budget: str = "default", config: str | Path = CONFIG, vi
     try:
         log.info("[1/5] the worlds: one for vision-language pretraining and evaluation, one for the image encoder")
         _world(world, images, size, world_seed)
-        _world(vision_world, vision_images, size, vision_world_seed)
+        _world(vision_world, vision_images, size, vision_world_seed, held_out_pairs=0)
         threads = os.cpu_count() or 1
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
         log.info(f"[2/5] pretraining the image encoder alone on the second world's objects, {vision_steps} steps "
@@ -384,9 +443,9 @@ def run_demo(out: Path, budget: str = "default", config: str | Path = CONFIG, vi
                                                  "loss_position": "position"}),
                                  poll_every_s=progress_every_s)
         _raise_on_failure("image-encoder pretraining", codes, [out / "vision.log"])
-        vision_metrics = json.loads((vision_run / "metrics_test.json").read_text())
-        log.info("      held-out accuracy: " + ", ".join(f"{k} {v:.1f}%" for k, v in vision_metrics.items()
-                                                          if k.startswith("acc_")))
+        vision_metrics = encoder_on_world(vision_run, world)
+        log.info("      on the first world's test objects: " + ", ".join(
+            f"{k[4:] if k.startswith('acc_') else k} {v:.1f}%" for k, v in vision_metrics.items() if k != "images"))
         env["OMP_NUM_THREADS"] = str(threads_per_process(len(METHODS)))
         train_logs = [out / f"{method}.log" for method in METHODS]
         log.info(f"[3/5] vision-language pretraining with {' and '.join(METHODS)} side by side, {steps} steps of "
@@ -400,7 +459,8 @@ def run_demo(out: Path, budget: str = "default", config: str | Path = CONFIG, vi
         eval_cmds = [softmask_command("evaluate", "world", "--checkpoint", str(run), "--world", str(world), "--json",
                                       str(run / "eval_world.json"), "--examples", str(run / "retrieval_examples.json"),
                                       "--k", str(settings["eval_k"]),
-                                      "--grounding-captions", str(settings["grounding_captions"]))
+                                      "--grounding-captions", str(settings["grounding_captions"]),
+                                      "--mlm-captions", str(settings["mlm_captions"]))
                      for run in runs.values()]
         eval_logs = [run / "eval.log" for run in runs.values()]
         _raise_on_failure("evaluation", run_side_by_side(list(zip(eval_cmds, eval_logs, strict=True)), len(METHODS),
@@ -419,8 +479,10 @@ def run_demo(out: Path, budget: str = "default", config: str | Path = CONFIG, vi
                                     overlays=False)
             figures += paths
         settings = {**settings, "budget": budget}
-        world_cmds = [["softmask", "world", "--out", str(w), "--images", str(n), "--size", str(size), "--seed", str(s)]
-                      for w, n, s in ((world, images, world_seed), (vision_world, vision_images, vision_world_seed))]
+        world_cmds = [["softmask", "world", "--out", str(w), "--images", str(n), "--size", str(size), "--seed", str(s),
+                       *extra] for w, n, s, extra in ((world, images, world_seed, []),
+                                                      (vision_world, vision_images, vision_world_seed,
+                                                       ["--held-out-pairs", "0"]))]
         report = _report(out, runs, metrics, figures, settings, [*world_cmds, vision_cmd, *train_cmds, *eval_cmds],
                          len(scenes), time.perf_counter() - start, vision_metrics)
         log.info(f"wrote {report}")

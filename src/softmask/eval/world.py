@@ -1,6 +1,7 @@
 """Evaluations on a synthetic world (``softmask world``): zero-shot retrieval on its test split,
-minimal-edit accuracy (true caption vs one-attribute distractors, by ITM and by ITC), and grounding of
-word Grad-CAM against the object boxes (pointing game, energy in box).
+minimal-edit accuracy (true caption vs one-attribute distractors, by ITM and by ITC), grounding of
+word Grad-CAM against the object boxes (pointing game, energy in box), and what the fusion reads from
+the image (:mod:`softmask.eval.mlm_reads`).
 
 Each metric is split by whether the object concerned is the scene's most salient one or a secondary
 one, and by whether the image holds a held-out (colour, shape) combination, since the paper's claim is
@@ -34,7 +35,7 @@ def _read(world: Path, name: str):
     return json.loads(path.read_text())
 
 
-class _Encoder:
+class WorldEncoder:
     """Loads images and captions for one model, each image once."""
 
     def __init__(self, model: VisionLanguageModel, world: Path, tokenizer: str = ""):
@@ -58,7 +59,7 @@ def _accuracy(hits: dict[str, list[bool]]) -> dict[str, float]:
     return {key: 100.0 * float(np.mean(values)) for key, values in hits.items() if values}
 
 
-def minimal_edit_accuracy(model: VisionLanguageModel, enc: _Encoder, items: list[dict],
+def minimal_edit_accuracy(model: VisionLanguageModel, enc: WorldEncoder, items: list[dict],
                           batch_size: int = 256) -> dict[str, float]:
     """How often the true caption scores above each one-attribute (or one-relation) distractor, by ITM
     match logit and by ITC similarity; overall and split by salient/secondary object, held-out image,
@@ -92,7 +93,7 @@ def minimal_edit_accuracy(model: VisionLanguageModel, enc: _Encoder, items: list
     return _accuracy(hits)
 
 
-def grounding(model: VisionLanguageModel, enc: _Encoder, scenes: list[dict], layer: int,
+def grounding(model: VisionLanguageModel, enc: WorldEncoder, scenes: list[dict], layer: int,
               source: str = "gradcam", max_captions: int | None = None) -> dict[str, float]:
     """Pointing game (%) and mean energy in box of each linked word's map against its object's box,
     overall and split by salient/secondary object."""
@@ -144,10 +145,13 @@ def retrieval_examples(t2i: np.ndarray, captions: list[str], images: list[str], 
 
 def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, layer: int | None = None,
                    max_grounding_captions: int | None = 500, batch_size: int = 256,
-                   examples_out: list | None = None, examples: int = 6, tokenizer: str = "") -> dict[str, float]:
+                   examples_out: list | None = None, examples: int = 6, tokenizer: str = "",
+                   mlm_captions: int = 600) -> dict[str, float]:
     """All world metrics for one model on the world's test split (percentages). With ``examples_out`` (a
     list), :func:`retrieval_examples` of ``examples`` captions are appended to it. ``tokenizer``: the
-    vocabulary the model was trained with (:func:`softmask.inference.tokenizer_source`; "" the default)."""
+    vocabulary the model was trained with (:func:`softmask.inference.tokenizer_source`; "" the default).
+    ``mlm_captions``: captions per word group for ``mlm_<group>_right`` / ``_shuffled`` / ``_gap``
+    (:func:`softmask.eval.mlm_reads.masked_word_accuracy`; 0 skips them)."""
     world = Path(world)
     fusion = model.config.text.num_fusion_layers
     if layer is not None and not 0 <= layer < fusion:  # checked before any work
@@ -155,11 +159,13 @@ def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, l
                           f"model, got {layer}")
     if k < 1:
         raise ConfigError(f"k (--k), the retrieval candidates ITM re-ranks, must be at least 1, got {k}")
+    if mlm_captions < 0:
+        raise ConfigError(f"mlm_captions (--mlm-captions) must be >= 0 (0 skips the MLM reading), got {mlm_captions}")
     if max_grounding_captions is not None and max_grounding_captions < 1:
         raise ConfigError("max_grounding_captions (--grounding-captions), the captions grounding scores, must be "
                           f"at least 1, got {max_grounding_captions}")
     model.eval()
-    enc = _Encoder(model, world, tokenizer)
+    enc = WorldEncoder(model, world, tokenizer)
     test = _read(world, "retrieval_test.json")
     images = [record["image"] for record in test]
     captions = [c for record in test for c in record["caption"]]
@@ -177,4 +183,9 @@ def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, l
         layer = default_gradcam_layer(model.config.text.num_fusion_layers)
     scenes = [s for s in _read(world, "objects.json") if s["split"] == "test"]
     metrics.update(grounding(model, enc, scenes, layer, max_captions=max_grounding_captions))
+    if mlm_captions:
+        from softmask.eval.mlm_reads import masked_word_accuracy
+
+        reads = masked_word_accuracy(model, enc, test, mlm_captions)
+        metrics.update({f"mlm_{key}": float(value) for key, value in reads.items() if not key.endswith("_n")})
     return metrics

@@ -196,7 +196,8 @@ class VisionTransformer(nn.Module):
         embedding, k > 1 = also the position embeddings, [CLS] and the first k - 1 blocks. Nothing below a
         frozen layer trains, so autograd neither stores activations for them nor back-propagates there."""
         if not 0 <= layers <= len(self.blocks) + 1:
-            raise ValueError(f"cannot freeze {layers} image-encoder layers: it has a stem and {len(self.blocks)} blocks")
+            raise ValueError(f"cannot freeze {layers} image-encoder layers: it has a stem and "
+                             f"{len(self.blocks)} blocks")
         parts: list[nn.Module | nn.Parameter] = [self.patch_embed] if layers else []
         if layers > 1:
             parts += [self.pos_embed, self.cls_token, *self.blocks[:layers - 1]]

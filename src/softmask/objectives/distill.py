@@ -22,8 +22,11 @@ def momentum_copy(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
     """target <- momentum * target + (1 - momentum) * online, parameter by parameter (in one multi-tensor
-    call per operation: the same arithmetic, element by element, as a loop over the parameters)."""
-    pairs = list(zip(online.parameters(), target.parameters(), strict=True))
+    call per operation: the same arithmetic, element by element, as a loop over the parameters). Frozen
+    online parameters (no gradient) are skipped: they never change, so neither do their copies (the update
+    would otherwise drift them by float rounding)."""
+    pairs = [(p_online, p_target) for p_online, p_target in zip(online.parameters(), target.parameters(), strict=True)
+             if p_online.requires_grad]
     if not pairs:
         return
     targets = [p_target for _, p_target in pairs]

@@ -42,8 +42,8 @@ from softmask.world.scene import (
     make_scene,
     world_random,
 )
-from softmask.world.vocab import SHAPES
 from softmask.world.tasks import minimal_edit_items, ve_items, vqa_items
+from softmask.world.vocab import SHAPES
 
 FORMAT_VERSION = 1
 MIN_SIZE = 32
