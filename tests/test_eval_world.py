@@ -130,3 +130,51 @@ def test_mlm_reads_image_names_a_wrong_world_or_checkpoint(world, tmp_path, caps
         with pytest.raises(SystemExit) as stop:
             bench.main(argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_itm_shortcut_masks_as_training_does_and_measures_the_masked_minus_the_plain_match(world, model, monkeypatch):
+    import json
+
+    from softmask.config import SoftMaskConfig
+    from softmask.eval import shortcut
+    from softmask.eval.world import WorldEncoder
+    from softmask.objectives.softmask import apply_soft_mask
+
+    enc = WorldEncoder(model, world)
+    test = json.loads((world / "annotations" / "retrieval_test.json").read_text())
+    pixels = enc.pixels([r["image"] for r in test[:3]])
+    ids, mask = enc.text([r["caption"][0] for r in test[:3]])
+    tables, mask_id = enc.tokenizer.word_tables(), enc.tokenizer.special["mask"]
+    soft = SoftMaskConfig(ratio=0.5)
+    plain, masked, has_word = shortcut.soft_masked_image_tokens(model, pixels, ids, mask, soft, 0, tables, mask_id,
+                                                                torch.Generator().manual_seed(0))
+    assert has_word.all() and torch.equal(plain, model.encode_image(pixels))
+    weights = masked[:, 1:, 0] / plain[:, 1:, 0]  # the soft mask, read back from the scaled tokens
+    assert torch.allclose(masked, apply_soft_mask(plain, weights), atol=1e-6)
+    assert torch.allclose(weights.sum(1), torch.full((3,), 0.5 * weights.shape[1]), atol=1e-3)  # half-compensated
+    assert weights.min() < 0.5 < weights.max()  # a map, not a uniform scale
+    # apply_to=patch_embeddings: the image re-encoded with its patch embeddings scaled by the same kind of mask
+    _, re_encoded, _ = shortcut.soft_masked_image_tokens(model, pixels, ids, mask,
+                                                         SoftMaskConfig(apply_to="patch_embeddings"), 0, tables,
+                                                         mask_id, torch.Generator().manual_seed(0))
+    assert re_encoded.shape == plain.shape and not torch.allclose(re_encoded, plain)
+
+    real = shortcut.itm_shortcut(model, enc, test, soft, layer=0, pairs=4, batch_size=3)
+    assert real["itm_shortcut_pairs"] == 4 and -1.0 <= real["itm_shortcut"] <= 1.0
+    assert real["itm_shortcut"] == pytest.approx(real["itm_mismatched_masked"] - real["itm_mismatched"])
+    # A head that says "match" to masked images whatever the caption: the measure reads its shortcut.
+    spied = []
+    make_masks = shortcut.soft_masked_image_tokens
+
+    def spy(*args, **kwargs):
+        out = make_masks(*args, **kwargs)
+        spied.append(out[1])
+        return out
+
+    def head(model, image_embeds, ids, mask):
+        return torch.full((len(ids),), 0.95 if any(image_embeds is m for m in spied) else 0.1)
+
+    monkeypatch.setattr(shortcut, "soft_masked_image_tokens", spy)
+    monkeypatch.setattr(shortcut, "match_probability", head)
+    faked = shortcut.itm_shortcut(model, enc, test, soft, layer=0, pairs=4, batch_size=3)
+    assert faked["itm_shortcut"] == pytest.approx(0.85) and faked["itm_masked_own"] == pytest.approx(0.95)

@@ -136,18 +136,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from softmask.inference import load_model, tokenizer_source
 
         if args.overrides or args.config:
-            raise ConfigError("evaluate world takes --world DIR, --k, --layer, --grounding-captions and "
-                              "--mlm-captions, not a config")
+            raise ConfigError("evaluate world takes --world DIR and its own options (--k, --layer, "
+                              "--grounding-captions, --mlm-captions, --shortcut-pairs), not a config")
         if not args.world:
             raise ConfigError("evaluate world needs --world DIR (a folder written by `softmask world`)")
         import torch
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, _ = load_model(args.checkpoint, device=device)
+        model, run_cfg = load_model(args.checkpoint, device=device)
         examples: list = []
         metrics = evaluate_world(model, args.world, k=args.k, layer=args.layer, examples_out=examples,
                                  max_grounding_captions=args.grounding_captions, mlm_captions=args.mlm_captions,
-                                 tokenizer=tokenizer_source(args.checkpoint))
+                                 soft_mask=run_cfg.softmask if run_cfg is not None else None,
+                                 shortcut_pairs=args.shortcut_pairs, tokenizer=tokenizer_source(args.checkpoint))
         for key, value in metrics.items():
             print(f"{key:24s} {value:8.2f}")
         if args.json:
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mlm-captions", type=int, default=600,
                           help="world: captions per word group for what the fusion reads (MLM with the own vs a "
                                "shuffled image; 0 skips it)")
+    evaluate.add_argument("--shortcut-pairs", type=int, default=200,
+                          help="world: mismatched pairs that score itm_shortcut (does a soft-masked image alone make "
+                               "ITM say match; 0 skips it)")
     evaluate.add_argument("--json", default="", help="also write the metrics to this JSON file: {split: metrics} "
                                                       "for a task (one split too), the flat metrics for world")
     evaluate.add_argument("--device", default=None, help="world: cpu or cuda (default: cuda when available)")

@@ -1,7 +1,8 @@
 """Evaluations on a synthetic world (``softmask world``): zero-shot retrieval on its test split,
 minimal-edit accuracy (true caption vs one-attribute distractors, by ITM and by ITC), grounding of
-word Grad-CAM against the object boxes (pointing game, energy in box), and what the fusion reads from
-the image (:mod:`softmask.eval.mlm_reads`).
+word Grad-CAM against the object boxes (pointing game, energy in box), what the fusion reads from
+the image (:mod:`softmask.eval.mlm_reads`), and whether ITM took the soft masks' shortcut
+(:mod:`softmask.eval.shortcut`).
 
 Each metric is split by whether the object concerned is the scene's most salient one or a secondary
 one, and by whether the image holds a held-out (colour, shape) combination, since the paper's claim is
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softmask.config import ConfigError, default_gradcam_layer
+from softmask.config import ConfigError, SoftMaskConfig, default_gradcam_layer
 from softmask.data.images import load_image, to_tensor
 from softmask.data.text import open_tokenizer, pre_caption
 from softmask.data.transforms import EvalTransform
@@ -146,12 +147,15 @@ def retrieval_examples(t2i: np.ndarray, captions: list[str], images: list[str], 
 def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, layer: int | None = None,
                    max_grounding_captions: int | None = 500, batch_size: int = 256,
                    examples_out: list | None = None, examples: int = 6, tokenizer: str = "",
-                   mlm_captions: int = 600) -> dict[str, float]:
+                   mlm_captions: int = 600, soft_mask: SoftMaskConfig | None = None,
+                   shortcut_pairs: int = 200) -> dict[str, float]:
     """All world metrics for one model on the world's test split (percentages). With ``examples_out`` (a
     list), :func:`retrieval_examples` of ``examples`` captions are appended to it. ``tokenizer``: the
     vocabulary the model was trained with (:func:`softmask.inference.tokenizer_source`; "" the default).
     ``mlm_captions``: captions per word group for ``mlm_<group>_right`` / ``_shuffled`` / ``_gap``
-    (:func:`softmask.eval.mlm_reads.masked_word_accuracy`; 0 skips them)."""
+    (:func:`softmask.eval.mlm_reads.masked_word_accuracy`; 0 skips them). ``soft_mask``: the run's
+    ``softmask`` section, how :func:`softmask.eval.shortcut.itm_shortcut` makes the masks (default: the
+    paper's, at the Grad-CAM layer); ``shortcut_pairs`` mismatched pairs score it (0 skips it)."""
     world = Path(world)
     fusion = model.config.text.num_fusion_layers
     if layer is not None and not 0 <= layer < fusion:  # checked before any work
@@ -159,6 +163,9 @@ def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, l
                           f"model, got {layer}")
     if k < 1:
         raise ConfigError(f"k (--k), the retrieval candidates ITM re-ranks, must be at least 1, got {k}")
+    if shortcut_pairs < 0:
+        raise ConfigError(f"shortcut_pairs (--shortcut-pairs) must be >= 0 (0 skips itm_shortcut), "
+                          f"got {shortcut_pairs}")
     if mlm_captions < 0:
         raise ConfigError(f"mlm_captions (--mlm-captions) must be >= 0 (0 skips the MLM reading), got {mlm_captions}")
     if max_grounding_captions is not None and max_grounding_captions < 1:
@@ -188,4 +195,10 @@ def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, l
 
         reads = masked_word_accuracy(model, enc, test, mlm_captions)
         metrics.update({f"mlm_{key}": float(value) for key, value in reads.items() if not key.endswith("_n")})
+    if shortcut_pairs:
+        from softmask.eval.shortcut import itm_shortcut
+
+        soft_mask = soft_mask or SoftMaskConfig()
+        shortcut_layer = soft_mask.layer if soft_mask.layer is not None else default_gradcam_layer(fusion)
+        metrics.update(itm_shortcut(model, enc, test, soft_mask, shortcut_layer, shortcut_pairs))
     return metrics
