@@ -40,13 +40,14 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
     out = tmp_path / "demo"
     args = ["-q", "demo", "--out", str(out), "--images", "40", "--steps", "2", "--batch-size", "4",
             "--vision-images", "60", "--vision-steps", "2", "--vision-batch-size", "8", "--eval-k", "3",
-            "--grounding-captions", "2", "--mlm-captions", "3", "itc.queue_size=8", "data.augment.crop_scale=[0.9,1.0]"]
+            "--grounding-captions", "2", "--mlm-captions", "3", "--shortcut-pairs", "3", "itc.queue_size=8",
+            "data.augment.crop_scale=[0.9,1.0]"]
     assert main(args) == 0
     report = (out / "report.md").read_text()
     assert "re-ranks ITC's top 3 of every query by ITM, grounding scores the first 2 captions" in report
     assert "Budget `default` (`--budget full` runs the recipe of the study" in report
     assert "changed: images 40, steps 2, batch_size 4, vision_images 60, vision_steps 2, vision_batch_size 8, " \
-        "eval_k 3, grounding_captions 2, mlm_captions 3;" in report
+        "eval_k 3, grounding_captions 2, mlm_captions 3, shortcut_pairs 3;" in report
     assert "| metric (%) | albef | softmask |" in report and "minimal edits, ITM" in report
     assert "... colour edited" in report and "softmask pretrain --config" in report
     assert "softmask pretrain-vision --config" in report and "Image encoder, all held-out measures (%): shape" in report
@@ -64,6 +65,7 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
     assert [v.split("(")[1].split(")")[0] for v in verdicts] == ["albef", "softmask"], report[:800]
     assert all("did not learn" in v and "against its prior" in v for v in verdicts)
     assert "on ordinary pairs" in verdicts[1] and "on the soft-masked pairs" in verdicts[1]
+    assert all("hortcut**: itm_shortcut" in v for v in verdicts)
     assert (out / "vision" / "confusion.png").is_file()
     assert "'data.augment.crop_scale=[0.9,1.0]'" in report  # the commands are quoted for a shell
     assert (out / "losses.png").is_file() and (out / "retrieval.png").is_file()

@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("--vision-world-seed", "vision_world_seed", "the image encoder's world seed"),
             ("--eval-k", "eval_k", "retrieval candidates re-ranked by ITM"),
             ("--grounding-captions", "grounding_captions", "test captions the grounding metrics score"),
-            ("--mlm-captions", "mlm_captions", "test captions per word group for what the fusion reads")):
+            ("--mlm-captions", "mlm_captions", "test captions per word group for what the fusion reads"),
+            ("--shortcut-pairs", "shortcut_pairs", "mismatched test pairs that score the ITM shortcut")):
         demo.add_argument(option, type=int, dest=key, help=f"{what} (default {default(key)})")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both runs")
     demo.set_defaults(func=cmd_demo)

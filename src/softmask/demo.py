@@ -42,7 +42,7 @@ METHODS = ("albef", "softmask")
 # that re-ranks the top 10 instead of 16 and grounds 300 captions instead of 500.
 _FULL = {"images": 8000, "size": 64, "steps": 300, "batch_size": 32, "seed": 0, "world_seed": 5,
          "vision_images": 8000, "vision_steps": 600, "vision_batch_size": 64, "vision_world_seed": 105,
-         "eval_k": 16, "grounding_captions": 500, "mlm_captions": 600}
+         "eval_k": 16, "grounding_captions": 500, "mlm_captions": 600, "shortcut_pairs": 200}
 BUDGETS = {"default": {**_FULL, "vision_steps": 500, "batch_size": 28, "eval_k": 10, "grounding_captions": 300,
                        "mlm_captions": 300},
            "full": _FULL}
@@ -218,7 +218,7 @@ def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures:
         f"that world's test split ({test_images} images, never trained on): retrieval re-ranks ITC's top "
         f"{settings['eval_k']} of every query by ITM, grounding scores the first {settings['grounding_captions']} "
         f"captions. {_budget_words(settings)}; total time {seconds / 60:.1f} min.", "",
-        *_itm_verdicts(runs), "",
+        *_itm_verdicts(runs, metrics), "",
         "## What each part sees, per attribute", "",
         "The image encoder's accuracy on this world's test objects (relation: a linear probe on two objects' "
         "features); what each model's fusion reads from the image (MLM restores a masked word of that group with "
@@ -294,11 +294,16 @@ ITM_LEARNED_MARGIN = 0.02
 ITM_SHORTCUT_LOSS = 0.1
 
 
-def _itm_verdicts(runs: dict[str, Path]) -> list[str]:
+# An itm_shortcut above this: a soft-masked image alone makes ITM say "match" (the issue's bar for none: 0.1).
+ITM_SHORTCUT_BAR = 0.1
+
+
+def _itm_verdicts(runs: dict[str, Path], metrics: dict[str, dict[str, float]]) -> list[str]:
     """One line per run: did ITM leave its prior on ordinary pairs (positives and hard negatives; the
     training loss of the last logged steps)? With soft masks the total also holds the soft-masked
     positives, which a head can learn apart from any pair (docs/results.md), so the verdict reads the
-    ordinary pairs' loss against ALBEF's prior."""
+    ordinary pairs' loss against ALBEF's prior. Then whether it has the shortcut (``itm_shortcut`` of the
+    evaluation: a soft-masked image with a wrong caption, its match probability minus the plain image's)."""
     lines = []
     for name, run in runs.items():
         final = _final_losses(run / "metrics.jsonl")
@@ -315,6 +320,12 @@ def _itm_verdicts(runs: dict[str, Path]) -> list[str]:
                        if soft < ITM_SHORTCUT_LOSS else "")
             line += (f"; on the soft-masked pairs {soft:.3f} ({reading}all pairs {final['loss_itm']:.3f}, "
                      f"prior {final['prior']:.3f})")
+        shortcut = metrics.get(name, {}).get("itm_shortcut")
+        if shortcut is not None:
+            has = shortcut > ITM_SHORTCUT_BAR
+            line += (f". **{'Shortcut' if has else 'No shortcut'}**: itm_shortcut {shortcut:+.2f} (a soft-masked image "
+                     f"with a wrong caption: match probability {metrics[name]['itm_mismatched_masked']:.2f} against "
+                     f"{metrics[name]['itm_mismatched']:.2f} unmasked{'; masking alone says match' if has else ''})")
         lines.append(line + ".")
     return lines
 
@@ -398,7 +409,7 @@ def run_demo(out: Path, budget: str = "default", config: str | Path = CONFIG, vi
         "images", "size", "steps", "batch_size", "seed", "world_seed"))
     vision_images, vision_steps, vision_batch_size, vision_world_seed = (settings[key] for key in (
         "vision_images", "vision_steps", "vision_batch_size", "vision_world_seed"))
-    for key in ("eval_k", "grounding_captions", "mlm_captions"):
+    for key in ("eval_k", "grounding_captions", "mlm_captions", "shortcut_pairs"):
         if settings[key] < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {settings[key]}")
     from softmask.viz.gradcam import draw_gradcam, load_for_gradcam
@@ -460,7 +471,8 @@ def run_demo(out: Path, budget: str = "default", config: str | Path = CONFIG, vi
                                       str(run / "eval_world.json"), "--examples", str(run / "retrieval_examples.json"),
                                       "--k", str(settings["eval_k"]),
                                       "--grounding-captions", str(settings["grounding_captions"]),
-                                      "--mlm-captions", str(settings["mlm_captions"]))
+                                      "--mlm-captions", str(settings["mlm_captions"]),
+                                      "--shortcut-pairs", str(settings["shortcut_pairs"]))
                      for run in runs.values()]
         eval_logs = [run / "eval.log" for run in runs.values()]
         _raise_on_failure("evaluation", run_side_by_side(list(zip(eval_cmds, eval_logs, strict=True)), len(METHODS),
