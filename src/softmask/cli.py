@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from softmask.config import FINETUNE_TASKS, ConfigError, load_config, override_key, refuse_repeated_keys, to_dict
+from softmask.config.files import packaged_config
 from softmask.models.loading import CheckpointError
 from softmask.train.checkpoint import CHECKPOINT_DIR
 from softmask.train.loop import TrainingError
@@ -290,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     vision = sub.add_parser("pretrain-vision", help="pretrain the image encoder alone on labelled images "
                             "(a world's objects, or an ImageNet-style folder); the result loads as model.vision.init")
-    _add_config_args(vision, default=str(Path(__file__).resolve().parents[2] / "configs" / "vision" / "world_vit.yaml"))
+    _add_config_args(vision, default=str(packaged_config("vision/world_vit.yaml")))
     vision.set_defaults(func=cmd_pretrain_vision)
 
     bench = sub.add_parser("bench", help="benchmarks")

@@ -11,6 +11,7 @@ from typing import Any, Union
 
 import yaml
 
+from softmask.config.files import resolve_config_path
 from softmask.config.schema import Config, ConfigError, ModelConfig
 
 # --------------------------------------------------------------------------------------------------
@@ -108,8 +109,10 @@ def to_dict(cfg: Any) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; errors name the file (and the line for syntax errors)."""
-    path = Path(path)
+    """Read a YAML mapping; errors name the file (and the line for syntax errors). A relative
+    ``configs/...`` path that is not a file here reads the shipped config of that name
+    (:func:`softmask.config.files.resolve_config_path`)."""
+    path = resolve_config_path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
