@@ -37,6 +37,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
         return _convert(value, args[0], key)
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} takes a mapping such as {{'a': 'b'}}, got {_describe(value)}")
+        return {_convert(k, key_tp, key): _convert(v, value_tp, f"{key}[{k!r}]") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         items = value if isinstance(value, list) else [value]
