@@ -131,3 +131,16 @@ def test_text_assignment_records_from_albef_files(tmp_path, capsys):
     assert main(["-q", "text-assignment", "--config", str(TINY_PRETRAIN), "--out", str(tmp_path / "x.json"),
                  f"data.train=[{two}]", flow_mapping(path_map)]) == 2
     assert "at least 3 distinct images" in capsys.readouterr().err
+
+
+def test_the_path_map_example_of_the_reproduce_page_is_a_valid_data_section():
+    import re
+
+    import yaml
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reproduce.md").read_text()
+    (block,) = [b for b in re.findall(r"^```yaml\n(.*?)^```", page, re.MULTILINE | re.DOTALL) if "path_map" in b]
+    data = yaml.safe_load(block)["data"]
+    cfg = load_config("configs/pretrain/4m.yaml", ["data.train=[" + ",".join(data["train"]) + "]",
+                                                   flow_mapping(data["path_map"])])
+    assert cfg.data.path_map == data["path_map"] and len(cfg.data.train) == 5
