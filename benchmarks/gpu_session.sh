@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU runs of a session with one GPU (an H200, 15 minutes of device time in all, at most
+# Prepared runs for a short loan of one GPU (sized for an H200 lent for 15 minutes in all, at most
 # 10 minutes per command), in parts that each fit one command:
 #
 #   PARTS="smoke levers retrieval" benchmarks/gpu_session.sh OUT     # ~8 min: the first command

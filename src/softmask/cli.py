@@ -15,6 +15,8 @@
     softmask explore --checkpoint PATH [--compare PATH2] [--images DIR] [--host H] [--port N]
                      a local web page: per-word Grad-CAM, match scores, retrieval (the explore extra)
     softmask world  --out DIR [--images N] [--size PX] [--seed S] [--shards]   the synthetic world
+    softmask text-assignment --config FILE --out FILE [--seed S] [key=value ...]   NLVR2's text-assignment
+                     records made from the config's data.train image-caption files
     softmask score vqa --results R --questions Q --annotations A [--rules 2021|2017] [--json OUT]
 
 Errors in configs or checkpoints print one line naming the file and key, and exit with status 2.
@@ -34,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from softmask.config import FINETUNE_TASKS, ConfigError, load_config, override_key, refuse_repeated_keys, to_dict
+from softmask.config.files import packaged_config
 from softmask.models.loading import CheckpointError
 from softmask.train.checkpoint import CHECKPOINT_DIR
 from softmask.train.loop import TrainingError
@@ -273,6 +276,29 @@ def cmd_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_text_assignment(args: argparse.Namespace) -> int:
+    import json
+
+    from softmask.data.annotations import load_annotations
+    from softmask.data.dataset import expand_entries, is_shard_entry
+    from softmask.data.text_assignment import text_assignment_records
+
+    cfg = load_config(args.config, args.overrides)
+    files = expand_entries(cfg.data.train)
+    if not files:
+        raise ConfigError("data.train is empty: give data.train=[FILE.json,...], the image-caption files to draw from")
+    shards = [entry for entry in files if is_shard_entry(entry)]
+    if shards:
+        raise ConfigError(f"text-assignment reads JSON annotation files, not shards ({shards[0]})")
+    records = load_annotations(files, cfg.data.image_root, cfg.data.path_map)
+    items = text_assignment_records(records, args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(items))
+    print(f"wrote {len(items)} text-assignment records from {len(records)} image-caption records to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softmask", description=__doc__.split("\n\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -293,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     vision = sub.add_parser("pretrain-vision", help="pretrain the image encoder alone on labelled images "
                             "(a world's objects, or an ImageNet-style folder); the result loads as model.vision.init")
-    _add_config_args(vision, default=str(Path(__file__).resolve().parents[2] / "configs" / "vision" / "world_vit.yaml"))
+    _add_config_args(vision, default=str(packaged_config("vision/world_vit.yaml")))
     vision.set_defaults(func=cmd_pretrain_vision)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -414,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     score_cmd.add_argument("--json", default="",
                            help="also write {overall, perAnswerType, perQuestionType, questions, rules} here")
     score_cmd.set_defaults(func=cmd_score)
+
+    ta = sub.add_parser("text-assignment", help="NLVR2's text-assignment records (ALBEF's three-way task: the "
+                        "caption describes image 1, image 2 or neither) made from data.train's image-caption files")
+    _add_config_args(ta)
+    ta.add_argument("--out", required=True, help="the JSON file to write ({images, sentence, label} records)")
+    ta.add_argument("--seed", type=int, default=0, help="seed of the random draws (default 0)")
+    ta.set_defaults(func=cmd_text_assignment)
 
     world = sub.add_parser("world", help="generate the synthetic image-caption world (images and annotations)")
     world.add_argument("--out", required=True, help="output folder (images/, annotations/, world.json)")

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from softmask.config import ConfigError, load_config, override_key
+from softmask.config.files import packaged_config
 from softmask.side_by_side import run_side_by_side, softmask_command, threads_per_process
 from softmask.train.loop import TrainingError
 from softmask.train.stop import Interrupted
@@ -31,9 +32,8 @@ from softmask.world.vocab import EDIT_ATTRIBUTES
 
 log = logging.getLogger("softmask")
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "configs" / "pretrain" / "world_mini.yaml"
-VISION_CONFIG = ROOT / "configs" / "vision" / "world_vit.yaml"
+CONFIG = packaged_config("pretrain/world_mini.yaml")
+VISION_CONFIG = packaged_config("vision/world_vit.yaml")
 METHODS = ("albef", "softmask")
 # The demo's budgets. "full": the recipe of the study in docs/results.md (the world of `softmask world --seed 5`,
 # its image encoder pretrained on another world, seed 105, that shows every colour-shape pair;

@@ -11,6 +11,7 @@ from typing import Any, Union
 
 import yaml
 
+from softmask.config.files import resolve_config_path
 from softmask.config.schema import Config, ConfigError, ModelConfig
 
 # --------------------------------------------------------------------------------------------------
@@ -36,6 +37,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
         return _convert(value, args[0], key)
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} takes a mapping such as {{'a': 'b'}}, got {_describe(value)}")
+        return {_convert(k, key_tp, key): _convert(v, value_tp, f"{key}[{k!r}]") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         items = value if isinstance(value, list) else [value]
@@ -108,8 +116,10 @@ def to_dict(cfg: Any) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; errors name the file (and the line for syntax errors)."""
-    path = Path(path)
+    """Read a YAML mapping; errors name the file (and the line for syntax errors). A relative
+    ``configs/...`` path that is not a file here reads the shipped config of that name
+    (:func:`softmask.config.files.resolve_config_path`)."""
+    path = resolve_config_path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

@@ -188,6 +188,10 @@ class DataConfig:
 
     train: list[str] = field(default_factory=list)
     image_root: str = ""  # folder that relative image paths in the JSON files start from
+    # Ours: image-path prefixes rewritten as the JSON files are read, e.g. {"/export/share/datasets/": "/data/"}
+    # for ALBEF's released pretraining files (absolute paths on ALBEF's cluster); the longest matching prefix
+    # wins. With a map, every record's image must exist once mapped (checked before any model is built).
+    path_map: dict[str, str] = field(default_factory=dict)
     max_words: int = 30  # ALBEF's pre_caption word limit
     max_tokens: int = 30  # WordPiece tokens, [CLS] and [SEP] included
     tokenizer: str = ""  # vocab.txt, a folder holding one, or an alias; empty = the bert-base-uncased vocab
@@ -211,6 +215,9 @@ class DataConfig:
             raise ConfigError(f"{key}.max_tokens must be at least 3 ([CLS], a word, [SEP]), got {self.max_tokens}")
         if self.num_workers < 0:
             raise ConfigError(f"{key}.num_workers must be >= 0, got {self.num_workers}")
+        for old, new in self.path_map.items():
+            if not old or not new:
+                raise ConfigError(f"{key}.path_map maps prefixes to prefixes, both non-empty; got {old!r}: {new!r}")
         self.augment.validate(f"{key}.augment")
 
 

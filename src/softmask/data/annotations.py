@@ -5,18 +5,20 @@ a task names the fields its records need (:class:`Field`).
 
 Every file is read and every record checked before anything is returned, so a typo in record
 3,000,000 fails at start-up with a message naming the file, the record and the problem, not hours
-into training. Whether the image files exist is *not* checked here: a missing or broken image is a
-per-sample skip at load time (see :mod:`softmask.data.images`).
+into training. Whether the image files exist is *not* checked here (a missing or broken image is a
+per-sample skip at load time, see :mod:`softmask.data.images`), except with a ``path_map``
+(``data.path_map``, :mod:`softmask.data.path_map`): then every record's image must exist once mapped.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from softmask.config import ConfigError
+from softmask.data.path_map import PathMap
 
 
 class AnnotationError(ConfigError):
@@ -114,12 +116,8 @@ PRETRAIN_FIELDS = (
 )
 
 
-def _joined(path: str, image_root: str) -> str:
-    return os.path.join(image_root, path) if image_root and not os.path.isabs(path) else path
-
-
 def load_records(files: Sequence[str], image_root: str, fields: Sequence[Field], image_key: str = "image",
-                 key: str = "finetune.train") -> list[dict]:
+                 key: str = "finetune.train", path_map: Mapping[str, str] | None = None) -> list[dict]:
     """Read and check annotation files: the one validator of pretraining and task annotations.
 
     Args:
@@ -130,14 +128,17 @@ def load_records(files: Sequence[str], image_root: str, fields: Sequence[Field],
             named ``image_key`` replaces the default image check.
         image_key: ``"image"`` (one path) or ``"images"`` (a non-empty list of paths).
         key: the config key ``files`` came from, for the message when it is empty.
+        path_map: image-path prefixes to rewrite before joining (``data.path_map``); with one, every
+            image must exist once mapped.
 
     Returns:
-        The records of all files in file order, as dicts with the image path(s) joined to
+        The records of all files in file order, as dicts with the image path(s) mapped, joined to
         ``image_root`` and ``_source`` ("file: record i") added for messages.
 
     Raises:
         AnnotationError: a file is missing, not valid JSON (with line and column), not a list, or a
-            record is malformed; the message names the file, the record index and the problem.
+            record is malformed, or (with a path map) its image maps to no existing file; the message
+            names the file, the record index and the problem.
     """
     if not files:
         raise ConfigError(f"{key} is empty: give {key}=[FILE.json,...] (ALBEF-format annotations), or world=DIR "
@@ -146,6 +147,7 @@ def load_records(files: Sequence[str], image_root: str, fields: Sequence[Field],
         Field(image_key, (str, list), _image_paths_problem), *fields]
     wanted = [f"'{field.name}'" for field in checks]
     wanted = ", ".join(wanted[:-1]) + f" and {wanted[-1]}" if len(wanted) > 1 else wanted[0]
+    prefixes = PathMap(path_map)
     records = []
     for path in map(str, files):
         data = _read_json(path)
@@ -163,7 +165,12 @@ def load_records(files: Sequence[str], image_root: str, fields: Sequence[Field],
                 if problem:
                     raise AnnotationError(f"{where}: '{field.name}' {problem}")
             paths = item[image_key]
-            joined = [_joined(p, image_root) for p in ([paths] if isinstance(paths, str) else paths)]
+            joined = []
+            for image in [paths] if isinstance(paths, str) else paths:
+                resolved, problem = prefixes.resolve(image, image_root)
+                if problem:
+                    raise AnnotationError(f"{where}: {problem}")
+                joined.append(resolved)
             record = dict(item)
             record[image_key] = joined if image_key == "images" else joined[0]
             record["_source"] = where
@@ -171,7 +178,7 @@ def load_records(files: Sequence[str], image_root: str, fields: Sequence[Field],
     return records
 
 
-def load_annotations(files: Sequence[str], image_root: str) -> list[Record]:
+def load_annotations(files: Sequence[str], image_root: str, path_map: Mapping[str, str] | None = None) -> list[Record]:
     """Read and validate ALBEF pretraining JSON files (:func:`load_records` with :data:`PRETRAIN_FIELDS`).
 
     Args:
@@ -179,6 +186,7 @@ def load_annotations(files: Sequence[str], image_root: str) -> list[Record]:
             (other keys are allowed and ignored).
         image_root: folder that relative ``image`` paths are joined to ("" leaves them relative to
             the working directory); absolute paths are kept.
+        path_map: image-path prefixes rewritten first (``data.path_map``; see :func:`load_records`).
 
     Returns:
         The records of all files, in file order.
@@ -187,7 +195,7 @@ def load_annotations(files: Sequence[str], image_root: str) -> list[Record]:
         AnnotationError: as :func:`load_records`.
     """
     records = []
-    for item in load_records(files, image_root, PRETRAIN_FIELDS, key="data.train") if files else []:
+    for item in load_records(files, image_root, PRETRAIN_FIELDS, key="data.train", path_map=path_map) if files else []:
         source, index = item["_source"].rsplit(": record ", 1)
         caption = item["caption"]
         records.append(Record(image=item["image"], captions=[caption] if isinstance(caption, str) else list(caption),

@@ -312,7 +312,7 @@ def build_pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[Data
             f"data.train lists tar shards ({shards[0]}); build_pretrain_loader reads JSON annotation files "
             "only (shards go through softmask.data.shards.build_shard_loader; mixing both is not supported)"
         )
-    records = load_annotations(files, cfg.data.image_root)
+    records = load_annotations(files, cfg.data.image_root, cfg.data.path_map)
     dataset = CaptionDataset(
         records, cfg.model.vision.image_size, cfg.data.max_words, cfg.data.max_image_pixels, seed=cfg.seed,
         on_bad_sample=cfg.data.on_bad_sample,

@@ -1,0 +1,73 @@
+"""The published results: every file under docs/results/ has the one layout benchmarks/world_study.py writes
+(settings, summary, runs) with a summary that is its runs' mean and std, names no machine-local path, and
+every table README.md and docs/ show under a ``results-table`` comment equals what its command prints."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import load_benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = sorted((ROOT / "docs" / "results").glob("*.json"))
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+COMMENT = re.compile(r"^<!-- results-table: (python benchmarks/results_table\.py .+?) -->$")
+SETTINGS = {"config", "world", "steps", "k", "overrides", "variants", "seeds"}
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=[p.name for p in RESULTS])
+def test_results_file_has_the_study_layout(path):
+    text = path.read_text()
+    assert "/tmp/" not in text
+    study = json.loads(text)
+    assert set(study) == {"settings", "summary", "runs"}
+    assert set(study["settings"]) >= SETTINGS, SETTINGS - set(study["settings"])
+    runs = study["runs"]
+    assert set(runs) == set(study["summary"]) and set(runs) <= set(study["settings"]["variants"])
+    for variant, seeds in runs.items():
+        assert seeds and all(int(seed) in study["settings"]["seeds"] for seed in seeds), variant
+        for metrics in seeds.values():
+            assert "tr1" in metrics and all(isinstance(v, (int, float)) for v in metrics.values())
+    recomputed = load_benchmark("world_study.py").summarise(runs)
+    for variant, metrics in recomputed.items():
+        assert set(metrics) == set(study["summary"][variant])
+        for key, (mean, std, n) in metrics.items():
+            assert math.isclose(mean, study["summary"][variant][key][0], rel_tol=1e-9, abs_tol=1e-12), (variant, key)
+            assert math.isclose(std, study["summary"][variant][key][1], rel_tol=1e-9, abs_tol=1e-12), (variant, key)
+            assert n == study["summary"][variant][key][2]
+
+
+def shown_tables() -> list[tuple[str, str, str]]:
+    """(where, command, table as shown) for each results-table comment in README.md and docs/*.md."""
+    found = []
+    for page in PAGES:
+        lines = page.read_text().splitlines()
+        for number, line in enumerate(lines):
+            match = COMMENT.match(line.strip())
+            if match:
+                rows = []
+                for following in lines[number + 1:]:
+                    if not following.startswith("|"):
+                        break
+                    rows.append(following)
+                found.append((f"{page.relative_to(ROOT)}:{number + 1}", match.group(1), "\n".join(rows)))
+    return found
+
+
+TABLES = shown_tables()
+
+
+def test_readme_and_the_results_page_show_generated_tables():
+    where = {entry[0].split(":")[0] for entry in TABLES}
+    assert "README.md" in where and "docs/results.md" in where, where
+
+
+@pytest.mark.parametrize("where, command, shown", TABLES, ids=[entry[0] for entry in TABLES])
+def test_shown_table_equals_its_command_output(where, command, shown):
+    expected = load_benchmark("results_table.py").table_of_command(command, ROOT)
+    assert shown == expected, f"{where}: the table differs from `{command}`; paste its output"
