@@ -1,5 +1,6 @@
 """Time the parts of `softmask evaluate world` for one checkpoint: ITM re-ranked retrieval, minimal edits,
-and Grad-CAM grounding (per 100 captions).
+Grad-CAM grounding (per 100 captions), what the fusion reads (MLM, per 100 captions per group) and the
+ITM shortcut (per 100 pairs).
 
     OMP_NUM_THREADS=1 python benchmarks/world_eval_parts.py --checkpoint RUN --world DIR [--k 16]
 """
@@ -14,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softmask.config import default_gradcam_layer
+from softmask.config import SoftMaskConfig, default_gradcam_layer
 from softmask.eval import world as W
+from softmask.eval.mlm_reads import masked_word_accuracy
 from softmask.eval.retrieval import evaluate_retrieval
+from softmask.eval.shortcut import itm_shortcut
 from softmask.inference import load_model
 
 
@@ -46,6 +49,12 @@ def main() -> None:
     start = time.perf_counter()
     W.grounding(model, enc, scenes, default_gradcam_layer(model.config.text.num_fusion_layers), max_captions=100)
     times["grounding_100_captions_s"] = round(time.perf_counter() - start, 1)
+    start = time.perf_counter()
+    masked_word_accuracy(model, enc, test, per_group=100)
+    times["mlm_100_captions_per_group_s"] = round(time.perf_counter() - start, 1)
+    start = time.perf_counter()
+    itm_shortcut(model, enc, test, SoftMaskConfig(), default_gradcam_layer(model.config.text.num_fusion_layers), 100)
+    times["shortcut_100_pairs_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(times))
 
 

@@ -56,6 +56,9 @@ def masked_word_accuracy(model, enc, test: list[dict], per_group: int = 600, see
     vocab = enc.tokenizer.wordpiece.get_vocab()
     mask_id = enc.tokenizer.special["mask"]
     images = [record["image"] for record in test]
+    row_of = {image: i for i, image in enumerate(images)}
+    embeds = torch.cat([model.encode_image(enc.pixels(images[start:start + batch_size]))
+                        for start in range(0, len(images), batch_size)])  # each test image encoded once
     out: dict[str, float] = {}
     for group, items in masked_items(test, per_group, rng).items():
         words = list(WORD_GROUPS[group])
@@ -72,8 +75,8 @@ def masked_word_accuracy(model, enc, test: list[dict], per_group: int = 600, see
                 target_values = value_of[[words.index(word) for _, _, word in chunk]]
                 positions = (ids == targets[:, None]).int().argmax(1)  # the word's first occurrence
                 ids[torch.arange(len(chunk)), positions] = mask_id
-                fused = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(enc.pixels(shown)))
-                logits = model.mlm_logits(fused)[torch.arange(len(chunk)), positions][:, candidates]
+                fused = model.fuse(model.encode_text(ids, mask), mask, embeds[[row_of[image] for image in shown]])
+                logits = model.mlm_logits(fused[torch.arange(len(chunk)), positions])[:, candidates]  # the masks only
                 hits += int((value_of[logits.argmax(-1)] == target_values).sum())
             out[f"{group}_{condition}"] = round(100.0 * hits / max(1, len(items)), 1)
         out[f"{group}_n"] = len(items)
