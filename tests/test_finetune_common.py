@@ -125,7 +125,7 @@ def test_full_size_ve_model_runs_one_step_at_384_px():
     cfg = load_config(ROOT / "configs" / "finetune" / "ve.yaml",
                       ["finetune.task=ve", "model.init=", "train.precision=fp32", "data.augment.enabled=false"])
     torch.manual_seed(0)
-    task = ve.build_task(cfg, ve.build_model(cfg), batches_per_epoch=10)
+    task = ve.build_objective(cfg, ve.build_model(cfg), batches_per_epoch=10)
     batch = {"images": torch.randint(0, 256, (1, 3, 384, 384), dtype=torch.uint8),
              "input_ids": torch.randint(1000, 30000, (1, 20)), "attention_mask": torch.ones(1, 20, dtype=torch.long),
              "label": torch.tensor([2])}

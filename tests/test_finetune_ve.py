@@ -119,7 +119,7 @@ def test_loss_falls_on_a_fixed_batch(world):
     dataset = TaskDataset(records, cfg, "sentence", extras=ve._label_index)
     batch = Collator.for_config(cfg)([dataset[i] for i in range(len(dataset))])
     assert sorted(set(batch["label"].tolist())) == [0, 1, 2]
-    task = ve.build_task(cfg, ve.build_model(cfg), batches_per_epoch=10)
+    task = ve.build_objective(cfg, ve.build_model(cfg), batches_per_epoch=10)
     assert task.momentum_model is not None and not task.model.backbone.itm_head.weight.requires_grad
     optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-3)
     losses, accs = [], []

@@ -95,7 +95,7 @@ def test_task_forward_matches_per_answer_computation():
     cfg = _tiny_cfg()
     torch.manual_seed(0)
     model = vqa.build_model(cfg).eval()
-    task = vqa.VQATask(cfg, model, alpha_warmup_steps=1).eval()
+    task = vqa.VQAObjective(cfg, model, alpha_warmup_steps=1).eval()
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     ids, mask = tokenize(task.tokenizer, ["what color is the ball", "how many"])
     batch = {"images": images, "input_ids": ids, "attention_mask": mask,

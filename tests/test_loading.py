@@ -145,11 +145,11 @@ def test_compact_keys():
 
 def _pretrain_task(tiny_cfg, init: str, queue_size: int = 64):
     from softmask.config import config_from_dict, to_dict
-    from softmask.tasks.pretrain import PretrainTask, continue_from_albef
+    from softmask.tasks.pretrain import PretrainObjective, continue_from_albef
 
     cfg = config_from_dict({"model": {**to_dict(tiny_cfg), "init": init}, "itc": {"queue_size": queue_size}})
     torch.manual_seed(0)
-    task = PretrainTask(cfg, create_model(cfg.model), {"cls": 1, "sep": 2, "pad": 0, "mask": 3}, 10)
+    task = PretrainObjective(cfg, create_model(cfg.model), {"cls": 1, "sep": 2, "pad": 0, "mask": 3}, 10)
     continue_from_albef(task, init)
     return task
 

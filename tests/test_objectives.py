@@ -375,12 +375,12 @@ def test_mlm_loss_with_no_masked_tokens():
 def test_pretraining_masks_sep_as_albef_does_unless_told_not_to(mask_sep):
     from softmask import create_model
     from softmask.config import config_from_dict, to_dict
-    from softmask.tasks.pretrain import PretrainTask
+    from softmask.tasks.pretrain import PretrainObjective
 
     from conftest import tiny_model_config
 
     cfg = config_from_dict({"model": to_dict(tiny_model_config()), "mlm": {"mask_sep": mask_sep}})
-    task = PretrainTask(cfg, create_model(cfg.model), {"cls": CLS, "sep": SEP, "pad": PAD, "mask": MASK}, 10)
+    task = PretrainObjective(cfg, create_model(cfg.model), {"cls": CLS, "sep": SEP, "pad": PAD, "mask": MASK}, 10)
     assert task.mlm_excluded == sorted({CLS, PAD} | ({SEP} if not mask_sep else set()))
     # 2,000 captions "[CLS] w w w w [SEP] [PAD] [PAD]": [SEP] is chosen at the MLM rate, or never.
     ids = torch.tensor([[CLS, 10, 11, 12, 13, SEP, PAD, PAD]]).repeat(2000, 1)

@@ -141,10 +141,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(world, tmp_path):
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeypatch):
-    from softmask.tasks.pretrain import PretrainTask
+    from softmask.tasks.pretrain import PretrainObjective
     from softmask.train.loop import TrainingError
 
-    real_forward = PretrainTask.forward
+    real_forward = PretrainObjective.forward
     bad_steps = {2, 4, 5, 6}  # one isolated non-finite step, then three in a row
 
     def forward(self, batch, step, micro=0):
@@ -154,8 +154,8 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeyp
         self.calls += 1
         return out
 
-    monkeypatch.setattr(PretrainTask, "calls", 0, raising=False)
-    monkeypatch.setattr(PretrainTask, "forward", forward)
+    monkeypatch.setattr(PretrainObjective, "calls", 0, raising=False)
+    monkeypatch.setattr(PretrainObjective, "forward", forward)
     out = tmp_path / "run"
     cfg = load_config(TINY, overrides(world, out, "train.batch_size=4", "train.max_steps=10",
                                       "train.max_nonfinite=3", "train.save_every=100"))

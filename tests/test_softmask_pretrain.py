@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from softmask.config import ConfigError, load_config
 from softmask.models.vlp import create_model
 from softmask.objectives.softmask import gradcam_maps
-from softmask.tasks.pretrain import build_task, min_pairwise_cosine, pretrain
+from softmask.tasks.pretrain import build_objective, min_pairwise_cosine, pretrain
 
 from conftest import make_world
 from conftest import pretrain_overrides as overrides
@@ -39,7 +40,7 @@ def _batch(b: int = 6, seed: int = 0) -> dict:
 def _losses(*extra: str, steps: int = 2) -> list[dict]:
     cfg = load_config(TINY, ["itc.queue_size=16", *extra])
     torch.manual_seed(0)
-    task = build_task(cfg, create_model(cfg), alpha_warmup_steps=2).train()
+    task = build_objective(cfg, create_model(cfg), alpha_warmup_steps=2).train()
     out = []
     for step in range(steps):
         torch.manual_seed(100 + step)  # dropout and augmentation draws
@@ -181,16 +182,18 @@ def test_last_fusion_layer_is_refused_for_gradcam_masks():
 def test_no_gradient_reaches_the_model_through_the_mask():
     cfg = load_config(TINY, ["method=softmask", "itc.queue_size=16"])
     torch.manual_seed(0)
-    task = build_task(cfg, create_model(cfg), alpha_warmup_steps=2).train()
-    model = task.model
+    objective = build_objective(cfg, create_model(cfg), alpha_warmup_steps=2).train()
+    model = objective.model
     batch = _batch()
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    pixels = task.augment(batch["images"])
+    pixels = objective.augment(batch["images"])
     image_embeds = model.encode_image(pixels)
     fused, attn = model.fuse(model.encode_text(ids, mask), mask, image_embeds, attention_layer=cfg.softmask.layer)
     logits = model.itm_logits(fused)
     gen = torch.Generator().manual_seed(0)
-    soft, rows = task._soft_masked_images(logits, attn, pixels, image_embeds, ids, ids, mask, gen)
+    step = SimpleNamespace(ids=ids, text_ids=ids, mask=mask, images=pixels, image_embeds=image_embeds)
+    masked = objective._soft_masked_images(step, logits, attn, gen)
+    soft, rows = masked.images, masked.rows
     assert rows.all()
     # The soft-masked tokens depend on the attention only through the (detached) mask: no path.
     (through_attn,) = torch.autograd.grad(soft.sum(), attn, retain_graph=True, allow_unused=True)

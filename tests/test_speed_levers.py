@@ -10,7 +10,7 @@ import torch
 
 from softmask import create_model, load_config
 from softmask.bench import synthetic_batch
-from softmask.tasks.pretrain import build_task
+from softmask.tasks.pretrain import build_objective
 from softmask.train.schedule import make_optimizer
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
@@ -20,7 +20,7 @@ def _run(overrides: list[str], steps: int = 3) -> tuple[list[dict], list[torch.T
     cfg = load_config(TINY, ["train.warmup_steps=0", "train.lr_start=1e-3", "itc.queue_size=16",
                              "model.text.dropout=0", "model.text.attention_dropout=0", *overrides])
     torch.manual_seed(0)
-    task = build_task(cfg, create_model(cfg), alpha_warmup_steps=1).train()
+    task = build_objective(cfg, create_model(cfg), alpha_warmup_steps=1).train()
     optimizer = make_optimizer(task, cfg.train)
     batch = synthetic_batch(cfg, 6, text_fill=0.5)
     assert batch["attention_mask"].float().mean() < 0.8  # the captions are padded

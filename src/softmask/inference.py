@@ -7,7 +7,7 @@
 * one checkpoint file inside a run's ``checkpoints/`` folder (the run's ``config.yaml`` is two levels up);
 * a ``save_pretrained`` folder (``config.yaml`` with a ``model`` section + ``model.safetensors``).
 
-Training checkpoints hold the :class:`~softmask.tasks.pretrain.PretrainTask` state dict under
+Training checkpoints hold the :class:`~softmask.tasks.pretrain.PretrainObjective` state dict under
 ``"task"``; the online model's tensors are the ones under the ``model.`` prefix (the momentum copy,
 queues and optimiser state are not needed here).
 """

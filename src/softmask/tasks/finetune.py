@@ -36,7 +36,7 @@ class TaskDefinition(Protocol):
         """The task's model with ``cfg.model.init`` (and the vision/text inits) loaded; it has
         ``save_pretrained(directory)``."""
 
-    def build_task(self, cfg: Config, model: nn.Module, batches_per_epoch: int | None) -> nn.Module:
+    def build_objective(self, cfg: Config, model: nn.Module, batches_per_epoch: int | None) -> nn.Module:
         """The training objective: ``forward(batch, step, micro)`` -> dict with ``loss``; ``.model`` is ``model``."""
 
     def build_train_data(self, cfg: Config, rank: int, world_size: int):
@@ -207,10 +207,10 @@ def finetune(cfg: Config) -> dict[str, dict[str, float]]:
         torch.manual_seed(cfg.seed)
         data = task_def.build_train_data(cfg, info.rank, info.world_size)  # checks the files first
         model = task_def.build_model(cfg)
-        task = task_def.build_task(cfg, model, data.batches_per_epoch)
+        objective = task_def.build_objective(cfg, model, data.batches_per_epoch)
         torch.manual_seed(cfg.seed + 1 + info.rank)
-        train(cfg, task, data, info)
-        return _report(cfg, task_def, task.model, cfg.finetune.eval_splits, Path(cfg.output_dir), info)
+        train(cfg, objective, data, info)
+        return _report(cfg, task_def, objective.model, cfg.finetune.eval_splits, Path(cfg.output_dir), info)
     finally:
         dist.cleanup()
 

@@ -175,8 +175,8 @@ def without_colour(images: torch.Tensor, rows: torch.Tensor, generator: torch.Ge
     return out
 
 
-class ImagePretrainTask(nn.Module):
-    """The loop's task: augment (or only normalise) the uint8 images (with ``image_pretrain.colourless_share``
+class ImagePretrainObjective(nn.Module):
+    """The loop's objective: augment (or only normalise) the uint8 images (with ``image_pretrain.colourless_share``
     some made colourless), run the heads, return the losses."""
 
     def __init__(self, cfg: Config, model: ImageEncoderWithHeads, transform: nn.Module):
@@ -348,10 +348,10 @@ def pretrain_vision(cfg: Config) -> dict[str, float]:
         torch.manual_seed(cfg.seed)
         model = ImageEncoderWithHeads(cfg.model.vision, train_data.classes,
                                       position=bool(cfg.world) and cfg.image_pretrain.position_weight > 0)
-        task = ImagePretrainTask(cfg, model, transform)
+        objective = ImagePretrainObjective(cfg, model, transform)
         source = InMemorySource(train_data, cfg.train.batch_size, cfg.seed, info.rank, info.world_size)
         torch.manual_seed(cfg.seed + 1 + info.rank)
-        train(cfg, task, source, info)
+        train(cfg, objective, source, info)
         confusions: dict[str, torch.Tensor] = {}
         metrics = evaluate_image_encoder(model, held_out, device=info.device, confusions=confusions,
                                          unseen_pairs=_pairs_never_trained_on(cfg))

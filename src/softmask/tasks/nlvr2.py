@@ -47,7 +47,7 @@ from softmask.models.loading import CheckpointError
 from softmask.models.nlvr2 import TwoImageModel, classifier_head, two_image_state
 from softmask.models.vit import resize_pos_embed
 from softmask.models.vlp import create_model, summarise_fused
-from softmask.tasks.classify import ClassifierTask, accuracy_metrics, predict_classes
+from softmask.tasks.classify import ClassifierObjective, accuracy_metrics, predict_classes
 from softmask.tasks.finetune import TaskModel, saved_state, saved_task_name
 from softmask.train import dist
 from softmask.train.schedule import alpha_warmup_steps
@@ -262,11 +262,11 @@ def build_model(cfg: Config) -> NLVR2Model:
     return expand_pretrained(cfg, classes)
 
 
-def build_task(cfg: Config, model: NLVR2Model, batches_per_epoch: int | None) -> ClassifierTask:
+def build_objective(cfg: Config, model: NLVR2Model, batches_per_epoch: int | None) -> ClassifierObjective:
     from softmask.data.text import open_tokenizer
 
     open_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens).check_fits(cfg.model.text.vocab_size)
-    return ClassifierTask(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
+    return ClassifierObjective(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
 
 
 def build_train_data(cfg: Config, rank: int, world_size: int) -> LoaderSource:

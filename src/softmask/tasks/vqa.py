@@ -4,7 +4,7 @@ the answer from the fused question-image states.
 - **Model** (:class:`VQAModel`): the pretrained backbone encodes the image and the question and fuses
   them; an :class:`~softmask.models.answer_decoder.AnswerDecoder` initialised from the fusion layers
   decodes ``[CLS] answer [SEP]``.
-- **Training** (:class:`VQATask`): every distinct human answer of a question is a target; its loss is
+- **Training** (:class:`VQAObjective`): every distinct human answer of a question is a target; its loss is
   the decoder's summed token NLL weighted by the answer's share of the human answers (count / total;
   ALBEF gives a Visual Genome question's single answer the weight :data:`VG_ANSWER_WEIGHT`), summed
   per question and averaged over questions. With ``distill.alpha > 0`` the targets are mixed with a
@@ -48,7 +48,7 @@ from softmask.models.key_maps import Ignore, bert_rule
 from softmask.tasks.finetune import TaskModel
 from softmask.train import dist
 from softmask.train.loop import inference_autocast
-from softmask.train.momentum import DistilledTask
+from softmask.train.momentum import DistilledObjective
 from softmask.train.schedule import alpha_warmup_steps
 
 log = logging.getLogger("softmask")
@@ -344,7 +344,7 @@ class VQAModel(TaskModel):
         return best
 
 
-class VQATask(DistilledTask):
+class VQAObjective(DistilledObjective):
     """The weighted answer NLL (with optional momentum distillation) around a :class:`VQAModel`."""
 
     def __init__(self, cfg: Config, model: VQAModel, alpha_warmup_steps: int):
@@ -399,8 +399,8 @@ def build_model(cfg: Config) -> VQAModel:
     return model
 
 
-def build_task(cfg: Config, model: VQAModel, batches_per_epoch: int | None) -> VQATask:
-    return VQATask(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
+def build_objective(cfg: Config, model: VQAModel, batches_per_epoch: int | None) -> VQAObjective:
+    return VQAObjective(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
 
 
 def build_train_data(cfg: Config, rank: int, world_size: int):
@@ -478,6 +478,6 @@ def evaluate(cfg: Config, model: VQAModel, split: str, out_dir: Path | None) -> 
     return metrics
 
 
-__all__ = ["AnswerList", "VQAModel", "VQATask", "answer_weights", "build_model", "build_task", "build_train_data",
-           "evaluate", "flatten_answers", "rank_answers", "read_answer_list", "sequence_nll", "vqa_metrics",
-           "weighted_question_loss"]
+__all__ = ["AnswerList", "VQAModel", "VQAObjective", "answer_weights", "build_model", "build_objective",
+           "build_train_data", "evaluate", "flatten_answers", "rank_answers", "read_answer_list", "sequence_nll",
+           "vqa_metrics", "weighted_question_loss"]
