@@ -77,12 +77,15 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
-TRAINING_ENTRIES = ("task", "optimizer", "state")
+# The objective's state dict (model, momentum model, queues). The key keeps the name checkpoints have always
+# used for it, so that every checkpoint written so far still resumes and loads.
+OBJECTIVE_KEY = "task"
+TRAINING_ENTRIES = (OBJECTIVE_KEY, "optimizer", "state")
 
 
 def load_checkpoint(path: str | Path, entries: tuple[str, ...] = TRAINING_ENTRIES) -> dict:
     """A training checkpoint written by :func:`save_checkpoint`, checked for the ``entries`` the caller
-    needs (all three to resume; ``("task",)`` to read the model).
+    needs (all three to resume; ``(OBJECTIVE_KEY,)`` to read the model).
 
     Raises:
         CheckpointError: one line, when the file is not one (not a torch.save file, damaged, or
