@@ -16,7 +16,7 @@ import yaml
 from torch import nn
 
 from softmask.checkpoint_files import write_safetensors
-from softmask.config import Config, ModelConfig, model_config_from_dict, to_dict
+from softmask.config import TEXT_POOLING, Config, ModelConfig, describe_choices, model_config_from_dict, to_dict
 from softmask.models.bert import FusionEncoder, MLMHead, TextEncoder, init_bert_weights
 from softmask.models.vit import VisionTransformer
 
@@ -31,7 +31,7 @@ def pool_text(text_embeds: torch.Tensor, attention_mask: torch.Tensor, pooling: 
     if pooling == "mean":
         weights = attention_mask.to(text_embeds.dtype).unsqueeze(-1)
         return (text_embeds * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-    raise ValueError(f"text pooling must be 'cls' or 'mean', got '{pooling}'")
+    raise ValueError(f"text pooling must be {describe_choices(TEXT_POOLING)}, got '{pooling}'")
 
 
 def summarise_fused(fused: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softmask.config import Config, ConfigError
+from softmask.config import ANSWER_RANKINGS, Config, ConfigError
 from softmask.data.annotations import AnnotationError, Field, _read_json, _type_name, load_records
 from softmask.data.dataset import TaskDataset, eval_loader, train_loader
 from softmask.data.text import load_tokenizer, open_tokenizer, tokenize
@@ -263,8 +263,8 @@ def rank_answers(decoder, states: torch.Tensor, states_mask: torch.Tensor, answe
         best (B,) the index of the chosen answer; shortlist (B, k) answer indices; scores (B, k) their
         scores under ``ranking``.
     """
-    if ranking not in ("albef", "sequence"):
-        raise ValueError(f"ranking must be 'albef' or 'sequence', got {ranking!r}")
+    if ranking not in ANSWER_RANKINGS:
+        raise ValueError(f"ranking must be {' or '.join(map(repr, ANSWER_RANKINGS))}, got {ranking!r}")
     b, device = states.shape[0], states.device
     answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
     k = min(k, answer_ids.shape[0])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from softmask.eval.word_gradcam import SOURCES, word_gradcam
+from softmask.eval.word_gradcam import word_gradcam
 
 log = logging.getLogger("softmask")
 
@@ -220,10 +220,10 @@ def prepare_image(path: str | Path, image_size: int, max_pixels: int = DEFAULT_M
 
 
 def _check_inputs(source: str, image_path: str | Path) -> None:
-    from softmask.config import ConfigError
+    from softmask.config import MAP_SOURCES, ConfigError, describe_choices
 
-    if source not in SOURCES:
-        raise ConfigError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
+    if source not in MAP_SOURCES:
+        raise ConfigError(f"--source must be {describe_choices(MAP_SOURCES)}, got '{source}'")
     if not Path(image_path).is_file():
         raise FileNotFoundError(f"image not found: {image_path}")
 
