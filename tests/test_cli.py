@@ -3,14 +3,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from softmask import from_pretrained
 from softmask.cli import main
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml")
+from helpers import TINY
 
 
 def test_config_error_is_one_line_without_traceback(capsys):

@@ -7,7 +7,7 @@ from softmask import create_model
 from softmask.eval.world import evaluate_world, minimal_edit_accuracy
 from softmask.world import generate_world
 
-from conftest import tiny_model_config
+from helpers import tiny_model_config
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,8 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return create_model(tiny_model_config(text__vocab_size=30522, text__max_positions=40, vision__image_size=64,
-                                          vision__patch_size=16)).eval()
+    return create_model(tiny_model_config("text.vocab_size=30522", "text.max_positions=40", "vision.image_size=64",
+                                          "vision.patch_size=16")).eval()
 
 
 def test_world_metrics_are_complete_and_in_range(world, model):
@@ -74,7 +74,7 @@ def test_mlm_reads_image_masks_one_group_word_per_caption_and_scores_it(world, m
 
     from softmask.data.text import open_tokenizer
 
-    from conftest import load_benchmark
+    from helpers import load_benchmark
 
     bench = load_benchmark("mlm_reads_image.py")
     test = json.loads((world / "annotations" / "retrieval_test.json").read_text())
@@ -113,7 +113,7 @@ def test_mlm_reads_image_masks_one_group_word_per_caption_and_scores_it(world, m
 
 
 def test_mlm_reads_image_names_a_wrong_world_or_checkpoint(world, tmp_path, capsys):
-    from conftest import load_benchmark
+    from helpers import load_benchmark
 
     bench = load_benchmark("mlm_reads_image.py")
     for argv, message in ((["--checkpoint", str(tmp_path), "--world", str(tmp_path)], "not a folder written by"),

@@ -14,8 +14,9 @@ from softmask.data.dataset import Collator, TaskDataset
 from softmask.models.loading import CheckpointError
 from softmask.tasks.finetune import get_task, load_task_model
 
+from helpers import TINY
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
 
 
 def test_world_key_fills_image_root_and_the_task_files(tmp_path):

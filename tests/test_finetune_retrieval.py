@@ -19,8 +19,9 @@ from softmask.objectives.itm import sample_hard_negatives
 from softmask.tasks import retrieval
 from softmask.tasks.contrastive import ContrastiveObjective
 
+from helpers import TINY
+
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "finetune" / "retrieval_tiny.yaml")
-TINY_PRETRAIN = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml")
 KEYS = {"tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "r_mean"}
 
 
@@ -65,7 +66,7 @@ def test_evaluate_the_finetuned_run_reproduces_its_metrics(run, world, tmp_path)
 
 def test_zero_shot_on_a_pretrained_model_folder(world, tmp_path, capsys):
     folder = tmp_path / "pretrained"
-    assert main(["-q", "export", "--config", TINY_PRETRAIN, "--out", str(folder)]) == 0
+    assert main(["-q", "export", "--config", TINY, "--out", str(folder)]) == 0
     out = tmp_path / "zero_shot.json"
     assert main(["-q", "evaluate", "retrieval", "finetune.k_test=2", "--checkpoint", str(folder), "--config", CONFIG,
                  "--world", str(world), "--split", "test", "--json", str(out), f"output_dir={tmp_path / 'eval'}"]) == 0

@@ -20,8 +20,9 @@ from softmask.tasks import ve
 from softmask.tasks.classify import accuracy_metrics
 from softmask.tasks.finetune import load_task_model
 
+from helpers import TINY
+
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "finetune" / "ve_tiny.yaml")
-TINY_PRETRAIN = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_evaluate_the_finetuned_model_reproduces_its_metrics(run, world, tmp_pat
 
 def test_a_pretrained_model_is_refused(world, tmp_path, capsys):
     folder = tmp_path / "pretrained"
-    assert main(["-q", "export", "--config", TINY_PRETRAIN, "--out", str(folder)]) == 0
+    assert main(["-q", "export", "--config", TINY, "--out", str(folder)]) == 0
     cfg = load_config(CONFIG, ["finetune.task=ve", f"world={world}"])
     with pytest.raises(CheckpointError, match="a pretrained model, not fine-tuned; evaluating ve needs a model"):
         load_task_model(cfg, folder)
@@ -142,7 +143,7 @@ def test_an_albef_ve_checkpoint_loads_and_gives_its_classifiers_outputs(world, t
     from softmask.models.vlp import create_model
     from softmask.tasks.finetune import load_task_model
 
-    from conftest import albef_state_dict, tiny_model_config
+    from helpers import albef_state_dict, tiny_model_config
 
     model_cfg = tiny_model_config()
     sd = {k.replace("text_encoder.bert.", "text_encoder."): v for k, v in albef_state_dict(model_cfg).items()
@@ -176,7 +177,7 @@ def test_an_albef_ve_checkpoint_loads_and_gives_its_classifiers_outputs(world, t
 
 
 def test_evaluate_ve_takes_an_albef_checkpoint_from_the_command_line(world, tmp_path):
-    from conftest import albef_state_dict
+    from helpers import albef_state_dict
 
     model_cfg = load_config(CONFIG, [f"world={world}"]).model
     d = model_cfg.text.hidden_size

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from softmask.cli import main
-from softmask.config import config_from_dict
 from softmask.data.annotations import AnnotationError
 from softmask.data.text import tokenize
 from softmask.models.answer_decoder import AnswerDecoder, build_answer_decoder, token_log_probs
@@ -19,7 +18,7 @@ from softmask.models.vlp import create_model
 from softmask.tasks import vqa
 from softmask.world import generate_world
 
-from conftest import TINY, tiny_model_config
+from helpers import tiny_config, tiny_model_config
 
 CONFIG = "configs/finetune/vqa_tiny.yaml"
 
@@ -82,11 +81,9 @@ def test_weighted_loss_equals_hand_computation():
         0.5 * nll(0) + 0.5 * mean_nll.item(), rel=1e-5)
 
 
-def _tiny_cfg(**finetune):
-    text = dict(TINY["text"], vocab_size=30522)
-    model = {"embed_dim": TINY["embed_dim"], "vision": dict(TINY["vision"]), "text": text}
-    return config_from_dict({"model": model, "data": {"augment": {"enabled": False}, "num_workers": 0},
-                             "distill": {"alpha": 0.0}, "finetune": {"task": "vqa", **finetune}})
+def _tiny_cfg(*overrides: str):
+    return tiny_config("model.text.vocab_size=30522", "data.augment.enabled=false", "data.num_workers=0",
+                       "distill.alpha=0", "finetune.task=vqa", *overrides)
 
 
 def test_task_forward_matches_per_answer_computation():
@@ -125,7 +122,7 @@ def _perturbed(model):
 
 
 def test_decoder_is_initialised_from_the_fusion_layers():
-    cfg = tiny_model_config(vision__width=32)  # image width = text width: every tensor has a source
+    cfg = tiny_model_config("vision.width=32")  # image width = text width: every tensor has a source
     backbone = _perturbed(create_model(cfg))
     decoder, left_random = build_answer_decoder(backbone)
     assert left_random == []
@@ -274,7 +271,7 @@ def _write(path: Path, data) -> Path:
 def test_malformed_answer_names_file_and_record(tmp_path):
     good = {"image": "a.png", "question": "what?", "answer": ["yes"] * 10, "question_id": 1}
     train = _write(tmp_path / "train.json", [good, dict(good, answer=["yes", 3])])
-    cfg = _tiny_cfg(train=[str(train)], eval_splits=[])
+    cfg = _tiny_cfg(f"finetune.train=[{train}]", "finetune.eval_splits=[]")
     with pytest.raises(AnnotationError, match=r"train\.json: record 1: 'answer'"):
         vqa.build_train_data(cfg, 0, 1)
     _write(train, [dict(good, answer=[])])
@@ -284,7 +281,7 @@ def test_malformed_answer_names_file_and_record(tmp_path):
     test = _write(tmp_path / "test.json", [{k: v for k, v in good.items() if k != "answer"},
                                            dict(good, answer="  ")])
     with pytest.raises(AnnotationError, match=r"test\.json: record 1: 'answer'"):
-        vqa.load_eval_records(_tiny_cfg(test=[str(test)]), "test")
+        vqa.load_eval_records(_tiny_cfg(f"finetune.test=[{test}]"), "test")
     answer_list = _write(tmp_path / "answers.json", ["yes", 7])
     with pytest.raises(AnnotationError, match=r"answers\.json: entry 1"):
         vqa.read_answer_list(str(answer_list))
@@ -351,7 +348,7 @@ def _albef_vqa_model(tmp_path):
     from softmask.config import load_config
     from softmask.tasks.finetune import load_task_model
 
-    from conftest import albef_state_dict, bert_lm_state_dict
+    from helpers import albef_state_dict, bert_lm_state_dict
 
     model_cfg = tiny_model_config()
     g = torch.Generator().manual_seed(7)

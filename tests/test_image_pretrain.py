@@ -16,7 +16,7 @@ from softmask.data.labelled_images import image_folder
 from softmask.tasks.image_pretrain import box_pool, load_image_encoder, pretrain_vision
 from softmask.world.objects import OBJECT_ATTRIBUTES, presence_names, world_objects
 
-from conftest import load_benchmark
+from helpers import load_benchmark
 
 VISION = ["model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=48", "model.vision.depth=2",
           "model.vision.num_heads=2", "model.vision.mlp_dim=96"]

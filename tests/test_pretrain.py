@@ -14,22 +14,10 @@ from softmask.config import load_config
 from softmask.tasks.pretrain import pretrain
 from softmask.train.checkpoint import list_checkpoints, load_checkpoint
 
-from conftest import COLOURS, SHAPES, make_world
-from conftest import pretrain_overrides as overrides
-from conftest import read_metrics as metrics
-from conftest import torchrun_pretrain as _torchrun
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
-
-
-
-
-
-
-
-
-
-
+from helpers import COLOURS, SHAPES, TINY, make_world
+from helpers import pretrain_overrides as overrides
+from helpers import read_metrics as metrics
+from helpers import torchrun_pretrain as _torchrun
 
 
 @pytest.fixture(scope="module")

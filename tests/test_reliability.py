@@ -21,10 +21,9 @@ from softmask.cli import main
 from softmask.config import merge_overrides
 from softmask.train.checkpoint import list_checkpoints, load_checkpoint
 
-from conftest import TINY_PRETRAIN as TINY
-from conftest import make_world
-from conftest import pretrain_overrides as base_overrides
-from conftest import read_metrics as metrics
+from helpers import TINY, make_world
+from helpers import pretrain_overrides as base_overrides
+from helpers import read_metrics as metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RETRIEVAL = str(ROOT / "configs" / "finetune" / "retrieval_tiny.yaml")

@@ -6,7 +6,7 @@ import torch
 
 from softmask.eval.retrieval import candidate_pairs, evaluate_retrieval, recall_at_k
 
-from conftest import load_benchmark, tiny_model_config
+from helpers import load_benchmark, tiny_model_config
 
 
 def test_recall_on_a_known_matrix():

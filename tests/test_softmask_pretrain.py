@@ -4,7 +4,6 @@ through the mask, and end-to-end runs (one process and torchrun)."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,12 +15,11 @@ from softmask.models.vlp import create_model
 from softmask.objectives.softmask import gradcam_maps
 from softmask.tasks.pretrain import build_objective, min_pairwise_cosine, pretrain
 
-from conftest import make_world
-from conftest import pretrain_overrides as overrides
-from conftest import read_metrics as metrics
-from conftest import torchrun_pretrain as _torchrun
+from helpers import TINY, make_world
+from helpers import pretrain_overrides as overrides
+from helpers import read_metrics as metrics
+from helpers import torchrun_pretrain as _torchrun
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
 ALL_OFF = ("softmask.soft_masks=false", "softmask.text_masking=false", "softmask.image_distortion=false",
            "itc.gamma=0")
 

@@ -3,8 +3,6 @@ each lever on and off give the same losses and weights, for both methods, on cap
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,7 +11,7 @@ from softmask.bench import synthetic_batch
 from softmask.tasks.pretrain import build_objective
 from softmask.train.schedule import make_optimizer
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
+from helpers import TINY
 
 
 def _run(overrides: list[str], steps: int = 3) -> tuple[list[dict], list[torch.Tensor]]:

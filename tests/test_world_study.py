@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_benchmark
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 world_study = load_benchmark("world_study.py")
