@@ -45,7 +45,7 @@ from softmask.config import (
     to_dict,
 )
 from softmask.models.loading import CheckpointError
-from softmask.train.checkpoint import CHECKPOINT_DIR
+from softmask.runs import CHECKPOINT_DIR
 from softmask.train.loop import TrainingError
 
 log = logging.getLogger("softmask")
@@ -143,7 +143,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.task == "world":
         from softmask.eval.world import evaluate_world
-        from softmask.inference import load_model, tokenizer_source
+        from softmask.inference import load_model
+        from softmask.runs import tokenizer_source
 
         if args.overrides or args.config:
             raise ConfigError("evaluate world takes --world DIR, --k, --layer and --grounding-captions, not a config")

@@ -147,7 +147,7 @@ def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, l
                    examples_out: list | None = None, examples: int = 6, tokenizer: str = "") -> dict[str, float]:
     """All world metrics for one model on the world's test split (percentages). With ``examples_out`` (a
     list), :func:`retrieval_examples` of ``examples`` captions are appended to it. ``tokenizer``: the
-    vocabulary the model was trained with (:func:`softmask.inference.tokenizer_source`; "" the default)."""
+    vocabulary the model was trained with (:func:`softmask.runs.tokenizer_source`; "" the default)."""
     world = Path(world)
     fusion = model.config.text.num_fusion_layers
     if layer is not None and not 0 <= layer < fusion:  # checked before any work

@@ -2,7 +2,7 @@
 uploads, and the three requests of the page (analyse a pair, retrieve images for a caption).
 
 Everything is computed by the project's own code: :func:`softmask.inference.load_model` and
-:func:`~softmask.inference.tokenizer_source` load each model with the vocabulary it was trained with;
+:func:`~softmask.runs.tokenizer_source` load each model with the vocabulary it was trained with;
 :func:`softmask.eval.word_gradcam.word_gradcam` gives the ITM match probability and the per-word maps
 (words grouped from WordPiece exactly as in ``softmask gradcam``); retrieval ranks the gallery by the
 model's ITC similarity and re-ranks the top candidates by its ITM match logit, the rule of
@@ -85,7 +85,8 @@ def load_models(paths: list[str]) -> list[LoadedModel]:
     Raises:
         CheckpointError, ConfigError: as :func:`softmask.inference.load_model`, naming the path.
     """
-    from softmask.inference import load_model, tokenizer_source
+    from softmask.inference import load_model
+    from softmask.runs import tokenizer_source
 
     loaded = []
     for path in paths:

@@ -17,9 +17,9 @@ from softmask.config import Config
 from softmask.data.dataset import TaskDataset, eval_loader
 from softmask.data.transforms import EvalTransform, training_transform
 from softmask.objectives.distill import distilled_cross_entropy
+from softmask.tasks.momentum import DistilledObjective
 from softmask.train import dist
 from softmask.train.loop import inference_autocast
-from softmask.train.momentum import DistilledObjective
 
 log = logging.getLogger("softmask")
 

@@ -30,9 +30,9 @@ from softmask.models.vlp import freeze_modules
 from softmask.objectives.itc import focal_itc_loss, id_positives, itc_targets, similarities
 from softmask.objectives.itm import identical_rows, itm_labels, itm_loss, pad_to, sample_hard_negatives
 from softmask.objectives.queue import FeatureQueue
+from softmask.tasks.momentum import DistilledObjective
 from softmask.train import dist
 from softmask.train.dist import step_generator
-from softmask.train.momentum import DistilledObjective
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torch import nn
 from softmask.config import FINETUNE_TASKS, Config, ConfigError, model_config_from_dict
 from softmask.models.loading import CheckpointError
 from softmask.models.vlp import freeze_modules, save_model_folder
+from softmask.runs import load_strict, model_files
 from softmask.train import dist
 
 log = logging.getLogger("softmask")
@@ -97,8 +98,6 @@ def saved_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
     """(model state, the saved config mapping, the file or folder read) from a fine-tuning run folder
     (newest checkpoint, else ``model/``), a checkpoint file in a run's ``checkpoints/``, or a saved model
     folder (:func:`softmask.runs.model_files`)."""
-    from softmask.runs import model_files
-
     files = model_files(path)
     return files.state(), files.saved_config(), files.source
 
@@ -164,8 +163,6 @@ def load_task_model(cfg: Config, path: str | Path) -> nn.Module:
     cfg.model = model_config_from_dict(saved.get("model", {}), where=f"{source}: model")
     cfg.model.init = cfg.model.vision.init = cfg.model.text.init = ""
     model = get_task(task_name).build_model(cfg)
-    from softmask.runs import load_strict
-
     load_strict(model, state, source, f"the {task_name} model")
     return model
 

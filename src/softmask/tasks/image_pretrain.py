@@ -32,13 +32,13 @@ from torch import nn
 from softmask.config import Config, ConfigError, VisionConfig, to_dict
 from softmask.data.labelled_images import InMemorySource, LabelledImages, image_folder
 from softmask.models.vit import VisionTransformer
+from softmask.runs import WEIGHTS_FILE
 from softmask.train import dist
 from softmask.world.objects import OBJECT_ATTRIBUTES, world_objects
 
 log = logging.getLogger("softmask")
 
-WEIGHTS_FILE = "model.safetensors"
-INFO_FILE = "image_encoder.json"
+INFO_FILE = "image_encoder.json"  # an image encoder folder's config and classes, beside its WEIGHTS_FILE
 
 
 def box_pool(patch_tokens: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -149,21 +149,14 @@ class NLVR2Model(TaskModel):
 
 def saved_task_of(init: str) -> str:
     """The fine-tuning task a ``model.init`` path was saved by ("" for a pretrained model or a foreign
-    checkpoint): read from the config of a run folder, a saved model folder or a checkpoint file in a
-    run's checkpoints/ (no tensors are read)."""
-    from softmask.models.vlp import CONFIG_FILE
-    from softmask.runs import CHECKPOINT_DIR, RUN_CONFIG, RUN_MODEL_DIR
+    checkpoint, e.g. ALBEF's .pth, which loads as a single-image model): read from the config files of a
+    run folder, a saved model folder or a checkpoint file in a run's checkpoints/
+    (:func:`softmask.runs.config_files`; no tensors are read)."""
+    from softmask.runs import config_files
 
-    path = Path(init).expanduser()
-    if path.is_dir():
-        configs = [path / CONFIG_FILE, path / RUN_MODEL_DIR / CONFIG_FILE]
-    elif path.is_file() and path.parent.name == CHECKPOINT_DIR:
-        configs = [path.parent.parent / RUN_CONFIG]
-    else:
-        return ""  # a foreign checkpoint (e.g. ALBEF's .pth): loaded as a single-image model
-    for config in configs:
+    for config in config_files(init):
         try:
-            task = saved_task_name(yaml.safe_load(config.read_text()) or {}) if config.is_file() else ""
+            task = saved_task_name(yaml.safe_load(config.read_text()) or {})
         except (yaml.YAMLError, AttributeError):
             task = ""
         if task:

@@ -46,9 +46,9 @@ from softmask.eval.vqa_official import question_accuracy
 from softmask.models.answer_decoder import AnswerDecoder, build_answer_decoder, token_log_probs
 from softmask.models.key_maps import Ignore, bert_rule
 from softmask.tasks.finetune import TaskModel
+from softmask.tasks.momentum import DistilledObjective
 from softmask.train import dist
 from softmask.train.loop import inference_autocast
-from softmask.train.momentum import DistilledObjective
 from softmask.train.schedule import alpha_warmup_steps
 
 log = logging.getLogger("softmask")

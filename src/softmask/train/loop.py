@@ -30,17 +30,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from softmask.config import Config, save_config
+from softmask.runs import OBJECTIVE_KEY, RUN_CONFIG, RUN_MODEL_DIR, checkpoint_path, list_checkpoints
 from softmask.train import dist
 from softmask.train.bad_samples import BadDataError, BadSampleMonitor
-from softmask.train.checkpoint import (
-    OBJECTIVE_KEY,
-    checkpoint_path,
-    list_checkpoints,
-    load_resume_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from softmask.train.checkpoint import load_resume_checkpoint, rng_state, save_checkpoint, set_rng_state
 from softmask.train.log import RunLogger
 from softmask.train.schedule import lr_at, make_optimizer, total_steps_for
 from softmask.train.stop import Interrupted, StopRequest, signal_name
@@ -184,11 +177,11 @@ def train(cfg: Config, objective: nn.Module, data: DataSource, info: dist.DistIn
     loop.run()
     if info.is_main:
         model = objective.model
-        model.save_pretrained(loop.out / "model")
+        model.save_pretrained(loop.out / RUN_MODEL_DIR)
         if hasattr(model.config, "text"):  # a model that reads text: its folder records the tokenizer
             from softmask.data.text import save_vocab
 
-            save_vocab(cfg.data.tokenizer, loop.out / "model")
+            save_vocab(cfg.data.tokenizer, loop.out / RUN_MODEL_DIR)
     dist.barrier()
     return loop.state
 
@@ -210,7 +203,7 @@ class _Loop:
         self.state = self._resume()
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+            save_config(cfg, self.out / RUN_CONFIG)
         self.module = _wrap(objective, info)
         self.logger = RunLogger(self.out, info.is_main, self.total_steps, self.state.step)
         self.monitor = BadSampleMonitor(cfg.data.max_bad_share, cfg.data.bad_sample_window, _bad_data_hint(cfg))

@@ -232,7 +232,8 @@ def load_for_gradcam(checkpoints: Sequence[str | Path], labels: Sequence[str] | 
                      ) -> list[tuple[str, torch.nn.Module, object, str]]:
     """Load each model with :func:`softmask.inference.load_model`: (label, model, run config or None,
     tokenizer source) per checkpoint, for :func:`draw_gradcam` (labels default to the paths as given)."""
-    from softmask.inference import load_model, tokenizer_source
+    from softmask.inference import load_model
+    from softmask.runs import tokenizer_source
 
     names = list(labels) if labels is not None else [str(path) for path in checkpoints]
     return [(name, *load_model(path), tokenizer_source(path)) for name, path in zip(names, checkpoints, strict=True)]
