@@ -203,7 +203,8 @@ def test_the_momentum_model_moves_one_ema_step_per_optimiser_step(world, tmp_pat
 
 def test_a_run_and_its_saved_model_record_the_tokenizer_every_command_reads_them_with(world, tmp_path):
     from softmask.eval.world import _Encoder
-    from softmask.inference import load_model, tokenizer_source
+    from softmask.inference import load_model
+    from softmask.runs import tokenizer_source
 
     vocab = tmp_path / "vocab.txt"  # a vocabulary of the world's own words, not bert-base-uncased's
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "is", *COLOURS, *SHAPES]
