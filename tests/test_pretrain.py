@@ -171,11 +171,30 @@ def test_pretrain_on_webdataset_shards(tmp_path):
     assert state.step == 4 and len(metrics(out)) == 4
 
 
-def test_bf16_autocast_and_grad_accumulation_run(world, tmp_path):
+def test_bf16_autocast_and_grad_accumulation_run(world, tmp_path, monkeypatch):
+    from softmask.models.vlp import VisionLanguageModel
+    from softmask.tasks.pretrain import PretrainObjective
+
+    micro_batches, itm_dtypes = [], []
+    real_forward, real_itm_logits = PretrainObjective.forward, VisionLanguageModel.itm_logits
+
+    def forward(self, batch, step, micro=0):
+        micro_batches.append((step, micro))
+        return real_forward(self, batch, step, micro)
+
+    def itm_logits(self, fused, attention_mask=None):
+        logits = real_itm_logits(self, fused, attention_mask)
+        itm_dtypes.append(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(PretrainObjective, "forward", forward)
+    monkeypatch.setattr(VisionLanguageModel, "itm_logits", itm_logits)
     state = pretrain(load_config(TINY, overrides(world, tmp_path, "train.batch_size=2", "train.grad_accum=2",
                                                  "train.max_steps=2", "train.precision=bf16",
                                                  "train.clip_grad=1.0")))
     assert state.step == 2 and all(np.isfinite(m["loss"]) for m in metrics(tmp_path))
+    assert micro_batches == [(0, 0), (0, 1), (1, 0), (1, 1)]  # two micro-batches per optimiser step
+    assert itm_dtypes and set(itm_dtypes) == {torch.bfloat16}  # the forward ran under bf16 autocast
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])

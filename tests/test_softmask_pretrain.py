@@ -38,11 +38,11 @@ def _batch(b: int = 6, seed: int = 0) -> dict:
 def _losses(*extra: str, steps: int = 2) -> list[dict]:
     cfg = load_config(TINY, ["itc.queue_size=16", *extra])
     torch.manual_seed(0)
-    task = build_objective(cfg, create_model(cfg), alpha_warmup_steps=2).train()
+    objective = build_objective(cfg, create_model(cfg), alpha_warmup_steps=2).train()
     out = []
     for step in range(steps):
         torch.manual_seed(100 + step)  # dropout and augmentation draws
-        result = task(_batch(), step)
+        result = objective(_batch(), step)
         result["loss"].backward()
         out.append({k: float(v.detach()) for k, v in result.items()})
     return out
@@ -86,15 +86,30 @@ def test_softmask_logs_its_parts():
         assert row["mask_weight_fraction"] == pytest.approx(0.5, abs=1e-5)
 
 
-@pytest.mark.parametrize("switch", [
-    ("softmask.soft_masks=true",), ("softmask.text_masking=true",), ("softmask.image_distortion=true",),
-    ("itc.gamma=2",), ("softmask.soft_masks=true", "softmask.mask_source=attention"),
-    ("softmask.soft_masks=true", "softmask.apply_to=patch_embeddings"), ("itc.gamma=1", "itc.focal=positive"),
+# Dropout off and ALBEF's augmentation off: then the global random stream changes no loss, so a switch that
+# only drew random numbers (and did nothing with them) would change nothing here.
+NO_RANDOM_LOSS = ("model.text.dropout=0", "model.text.attention_dropout=0", "data.augment.enabled=false")
+PARTS = ("loss_itc", "loss_itm", "loss_mlm")
+
+
+@pytest.mark.parametrize(("switch", "base", "changed"), [
+    ("softmask.soft_masks=true", (), {"loss_itm"}),  # extra ITM positives
+    ("softmask.text_masking=true", (), {"loss_itc", "loss_itm"}),  # MLM already saw the masked caption
+    ("softmask.image_distortion=true", (), {"loss_itc", "loss_itm", "loss_mlm"}),
+    ("itc.gamma=2", (), {"loss_itc"}),
+    ("softmask.mask_source=attention", ("softmask.soft_masks=true",), {"loss_itm"}),
+    ("softmask.apply_to=patch_embeddings", ("softmask.soft_masks=true",), {"loss_itm"}),
+    ("softmask.masked_negatives=true", ("softmask.soft_masks=true",), {"loss_itm"}),
+    ("itc.focal=positive", ("itc.gamma=1",), {"loss_itc"}),  # from step 1, when alpha > 0 gives soft targets
 ])
-def test_each_switch_alone_changes_the_losses_and_runs(switch):
-    base = _losses("method=albef", steps=1)[0]
-    alone = _losses("method=albef", *switch, steps=1)[0]
-    assert np.isfinite(alone["loss"]) and alone["loss"] != base["loss"]
+def test_each_switch_alone_changes_the_losses_it_acts_on_and_no_other(switch, base, changed):
+    steps = 2 if switch.startswith("itc.focal") else 1
+    before = _losses("method=albef", *NO_RANDOM_LOSS, *base, steps=steps)
+    after = _losses("method=albef", *NO_RANDOM_LOSS, *base, switch, steps=steps)
+    assert all(np.isfinite(row["loss"]) for row in after)
+    for part in PARTS:
+        differs = any(a[part] != b[part] for a, b in zip(after, before, strict=True))
+        assert differs == (part in changed), f"{switch}: {part} {'changed' if differs else 'did not change'}"
 
 
 def test_masked_negatives_pair_each_masked_image_with_its_negative_caption():
