@@ -24,6 +24,7 @@ def model():
                                           "vision.patch_size=16")).eval()
 
 
+@pytest.mark.slow
 def test_world_metrics_are_complete_and_in_range(world, model):
     metrics = evaluate_world(model, world, k=4, max_grounding_captions=10)
     for key in ("tr1", "ir1", "r_mean", "itm_all", "itc_all", "itm_salient", "itm_secondary", "itm_heldout",
@@ -67,6 +68,7 @@ def test_minimal_edits_count_every_distractor(world, model, monkeypatch):
     assert metrics["itm_all"] == 100.0
 
 
+@pytest.mark.slow
 def test_mlm_reads_image_masks_one_group_word_per_caption_and_scores_it(world, model, monkeypatch):
     import json
     import random

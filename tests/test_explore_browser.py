@@ -24,6 +24,8 @@ from softmask.models.vlp import create_model
 
 from helpers import tiny_model_config
 
+pytestmark = pytest.mark.slow  # a browser and a server
+
 CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "is", "of", "left", "right", "above", "below",
          "red", "green", "blue", "yellow", "square", "circle", "triangle", "##s"]

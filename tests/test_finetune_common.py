@@ -118,6 +118,7 @@ def test_full_size_finetune_configs_validate(name, task):
     assert cfg.train.batch_size * 8 == {"nlvr2": 128}.get(name, 256)  # per GPU x 8 GPUs, the paper's batch
 
 
+@pytest.mark.slow
 def test_full_size_ve_model_runs_one_step_at_384_px():
     import torch
 

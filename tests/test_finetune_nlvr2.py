@@ -238,6 +238,7 @@ def _metrics(path: Path) -> dict:
 
 # In the CLI calls the overrides come right after the task: Python 3.11's argparse does not take
 # positionals after an option as overrides ("unrecognized arguments").
+@pytest.mark.slow
 def test_text_assignment_then_finetune_then_evaluate(world, single_folder, tmp_path, caplog, capsys):
     ta, ft = tmp_path / "ta", tmp_path / "ft"
     # Stage 1: text assignment from the single-image folder (3-way, nlvr_ta.json).

@@ -41,6 +41,7 @@ def _recalls(metrics: dict) -> dict:
     return {k: metrics[k] for k in KEYS}
 
 
+@pytest.mark.slow
 def test_finetune_writes_metrics_and_a_model(run, world):
     for split in ("val", "test"):
         records = json.loads((world / "annotations" / f"retrieval_{split}.json").read_text())
@@ -55,6 +56,7 @@ def test_finetune_writes_metrics_and_a_model(run, world):
     assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(math.isfinite(s["loss_itc"]) for s in steps)
 
 
+@pytest.mark.slow
 def test_evaluate_the_finetuned_run_reproduces_its_metrics(run, world, tmp_path):
     out = tmp_path / "eval.json"
     assert main(["-q", "evaluate", "retrieval", "--checkpoint", str(run), "--config", CONFIG, "--world", str(world),
@@ -138,6 +140,7 @@ def test_string_image_ids_map_to_dense_indices():
     assert retrieval.dense_image_ids(records) == {"coco_9": 0, 4: 1}
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch_and_the_id_queue_fills(world):
     # A random tiny model learns only the uninformed solution in a few dozen steps (equal similarities,
     # the ITM prior), so the test checks that level: ITC reaches log(candidates), which needs targets

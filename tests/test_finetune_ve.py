@@ -37,6 +37,7 @@ def run(world, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_finetune_writes_metrics_predictions_and_a_ve_model(run, world):
     for split in ("val", "test"):
         n = len(json.loads((world / "annotations" / f"ve_{split}.json").read_text()))
@@ -52,6 +53,7 @@ def test_finetune_writes_metrics_predictions_and_a_ve_model(run, world):
     assert len(steps) == 4 and all(math.isfinite(s["loss"]) and 0 <= s["acc"] <= 1 for s in steps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["run", "model folder"])
 def test_evaluate_the_finetuned_model_reproduces_its_metrics(run, world, tmp_path, where):
     checkpoint = run if where == "run" else run / "model"
@@ -111,6 +113,7 @@ def test_metrics_per_label():
     assert metrics["count_neutral"] == 2
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch(world):
     cfg = load_config(CONFIG, ["finetune.task=ve", f"world={world}", "data.augment.enabled=false",
                                "model.text.dropout=0", "model.text.attention_dropout=0", "distill.alpha=0.4",

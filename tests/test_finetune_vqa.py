@@ -306,6 +306,7 @@ def _annotations(world: Path, split: str) -> list[dict]:
     return json.loads((world / "annotations" / f"vqa_{split}.json").read_text())
 
 
+@pytest.mark.slow
 def test_finetune_cli_trains_and_writes_metrics_and_results(run):
     code, world, out = run
     assert code == 0
@@ -324,6 +325,7 @@ def test_finetune_cli_trains_and_writes_metrics_and_results(run):
     assert "task: vqa" in saved
 
 
+@pytest.mark.slow
 def test_evaluate_cli_from_the_run_and_a_test_split_without_answers(run, tmp_path):
     code, world, out = run
     assert code == 0
@@ -388,6 +390,7 @@ def test_an_albef_vqa_checkpoint_loads_its_answer_decoder_with_the_files_depth(t
     assert logits.shape == (2, 4, 120) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_albef_ranking_of_a_loaded_albef_vqa_model_equals_albefs_formula_computed_independently(tmp_path):
     """ALBEF's rank_answer: p(first token) from the first decoding step, its top k, then for each of those
     answers log p(first) - (the decoder's summed token loss over the whole answer, first token included)."""

@@ -30,6 +30,8 @@ from softmask.tasks.pretrain import pretrain
 
 from helpers import COLOURS, SHAPES, TINY, make_world, pretrain_overrides
 
+pytestmark = pytest.mark.slow  # trains two tiny models for 300 steps each
+
 STEPS = 300
 # ITM's prior with one positive and two negatives per image: the entropy of (1/3, 2/3).
 ITM_PRIOR = -(np.log(1 / 3) / 3 + 2 * np.log(2 / 3) / 3)

@@ -161,6 +161,7 @@ def test_create_model_accepts_whole_config_or_section(tiny_cfg):
         create_model({"model": {}})
 
 
+@pytest.mark.slow
 def test_full_size_4m_config_runs_one_forward():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/pretrain/4m.yaml")
     torch.manual_seed(0)

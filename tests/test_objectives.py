@@ -254,6 +254,7 @@ def test_hard_negatives_deterministic_with_generator_and_no_grad():
     assert len(draws) > 1
 
 
+@pytest.mark.slow
 def test_hard_negatives_follow_the_softmax():
     sim_i2t = torch.tensor([[9.0, 1.0, 0.0], [2.0, 9.0, 0.0], [0.5, 0.5, 9.0]])
     sim_t2i = torch.tensor([[9.0, 0.0, 1.5], [1.0, 9.0, 1.0], [-1.0, 1.0, 9.0]])

@@ -27,6 +27,7 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_loss_falls(world, tmp_path):
     # Distillation off: against a random momentum teacher the soft targets' entropy (about log(vocab)
     # for MLM) is a floor the loss cannot go under in a few dozen steps from random initialisation.
@@ -45,6 +46,7 @@ def test_loss_falls(world, tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch; the last batch of an epoch (16 pairs in batches of 4)
 def test_resume_equals_uninterrupted(world, tmp_path, stop_at):
     common = ("train.batch_size=4", "train.max_steps=6", f"train.save_every={stop_at}", "train.keep_last=5")
@@ -65,6 +67,7 @@ def test_resume_equals_uninterrupted(world, tmp_path, stop_at):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_bad_samples_are_skipped_and_counted(world, tmp_path):
     root = tmp_path / "data"
     make_world(root, n=8)
@@ -94,6 +97,7 @@ def test_malformed_annotations_fail_before_training(tmp_path, capsys):
     assert "Traceback" not in err and not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [
     ("train.batch_size=1",),  # no other pair to be a hard negative
     ("train.batch_size=3", "itc.queue_size=7"),  # queue not a multiple of the batch
@@ -103,6 +107,7 @@ def test_edge_case_batches_train(world, tmp_path, extra):
     assert state.step == 3 and all(np.isfinite(m["loss"]) for m in metrics(tmp_path))
 
 
+@pytest.mark.slow
 def test_duplicate_captions_do_not_crash(tmp_path):
     root = tmp_path / "dup"
     make_world(root, n=4)
@@ -115,6 +120,7 @@ def test_duplicate_captions_do_not_crash(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(world, tmp_path):
     exact = ("model.text.dropout=0", "model.text.attention_dropout=0", "data.augment.enabled=false",
              "train.max_steps=4")
@@ -128,6 +134,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(world, tmp_path):
             assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeypatch):
     from softmask.tasks.pretrain import PretrainObjective
     from softmask.train.loop import TrainingError
@@ -155,6 +162,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeyp
     assert all(np.isfinite(m["loss"]) for m in metrics(out))
 
 
+@pytest.mark.slow
 def test_pretrain_on_webdataset_shards(tmp_path):
     from softmask.data.annotations import load_annotations
     from softmask.data.shards import write_shards
@@ -197,6 +205,7 @@ def test_bf16_autocast_and_grad_accumulation_run(world, tmp_path, monkeypatch):
     assert itm_dtypes and set(itm_dtypes) == {torch.bfloat16}  # the forward ran under bf16 autocast
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_the_momentum_model_moves_one_ema_step_per_optimiser_step(world, tmp_path, grad_accum):
     from softmask.data.sources import build_pretrain_data as build_data
@@ -239,6 +248,7 @@ def test_a_run_and_its_saved_model_record_the_tokenizer_every_command_reads_them
     assert tokenizer_source(tmp_path / "nothing_saved_here") == ""  # the default vocabulary
 
 
+@pytest.mark.slow
 def test_easy_negatives_then_hard_ones_and_the_temperature_floor_of_the_draw(world, tmp_path, monkeypatch):
     """itm.easy_negatives_steps: the first steps draw negatives uniformly (equal weights); later ones by
     ITC similarity over a temperature of at least itm.negative_temp_min."""

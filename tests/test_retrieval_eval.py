@@ -98,6 +98,7 @@ def test_first_of_equal_rows():
     assert first_of_equal_rows(rows[:0]).tolist() == []
 
 
+@pytest.mark.slow
 def test_retrieval_benchmark_script_runs(capsys):
     import json
 

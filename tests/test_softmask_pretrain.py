@@ -71,6 +71,7 @@ def test_min_pairwise_cosine():
     assert min_pairwise_cosine(feats, exclude=torch.ones(3, 3, dtype=torch.bool)) == 1.0
 
 
+@pytest.mark.slow
 def test_albef_and_softmask_with_every_part_off_are_identical():
     albef = _losses("method=albef")
     off = _losses("method=softmask", *ALL_OFF)
@@ -78,6 +79,7 @@ def test_albef_and_softmask_with_every_part_off_are_identical():
     assert "loss_itm_soft" not in albef[0]
 
 
+@pytest.mark.slow
 def test_softmask_logs_its_parts():
     out = _losses("method=softmask")
     for row in out:
@@ -92,6 +94,7 @@ NO_RANDOM_LOSS = ("model.text.dropout=0", "model.text.attention_dropout=0", "dat
 PARTS = ("loss_itc", "loss_itm", "loss_mlm")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("switch", "base", "changed"), [
     ("softmask.soft_masks=true", (), {"loss_itm"}),  # extra ITM positives
     ("softmask.text_masking=true", (), {"loss_itc", "loss_itm"}),  # MLM already saw the masked caption
@@ -112,6 +115,7 @@ def test_each_switch_alone_changes_the_losses_it_acts_on_and_no_other(switch, ba
         assert differs == (part in changed), f"{switch}: {part} {'changed' if differs else 'did not change'}"
 
 
+@pytest.mark.slow
 def test_masked_negatives_pair_each_masked_image_with_its_negative_caption():
     plain = _losses("method=albef", "softmask.soft_masks=true", steps=1)[0]
     masked = _losses("method=albef", "softmask.soft_masks=true", "softmask.masked_negatives=true", steps=1)[0]
@@ -216,6 +220,7 @@ def test_no_gradient_reaches_the_model_through_the_mask():
     assert through_image.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_softmask_pretrains_end_to_end(tmp_path):
     root = tmp_path / "w"
     make_world(root, n=8)
@@ -228,6 +233,7 @@ def test_softmask_pretrains_end_to_end(tmp_path):
     assert {"soft_mask_share", "mask_weight_fraction"} <= set(rows[0])
 
 
+@pytest.mark.slow
 def test_softmask_under_torchrun_two_processes(tmp_path):
     root = tmp_path / "w"
     make_world(root, n=8)

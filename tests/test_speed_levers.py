@@ -14,6 +14,8 @@ from softmask.train.schedule import make_optimizer
 
 from helpers import TINY
 
+pytestmark = pytest.mark.slow  # 8 short pretraining runs
+
 
 def _run(overrides: list[str], steps: int = 3) -> tuple[list[dict], list[torch.Tensor], bool]:
     """The losses of each step, the final weights, and whether the optimiser was the fused AdamW."""

@@ -26,8 +26,7 @@ from softmask.train import dist
 
 log = logging.getLogger("softmask")
 
-TASK_MODULES = {"retrieval": "softmask.tasks.retrieval", "ve": "softmask.tasks.ve", "vqa": "softmask.tasks.vqa",
-                "nlvr2": "softmask.tasks.nlvr2"}
+TASK_MODULES = {task: f"softmask.tasks.{task}" for task in FINETUNE_TASKS}  # each downstream task's module
 
 
 class TaskDefinition(Protocol):
