@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := $(SUDO) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$$@"' apt
 
-.PHONY: setup browser test lint demo clean
+.PHONY: setup browser test test-fast lint demo clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ lint: setup
 
 test: lint browser
 	$(VENV)/bin/pytest
+
+# The fast lane: every test not marked slow (end-to-end training runs, the demo, torchrun, the browser).
+test-fast: lint
+	$(VENV)/bin/pytest -m "not slow"
 
 demo: setup
 	$(VENV)/bin/softmask demo --out runs/demo

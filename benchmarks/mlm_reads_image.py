@@ -18,7 +18,8 @@ from softmask.checkpoint_files import CheckpointError
 from softmask.config import ConfigError
 from softmask.eval.mlm_reads import masked_word_accuracy
 from softmask.eval.world import WorldEncoder
-from softmask.inference import load_model, tokenizer_source
+from softmask.inference import load_model
+from softmask.runs import tokenizer_source
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from softmask import CheckpointError, create_model
 from softmask.checkpoint_files import resolve_checkpoint
 from softmask.models.loading import load_text_checkpoint
 
-from conftest import text_batch, tiny_model_config
+from helpers import text_batch, tiny_model_config
 
 
 def _parity(model, hf, vocab, fusion_layer):
@@ -24,9 +24,9 @@ def _parity(model, hf, vocab, fusion_layer):
 def test_text_encoder_matches_real_minilm():
     path = resolve_checkpoint("minilm")
     hf = BertModel.from_pretrained(path).eval()
-    cfg = tiny_model_config(text={"init": "minilm", "vocab_size": 30522, "hidden_size": 384, "num_layers": 6,
-                                  "fusion_layer": 3, "num_heads": 12, "intermediate_size": 1536,
-                                  "max_positions": 512})
+    cfg = tiny_model_config("text.init=minilm", "text.vocab_size=30522", "text.hidden_size=384",
+                            "text.num_layers=6", "text.fusion_layer=3", "text.num_heads=12",
+                            "text.intermediate_size=1536", "text.max_positions=512")
     model = create_model(cfg).eval()
     assert _parity(model, hf, 30522, 3) <= 1e-4
     # The fusion layers hold BERT layers 3-5: their self-attention and FFN weights come from there.
@@ -50,7 +50,7 @@ def _tiny_hf_bert(tmp_path, cls=BertModel, **kw):
 @pytest.mark.parametrize("fusion_layer", [1, 2, 3])
 def test_text_encoder_matches_random_tiny_bert(tmp_path, fusion_layer):
     hf, path = _tiny_hf_bert(tmp_path)
-    model = create_model(tiny_model_config(text__init=str(path), text__fusion_layer=fusion_layer)).eval()
+    model = create_model(tiny_model_config(f"text.init={path}", f"text.fusion_layer={fusion_layer}")).eval()
     assert _parity(model, hf, 120, fusion_layer) <= 1e-4
 
 
@@ -79,11 +79,11 @@ def test_cross_attention_starts_random_and_is_reported(tmp_path):
 def test_size_mismatch_names_setting_and_checkpoint(tmp_path):
     _, path = _tiny_hf_bert(tmp_path)
     with pytest.raises(CheckpointError, match=r"model.text.hidden_size is 64 but the checkpoint .* has 32"):
-        create_model(tiny_model_config(text__init=str(path), text__hidden_size=64))
+        create_model(tiny_model_config(f"text.init={path}", "text.hidden_size=64"))
     with pytest.raises(CheckpointError, match=r"model.text.num_layers is 6 but .* has 4 \(layers\)"):
-        create_model(tiny_model_config(text__init=str(path), text__num_layers=6))
+        create_model(tiny_model_config(f"text.init={path}", "text.num_layers=6"))
     with pytest.raises(CheckpointError, match=r"model.text.num_heads is 4 but .* has 2 \(num_attention_heads\)"):
-        create_model(tiny_model_config(text__init=str(path), text__num_heads=4))
+        create_model(tiny_model_config(f"text.init={path}", "text.num_heads=4"))
 
 
 def test_too_long_text_is_a_clear_error(tiny_model):
@@ -100,7 +100,7 @@ def test_pytorch_model_bin_folder(tmp_path):
     (legacy / "config.json").write_text((path / "config.json").read_text())
     torch.save({"bert." + k: v for k, v in hf.bert.state_dict().items()}
                | {"cls." + k: v for k, v in hf.cls.state_dict().items()}, legacy / "pytorch_model.bin")
-    model = create_model(tiny_model_config(text__init=str(legacy))).eval()
+    model = create_model(tiny_model_config(f"text.init={legacy}")).eval()
     assert torch.equal(model.mlm_head.bias, hf.cls.predictions.bias)
     ids, mask = text_batch()
     with torch.no_grad():
@@ -113,8 +113,8 @@ def test_packed_tokens_give_the_padded_layouts_outputs_at_every_real_token():
     outputs = {}
     for pack in (False, True):
         torch.manual_seed(0)
-        model = create_model(tiny_model_config(text__pack_tokens=pack, text__dropout=0.0,
-                                               text__attention_dropout=0.0)).eval()
+        model = create_model(tiny_model_config(f"text.pack_tokens={pack}", "text.dropout=0.0",
+                                               "text.attention_dropout=0.0")).eval()
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(5, 120, (4, 9), generator=g)
         mask = torch.ones_like(ids)

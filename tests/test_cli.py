@@ -3,14 +3,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from softmask import from_pretrained
 from softmask.cli import main
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml")
+from helpers import TINY
 
 
 def test_config_error_is_one_line_without_traceback(capsys):
@@ -36,6 +35,7 @@ def test_export_writes_a_loadable_folder(tmp_path, capsys):
     assert model.config.embed_dim == 32
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_on_a_small_budget(tmp_path):
     out = tmp_path / "demo"
     args = ["-q", "demo", "--out", str(out), "--images", "40", "--steps", "2", "--batch-size", "4",

@@ -63,7 +63,7 @@ def test_defaults_without_file():
         ("itm.easy_negatives_steps=-1", "itm.weight, itm.easy_negatives_steps and itm.negative_temp_min must be >= 0"),
         ("itm.negative_temp_min=-0.1", "itm.negative_temp_min must be >= 0"),
         ("image_pretrain.position_weight=-1", "image_pretrain.position_weight must be >= 0"),
-        ("model.vision.stem=resnet", "model.vision.stem must be 'patch' or 'conv'"),
+        ("model.vision.stem=resnet", "model.vision.stem must be one of patch, conv, got 'resnet'"),
         ("finetune.answer_ranking=once", "finetune.answer_ranking must be one of albef, sequence, got 'once'"),
         ("finetune.vqa_rules=2019", "finetune.vqa_rules must be one of 2021, 2017, got '2019'"),
     ],
@@ -129,3 +129,53 @@ def test_retrieval_ranks_by_the_itm_logit_alone_as_albef_by_default_and_in_every
     assert Config().finetune.score == "itm"
     for name in ("retrieval_coco", "retrieval_flickr", "retrieval_tiny"):
         assert load_config(CONFIGS / "finetune" / f"{name}.yaml").finetune.score == "itm", name
+
+
+def _choice_fields(section, prefix=""):
+    """(dotted key, declared choices, is a list) of every Literal-typed field of the config tree."""
+    import dataclasses
+    import typing
+
+    from softmask.config import choices
+
+    hints = typing.get_type_hints(type(section))
+    for item in dataclasses.fields(section):
+        key, tp = f"{prefix}{item.name}", hints[item.name]
+        if dataclasses.is_dataclass(getattr(section, item.name)):
+            yield from _choice_fields(getattr(section, item.name), key + ".")
+        elif typing.get_origin(tp) is list and choices(typing.get_args(tp)[0]):
+            yield key, choices(typing.get_args(tp)[0]), True
+        elif choices(tp):
+            yield key, choices(tp), False
+
+
+def test_every_declared_choice_is_accepted_and_nothing_else():
+    from softmask.config import Config
+
+    fields = list(_choice_fields(Config()))
+    assert {"method", "model.vision.stem", "train.precision", "softmask.mask_source", "finetune.vqa_rules",
+            "finetune.eval_splits", "data.augment.randaug_exclude"} <= {key for key, _, _ in fields}
+    for key, allowed, is_list in fields:
+        for value in allowed:
+            cfg = load_config(None, [f"{key}=[{value}]" if is_list else f"{key}={value}"])
+            section = cfg
+            for part in key.split("."):
+                section = getattr(section, part)
+            assert section == ([value] if is_list else value), key
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [f"{key}=[nope]" if is_list else f"{key}=nope"])
+
+
+def test_resolve_fills_the_defaults_and_validate_only_checks():
+    from softmask.config import Config, to_dict
+
+    cfg = Config(method="softmask")
+    with pytest.raises(ConfigError, match="itc.gamma is not resolved"):
+        cfg.validate()  # the switches method sets are left at None until resolve()
+    cfg.resolve()
+    assert cfg.itc.gamma == 2.0 and cfg.softmask.soft_masks is True and cfg.softmask.layer == 2
+    resolved = to_dict(cfg)
+    cfg.validate()
+    assert to_dict(cfg) == resolved
+    cfg.softmask.text_masking = False  # a switch given explicitly wins over method's
+    assert cfg.resolve().softmask.text_masking is False

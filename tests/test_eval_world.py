@@ -7,7 +7,7 @@ from softmask import create_model
 from softmask.eval.world import evaluate_world, minimal_edit_accuracy
 from softmask.world import generate_world
 
-from conftest import tiny_model_config
+from helpers import tiny_model_config
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +20,11 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return create_model(tiny_model_config(text__vocab_size=30522, text__max_positions=40, vision__image_size=64,
-                                          vision__patch_size=16)).eval()
+    return create_model(tiny_model_config("text.vocab_size=30522", "text.max_positions=40", "vision.image_size=64",
+                                          "vision.patch_size=16")).eval()
 
 
+@pytest.mark.slow
 def test_world_metrics_are_complete_and_in_range(world, model):
     metrics = evaluate_world(model, world, k=4, max_grounding_captions=10, mlm_captions=20)
     for key in ("tr1", "ir1", "r_mean", "itm_all", "itc_all", "itm_salient", "itm_secondary", "itm_heldout",
@@ -72,6 +73,7 @@ def test_minimal_edits_count_every_distractor(world, model, monkeypatch):
     assert metrics["itm_all"] == 100.0
 
 
+@pytest.mark.slow
 def test_mlm_reads_masks_one_group_word_per_caption_and_scores_it(world, model, monkeypatch):
     import json
     import random
@@ -122,7 +124,7 @@ def test_mlm_reads_masks_one_group_word_per_caption_and_scores_it(world, model, 
 
 
 def test_mlm_reads_image_names_a_wrong_world_or_checkpoint(world, tmp_path, capsys):
-    from conftest import load_benchmark
+    from helpers import load_benchmark
 
     bench = load_benchmark("mlm_reads_image.py")
     for argv, message in ((["--checkpoint", str(tmp_path), "--world", str(tmp_path)], "not a folder written by"),

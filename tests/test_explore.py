@@ -24,7 +24,7 @@ from softmask.explore.session import (
 from softmask.models.vlp import create_model
 from softmask.viz.gradcam import model_view
 
-from conftest import tiny_model_config
+from helpers import tiny_model_config
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "is", "of", "left", "right", "above", "below",
          "red", "green", "blue", "yellow", "purple", "orange", "white", "gray", "square", "circle", "triangle",
@@ -33,7 +33,7 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "is", "of", "
 
 def save_tiny_model(folder, seed: int, vocab) -> str:
     torch.manual_seed(seed)
-    model = create_model(tiny_model_config(text__vocab_size=len(WORDS)))
+    model = create_model(tiny_model_config(f"text.vocab_size={len(WORDS)}"))
     model.save_pretrained(folder)
     save_vocab(vocab, folder)
     return str(folder)

@@ -22,7 +22,9 @@ from PIL import Image
 from softmask.data.text import save_vocab
 from softmask.models.vlp import create_model
 
-from conftest import tiny_model_config
+from helpers import tiny_model_config
+
+pytestmark = pytest.mark.slow  # a browser and a server
 
 CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "is", "of", "left", "right", "above", "below",
@@ -50,7 +52,7 @@ def tiny_models(tmp_path_factory) -> list[str]:
     for seed in (0, 1):
         torch.manual_seed(seed)
         folder = root / f"model_{seed}"
-        create_model(tiny_model_config(text__vocab_size=len(WORDS))).save_pretrained(folder)
+        create_model(tiny_model_config(f"text.vocab_size={len(WORDS)}")).save_pretrained(folder)
         save_vocab(vocab, folder)
         paths.append(str(folder))
     return paths

@@ -14,8 +14,9 @@ from softmask.data.dataset import Collator, TaskDataset
 from softmask.models.loading import CheckpointError
 from softmask.tasks.finetune import get_task, load_task_model
 
+from helpers import TINY
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
 
 
 def test_world_key_fills_image_root_and_the_task_files(tmp_path):
@@ -117,6 +118,7 @@ def test_full_size_finetune_configs_validate(name, task):
     assert cfg.train.batch_size * 8 == {"nlvr2": 128}.get(name, 256)  # per GPU x 8 GPUs, the paper's batch
 
 
+@pytest.mark.slow
 def test_full_size_ve_model_runs_one_step_at_384_px():
     import torch
 
@@ -125,7 +127,7 @@ def test_full_size_ve_model_runs_one_step_at_384_px():
     cfg = load_config(ROOT / "configs" / "finetune" / "ve.yaml",
                       ["finetune.task=ve", "model.init=", "train.precision=fp32", "data.augment.enabled=false"])
     torch.manual_seed(0)
-    task = ve.build_task(cfg, ve.build_model(cfg), batches_per_epoch=10)
+    task = ve.build_objective(cfg, ve.build_model(cfg), batches_per_epoch=10)
     batch = {"images": torch.randint(0, 256, (1, 3, 384, 384), dtype=torch.uint8),
              "input_ids": torch.randint(1000, 30000, (1, 20)), "attention_mask": torch.ones(1, 20, dtype=torch.long),
              "label": torch.tensor([2])}

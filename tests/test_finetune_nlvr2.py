@@ -24,9 +24,9 @@ from softmask.objectives.distill import momentum_copy
 from softmask.tasks import nlvr2
 from softmask.tasks.classify import transform_images
 
-from conftest import text_batch, tiny_model_config
+from helpers import text_batch, tiny_model_config
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "finetune" / "nlvr2_tiny.yaml")
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "finetune" / "nlvr2_tiny.yaml")
 DROPPED = {"vision_proj", "text_proj", "itm_head", "mlm_head", "temp"}
 
 
@@ -49,7 +49,7 @@ def world(task_world) -> Path:
 def single_folder(tmp_path_factory) -> Path:
     """A single-image model of the tiny config's architecture, saved at 32 px (4x4 patches); the
     tiny NLVR2 config runs at 64 px, so loading it interpolates the position embeddings."""
-    cfg = load_config(TINY, ["model.vision.image_size=32"])
+    cfg = load_config(CONFIG, ["model.vision.image_size=32"])
     torch.manual_seed(1)
     return create_model(cfg).save_pretrained(tmp_path_factory.mktemp("single") / "model")
 
@@ -187,7 +187,7 @@ def test_malformed_records_name_file_and_record(world, tmp_path, capsys):
     records = json.loads((notes / "nlvr_train.json").read_text())[:3]
     records[1] = dict(records[1], label="maybe")
     bad = _write(tmp_path / "nlvr_bad.json", records)
-    cfg = load_config(TINY, ["finetune.task=nlvr2", f"world={world}", f"finetune.train=[{bad}]"])
+    cfg = load_config(CONFIG, ["finetune.task=nlvr2", f"world={world}", f"finetune.train=[{bad}]"])
     with pytest.raises(AnnotationError, match=r"nlvr_bad\.json: record 1: 'label' must be \"True\" or \"False\""):
         nlvr2.build_train_data(cfg, 0, 1)
 
@@ -199,12 +199,12 @@ def test_malformed_records_name_file_and_record(world, tmp_path, capsys):
     ta = json.loads((notes / "nlvr_ta.json").read_text())[:2]
     ta[0] = dict(ta[0], label=3)
     bad_ta = _write(tmp_path / "ta_bad.json", ta)
-    cfg = load_config(TINY, ["finetune.task=nlvr2", "finetune.stage=text_assignment", f"finetune.train=[{bad_ta}]"])
+    cfg = load_config(CONFIG, ["finetune.task=nlvr2", "finetune.stage=text_assignment", f"finetune.train=[{bad_ta}]"])
     with pytest.raises(AnnotationError, match=r"ta_bad\.json: record 0: 'label' must be 0 \(image 1\)"):
         nlvr2.build_train_data(cfg, 0, 1)
 
     rc = main(["finetune", "nlvr2", f"world={world}", f"finetune.train=[{bad}]", f"output_dir={tmp_path / 'run'}",
-               "--config", TINY])
+               "--config", CONFIG])
     assert rc == 2 and "nlvr_bad.json: record 1" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # failed before any training
 
@@ -216,7 +216,7 @@ def test_malformed_records_name_file_and_record(world, tmp_path, capsys):
 
 def test_single_image_folder_as_init_is_expanded(single_folder, caplog):
     saved = load_file(str(single_folder / "model.safetensors"))
-    cfg = load_config(TINY, ["finetune.task=nlvr2", f"model.init={single_folder}"])
+    cfg = load_config(CONFIG, ["finetune.task=nlvr2", f"model.init={single_folder}"])
     with caplog.at_level(logging.INFO, logger="softmask"):
         model = nlvr2.build_model(cfg)
     assert "position embeddings resized from a 4x4 to a 8x8 patch grid" in caplog.text
@@ -227,7 +227,8 @@ def test_single_image_folder_as_init_is_expanded(single_folder, caplog):
             assert torch.equal(tensor, saved[_source_key(key[len("backbone."):])]), key
     expected = resize_pos_embed(saved["visual_encoder.pos_embed"], 8)
     assert torch.equal(state["backbone.visual_encoder.pos_embed"], expected)
-    ta_cfg = load_config(TINY, ["finetune.task=nlvr2", "finetune.stage=text_assignment", f"model.init={single_folder}"])
+    ta_cfg = load_config(CONFIG, ["finetune.task=nlvr2", "finetune.stage=text_assignment",
+                                  f"model.init={single_folder}"])
     assert nlvr2.build_model(ta_cfg).cls_head[2].out_features == 3
 
 
@@ -237,18 +238,19 @@ def _metrics(path: Path) -> dict:
 
 # In the CLI calls the overrides come right after the task: Python 3.11's argparse does not take
 # positionals after an option as overrides ("unrecognized arguments").
+@pytest.mark.slow
 def test_text_assignment_then_finetune_then_evaluate(world, single_folder, tmp_path, caplog, capsys):
     ta, ft = tmp_path / "ta", tmp_path / "ft"
     # Stage 1: text assignment from the single-image folder (3-way, nlvr_ta.json).
     assert main(["finetune", "nlvr2", f"world={world}", f"output_dir={ta}", "finetune.stage=text_assignment",
-                 f"model.init={single_folder}", "train.max_steps=2", "--config", TINY]) == 0
+                 f"model.init={single_folder}", "train.max_steps=2", "--config", CONFIG]) == 0
     ta_weights = load_file(str(ta / "model" / "model.safetensors"))
     assert ta_weights["cls_head.2.weight"].shape[0] == 3
     assert "task: nlvr2" in (ta / "model" / "config.yaml").read_text()
     assert not list(ta.glob("metrics_*.json"))  # the world's text-assignment set has no val/test
 
     # The fine-tuning model built from the TA run: every backbone tensor as saved, a new 2-way head.
-    cfg = load_config(TINY, ["finetune.task=nlvr2", f"model.init={ta}"])
+    cfg = load_config(CONFIG, ["finetune.task=nlvr2", f"model.init={ta}"])
     with caplog.at_level(logging.INFO, logger="softmask"):
         model = nlvr2.build_model(cfg)
     assert "dropped the saved 3-way head" in caplog.text
@@ -257,7 +259,7 @@ def test_text_assignment_then_finetune_then_evaluate(world, single_folder, tmp_p
     assert set(state) == set(ta_weights) and state["cls_head.2.weight"].shape[0] == 2
     # At another image size (ALBEF: text assignment at 256 px, fine-tuning at 384) the position
     # embeddings are interpolated; the same stage keeps the saved head.
-    cfg = load_config(TINY, ["finetune.task=nlvr2", "finetune.stage=text_assignment", "model.vision.image_size=32",
+    cfg = load_config(CONFIG, ["finetune.task=nlvr2", "finetune.stage=text_assignment", "model.vision.image_size=32",
                              f"model.init={ta / 'model'}"])
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="softmask"):
@@ -269,7 +271,7 @@ def test_text_assignment_then_finetune_then_evaluate(world, single_folder, tmp_p
 
     # Stage 2: fine-tuning from the TA run's model folder, then val/test evaluation.
     assert main(["finetune", "nlvr2", f"world={world}", f"output_dir={ft}", f"model.init={ta / 'model'}",
-                 "train.max_steps=2", "--config", TINY]) == 0
+                 "train.max_steps=2", "--config", CONFIG]) == 0
     test_metrics = _metrics(ft / "metrics_test.json")
     assert 0.0 <= test_metrics["acc"] <= 100.0 and test_metrics["count"] == 12 and test_metrics["skipped"] == 0
     assert test_metrics["count_true"] + test_metrics["count_false"] == 12
@@ -280,13 +282,13 @@ def test_text_assignment_then_finetune_then_evaluate(world, single_folder, tmp_p
 
     # Evaluation alone reproduces the run's test accuracy.
     out = tmp_path / "eval.json"
-    assert main(["evaluate", "nlvr2", "--checkpoint", str(ft), "--config", TINY, "--world", str(world),
+    assert main(["evaluate", "nlvr2", "--checkpoint", str(ft), "--config", CONFIG, "--world", str(world),
                  "--split", "test", "--json", str(out), "--out", str(tmp_path / "eval")]) == 0
     assert (tmp_path / "eval" / "metrics_test.json").is_file()
     assert _metrics(out)["test"]["acc"] == pytest.approx(test_metrics["acc"])  # {split: metrics}
     # A fine-tuned (2-way) model does not pass for a text-assignment one.
     capsys.readouterr()
-    assert main(["evaluate", "nlvr2", "finetune.stage=text_assignment", "--checkpoint", str(ft), "--config", TINY,
+    assert main(["evaluate", "nlvr2", "finetune.stage=text_assignment", "--checkpoint", str(ft), "--config", CONFIG,
                  "--world", str(world), "--out", str(tmp_path / "eval_ta")]) == 2
     assert "cls_head.2" in capsys.readouterr().err
 
@@ -295,13 +297,13 @@ def test_init_of_another_task_is_refused(tmp_path, single_folder):
     folder = tmp_path / "ve_model"
     folder.mkdir()
     (folder / "config.yaml").write_text("task: ve\nmodel: {}\n")
-    cfg = load_config(TINY, ["finetune.task=nlvr2", f"model.init={folder}"])
+    cfg = load_config(CONFIG, ["finetune.task=nlvr2", f"model.init={folder}"])
     with pytest.raises(CheckpointError, match="fine-tuned on 've'"):
         nlvr2.build_model(cfg)
 
 
 def test_shipped_configs_follow_the_recipe():
-    root = Path(TINY).parent
+    root = Path(CONFIG).parent
     ta = load_config(root / "nlvr2_ta.yaml", ["finetune.task=nlvr2"])
     ft = load_config(root / "nlvr2.yaml", ["finetune.task=nlvr2"])
     recipe = [(c.finetune.stage, c.train.epochs, c.train.batch_size * 8, c.train.lr_peak, c.model.vision.image_size)
@@ -310,7 +312,7 @@ def test_shipped_configs_follow_the_recipe():
     assert ta.distill.alpha == 0.0 and ft.distill.alpha > 0 and ft.model.init
     four_m = load_config(root.parent / "pretrain" / "4m.yaml")
     assert nlvr2._architecture(ta.model) == nlvr2._architecture(ft.model) == nlvr2._architecture(four_m.model)
-    tiny = load_config(TINY, ["finetune.task=nlvr2", "world=/w", "finetune.stage=text_assignment"])
+    tiny = load_config(CONFIG, ["finetune.task=nlvr2", "world=/w", "finetune.stage=text_assignment"])
     assert tiny.finetune.train == ["/w/annotations/nlvr_ta.json"] and tiny.finetune.val == []
 
 
@@ -321,7 +323,7 @@ def test_an_albef_nlvr2_checkpoint_loads_its_paired_layers_and_head(task_world, 
 
     from softmask.tasks.finetune import load_task_model
 
-    from conftest import albef_state_dict
+    from helpers import albef_state_dict
 
     model_cfg = tiny_model_config()
     fusion, layers = model_cfg.text.fusion_layer, model_cfg.text.num_layers
@@ -349,7 +351,7 @@ def test_an_albef_nlvr2_checkpoint_loads_its_paired_layers_and_head(task_world, 
     sd.update(head)
     path = tmp_path / "ALBEF_nlvr.pth"
     torch.save({"model": sd}, path)
-    cfg = load_config(TINY, [f"world={task_world}", "finetune.task=nlvr2"])
+    cfg = load_config(CONFIG, [f"world={task_world}", "finetune.task=nlvr2"])
     cfg.model = model_cfg
     model = load_task_model(cfg, path).eval()
     blocks = model.backbone.fusion_encoder.layers

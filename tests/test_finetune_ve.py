@@ -20,8 +20,9 @@ from softmask.tasks import ve
 from softmask.tasks.classify import accuracy_metrics
 from softmask.tasks.finetune import load_task_model
 
+from helpers import TINY
+
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "finetune" / "ve_tiny.yaml")
-TINY_PRETRAIN = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def run(world, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_finetune_writes_metrics_predictions_and_a_ve_model(run, world):
     for split in ("val", "test"):
         n = len(json.loads((world / "annotations" / f"ve_{split}.json").read_text()))
@@ -51,6 +53,7 @@ def test_finetune_writes_metrics_predictions_and_a_ve_model(run, world):
     assert len(steps) == 4 and all(math.isfinite(s["loss"]) and 0 <= s["acc"] <= 1 for s in steps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["run", "model folder"])
 def test_evaluate_the_finetuned_model_reproduces_its_metrics(run, world, tmp_path, where):
     checkpoint = run if where == "run" else run / "model"
@@ -65,7 +68,7 @@ def test_evaluate_the_finetuned_model_reproduces_its_metrics(run, world, tmp_pat
 
 def test_a_pretrained_model_is_refused(world, tmp_path, capsys):
     folder = tmp_path / "pretrained"
-    assert main(["-q", "export", "--config", TINY_PRETRAIN, "--out", str(folder)]) == 0
+    assert main(["-q", "export", "--config", TINY, "--out", str(folder)]) == 0
     cfg = load_config(CONFIG, ["finetune.task=ve", f"world={world}"])
     with pytest.raises(CheckpointError, match="a pretrained model, not fine-tuned; evaluating ve needs a model"):
         load_task_model(cfg, folder)
@@ -110,6 +113,7 @@ def test_metrics_per_label():
     assert metrics["count_neutral"] == 2
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch(world):
     cfg = load_config(CONFIG, ["finetune.task=ve", f"world={world}", "data.augment.enabled=false",
                                "model.text.dropout=0", "model.text.attention_dropout=0", "distill.alpha=0.4",
@@ -119,7 +123,7 @@ def test_loss_falls_on_a_fixed_batch(world):
     dataset = TaskDataset(records, cfg, "sentence", extras=ve._label_index)
     batch = Collator.for_config(cfg)([dataset[i] for i in range(len(dataset))])
     assert sorted(set(batch["label"].tolist())) == [0, 1, 2]
-    task = ve.build_task(cfg, ve.build_model(cfg), batches_per_epoch=10)
+    task = ve.build_objective(cfg, ve.build_model(cfg), batches_per_epoch=10)
     assert task.momentum_model is not None and not task.model.backbone.itm_head.weight.requires_grad
     optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-3)
     losses, accs = [], []
@@ -142,7 +146,7 @@ def test_an_albef_ve_checkpoint_loads_and_gives_its_classifiers_outputs(world, t
     from softmask.models.vlp import create_model
     from softmask.tasks.finetune import load_task_model
 
-    from conftest import albef_state_dict, tiny_model_config
+    from helpers import albef_state_dict, tiny_model_config
 
     model_cfg = tiny_model_config()
     sd = {k.replace("text_encoder.bert.", "text_encoder."): v for k, v in albef_state_dict(model_cfg).items()
@@ -176,7 +180,7 @@ def test_an_albef_ve_checkpoint_loads_and_gives_its_classifiers_outputs(world, t
 
 
 def test_evaluate_ve_takes_an_albef_checkpoint_from_the_command_line(world, tmp_path):
-    from conftest import albef_state_dict
+    from helpers import albef_state_dict
 
     model_cfg = load_config(CONFIG, [f"world={world}"]).model
     d = model_cfg.text.hidden_size

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from softmask.cli import main
-from softmask.config import config_from_dict
 from softmask.data.annotations import AnnotationError
 from softmask.data.text import tokenize
 from softmask.models.answer_decoder import AnswerDecoder, build_answer_decoder, token_log_probs
@@ -19,7 +18,7 @@ from softmask.models.vlp import create_model
 from softmask.tasks import vqa
 from softmask.world import generate_world
 
-from conftest import TINY, tiny_model_config
+from helpers import tiny_config, tiny_model_config
 
 CONFIG = "configs/finetune/vqa_tiny.yaml"
 
@@ -82,11 +81,9 @@ def test_weighted_loss_equals_hand_computation():
         0.5 * nll(0) + 0.5 * mean_nll.item(), rel=1e-5)
 
 
-def _tiny_cfg(**finetune):
-    text = dict(TINY["text"], vocab_size=30522)
-    model = {"embed_dim": TINY["embed_dim"], "vision": dict(TINY["vision"]), "text": text}
-    return config_from_dict({"model": model, "data": {"augment": {"enabled": False}, "num_workers": 0},
-                             "distill": {"alpha": 0.0}, "finetune": {"task": "vqa", **finetune}})
+def _tiny_cfg(*overrides: str):
+    return tiny_config("model.text.vocab_size=30522", "data.augment.enabled=false", "data.num_workers=0",
+                       "distill.alpha=0", "finetune.task=vqa", *overrides)
 
 
 def test_task_forward_matches_per_answer_computation():
@@ -95,7 +92,7 @@ def test_task_forward_matches_per_answer_computation():
     cfg = _tiny_cfg()
     torch.manual_seed(0)
     model = vqa.build_model(cfg).eval()
-    task = vqa.VQATask(cfg, model, alpha_warmup_steps=1).eval()
+    task = vqa.VQAObjective(cfg, model, alpha_warmup_steps=1).eval()
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     ids, mask = tokenize(task.tokenizer, ["what color is the ball", "how many"])
     batch = {"images": images, "input_ids": ids, "attention_mask": mask,
@@ -125,7 +122,7 @@ def _perturbed(model):
 
 
 def test_decoder_is_initialised_from_the_fusion_layers():
-    cfg = tiny_model_config(vision__width=32)  # image width = text width: every tensor has a source
+    cfg = tiny_model_config("vision.width=32")  # image width = text width: every tensor has a source
     backbone = _perturbed(create_model(cfg))
     decoder, left_random = build_answer_decoder(backbone)
     assert left_random == []
@@ -274,7 +271,7 @@ def _write(path: Path, data) -> Path:
 def test_malformed_answer_names_file_and_record(tmp_path):
     good = {"image": "a.png", "question": "what?", "answer": ["yes"] * 10, "question_id": 1}
     train = _write(tmp_path / "train.json", [good, dict(good, answer=["yes", 3])])
-    cfg = _tiny_cfg(train=[str(train)], eval_splits=[])
+    cfg = _tiny_cfg(f"finetune.train=[{train}]", "finetune.eval_splits=[]")
     with pytest.raises(AnnotationError, match=r"train\.json: record 1: 'answer'"):
         vqa.build_train_data(cfg, 0, 1)
     _write(train, [dict(good, answer=[])])
@@ -284,7 +281,7 @@ def test_malformed_answer_names_file_and_record(tmp_path):
     test = _write(tmp_path / "test.json", [{k: v for k, v in good.items() if k != "answer"},
                                            dict(good, answer="  ")])
     with pytest.raises(AnnotationError, match=r"test\.json: record 1: 'answer'"):
-        vqa.load_eval_records(_tiny_cfg(test=[str(test)]), "test")
+        vqa.load_eval_records(_tiny_cfg(f"finetune.test=[{test}]"), "test")
     answer_list = _write(tmp_path / "answers.json", ["yes", 7])
     with pytest.raises(AnnotationError, match=r"answers\.json: entry 1"):
         vqa.read_answer_list(str(answer_list))
@@ -309,6 +306,7 @@ def _annotations(world: Path, split: str) -> list[dict]:
     return json.loads((world / "annotations" / f"vqa_{split}.json").read_text())
 
 
+@pytest.mark.slow
 def test_finetune_cli_trains_and_writes_metrics_and_results(run):
     code, world, out = run
     assert code == 0
@@ -327,6 +325,7 @@ def test_finetune_cli_trains_and_writes_metrics_and_results(run):
     assert "task: vqa" in saved
 
 
+@pytest.mark.slow
 def test_evaluate_cli_from_the_run_and_a_test_split_without_answers(run, tmp_path):
     code, world, out = run
     assert code == 0
@@ -351,7 +350,7 @@ def _albef_vqa_model(tmp_path):
     from softmask.config import load_config
     from softmask.tasks.finetune import load_task_model
 
-    from conftest import albef_state_dict, bert_lm_state_dict
+    from helpers import albef_state_dict, bert_lm_state_dict
 
     model_cfg = tiny_model_config()
     g = torch.Generator().manual_seed(7)
@@ -391,6 +390,7 @@ def test_an_albef_vqa_checkpoint_loads_its_answer_decoder_with_the_files_depth(t
     assert logits.shape == (2, 4, 120) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_albef_ranking_of_a_loaded_albef_vqa_model_equals_albefs_formula_computed_independently(tmp_path):
     """ALBEF's rank_answer: p(first token) from the first decoding step, its top k, then for each of those
     answers log p(first) - (the decoder's summed token loss over the whole answer, first token included)."""

@@ -3,25 +3,23 @@ and momentum copies), the layers above them train, and a count beyond the encode
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from softmask import create_model, load_config
 from softmask.bench import synthetic_batch
 from softmask.config import ConfigError
-from softmask.tasks.pretrain import build_task
+from softmask.tasks.pretrain import build_objective
 from softmask.train.schedule import make_optimizer
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
+from helpers import TINY
 
 
 def _trained(frozen: int, method: str = "albef", steps: int = 2):
     cfg = load_config(TINY, ["train.warmup_steps=0", "train.lr_start=1e-2", "itc.queue_size=16",
                              f"method={method}", f"train.frozen_image_layers={frozen}"])
     torch.manual_seed(0)
-    task = build_task(cfg, create_model(cfg), alpha_warmup_steps=1).train()
+    task = build_objective(cfg, create_model(cfg), alpha_warmup_steps=1).train()
     before = {k: v.detach().clone() for k, v in task.model.visual_encoder.named_parameters()}
     optimizer = make_optimizer(task, cfg.train)
     batch = synthetic_batch(cfg, 4)

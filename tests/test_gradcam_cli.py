@@ -17,15 +17,15 @@ from softmask.inference import load_model
 from softmask.objectives.softmask import gradcam_maps
 from softmask.viz.gradcam import safe_name
 
-from conftest import tiny_model_config
+from helpers import tiny_model_config
 
 CAPTION = "a giraffe near a skateboard"  # giraffe -> gi ##raf ##fe, skateboard -> skate ##board
 WORDS = ["a", "giraffe", "near", "a", "skateboard"]
 
 
-def real_vocab_config(**changes):
+def real_vocab_config(*overrides: str):
     """The tiny model with the bert-base-uncased vocabulary size and 3 fusion layers."""
-    return tiny_model_config(text__vocab_size=30522, text__max_positions=40, text__num_layers=5, **changes)
+    return tiny_model_config("text.vocab_size=30522", "text.max_positions=40", "text.num_layers=5", *overrides)
 
 
 @pytest.fixture(scope="module")

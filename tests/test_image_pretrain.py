@@ -16,7 +16,7 @@ from softmask.data.labelled_images import image_folder
 from softmask.tasks.image_pretrain import box_pool, load_image_encoder, pretrain_vision
 from softmask.world.objects import OBJECT_ATTRIBUTES, presence_names, world_objects
 
-from conftest import load_benchmark
+from helpers import load_benchmark
 
 VISION = ["model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=48", "model.vision.depth=2",
           "model.vision.num_heads=2", "model.vision.mlp_dim=96"]
@@ -70,6 +70,7 @@ def test_excluded_pairs_leave_out_every_image_holding_one(vision_world):
     assert kept.labels["presence"][:, names.index("red circle")].sum() == 0
 
 
+@pytest.mark.slow
 def test_pretrain_vision_learns_and_loads_as_model_vision_init(vision_world, tmp_path, caplog, capsys):
     out = tmp_path / "vit"
     cfg = load_config(None, [f"world={vision_world}", f"output_dir={out}", *VISION, "train.batch_size=32",
@@ -125,6 +126,7 @@ def test_pretrain_vision_learns_and_loads_as_model_vision_init(vision_world, tmp
         assert torch.equal(vlp.visual_encoder.state_dict()[key], value)
 
 
+@pytest.mark.slow
 def test_pretrain_vision_on_an_image_folder(tmp_path):
     rng = np.random.default_rng(0)
     for name, colour in (("reds", (220, 30, 30)), ("blues", (30, 30, 220))):
@@ -214,6 +216,7 @@ def test_a_conv_stem_encoder_loads_as_model_vision_init_and_a_patch_stem_model_r
         load_vision_checkpoint(vlp, tmp_path / "deep")
 
 
+@pytest.mark.slow
 def test_position_loss_and_the_relation_probe(vision_world, tmp_path):
     out = tmp_path / "vit"
     cfg = load_config(None, [f"world={vision_world}", f"output_dir={out}", *VISION, "train.batch_size=32",
@@ -225,6 +228,7 @@ def test_position_loss_and_the_relation_probe(vision_world, tmp_path):
     assert 0.0 <= metrics["relation_probe"] <= 100.0
 
 
+@pytest.mark.slow
 def test_pair_relations_and_a_linear_probe_by_hand():
     from softmask.eval.probe import RELATIONS, linear_probe_accuracy, pair_relations
 

@@ -28,7 +28,9 @@ from softmask.inference import load_model
 from softmask.objectives.itm import itm_labels, itm_loss
 from softmask.tasks.pretrain import pretrain
 
-from conftest import COLOURS, SHAPES, TINY_PRETRAIN, make_world, pretrain_overrides
+from helpers import COLOURS, SHAPES, TINY, make_world, pretrain_overrides
+
+pytestmark = pytest.mark.slow  # trains two tiny models for 300 steps each
 
 STEPS = 300
 # ITM's prior with one positive and two negatives per image: the entropy of (1/3, 2/3).
@@ -48,7 +50,7 @@ def worlds(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def train_tiny(world: Path, out: Path) -> list[dict]:
-    cfg = load_config(TINY_PRETRAIN, pretrain_overrides(
+    cfg = load_config(TINY, pretrain_overrides(
         world, out, f"data.tokenizer={world / 'vocab.txt'}", "model.text.vocab_size=16", "train.batch_size=16",
         f"train.max_steps={STEPS}", f"train.save_every={STEPS}", "train.lr_peak=1e-3", "train.log_every=10",
         f"itm.easy_negatives_steps={STEPS}", "mlm.weight=0", "distill.alpha=0", "model.text_pooling=mean"))

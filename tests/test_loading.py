@@ -15,7 +15,7 @@ from softmask.models.loading import (
     read_state_dict,
 )
 
-from conftest import albef_state_dict, tiny_model_config
+from helpers import albef_state_dict, tiny_config, tiny_model_config
 
 
 @pytest.fixture
@@ -51,8 +51,15 @@ def test_albef_checkpoint_imports(albef_file, tiny_cfg):
 
 
 def test_albef_import_through_config_and_forward(albef_file, tiny_cfg):
-    path, _ = albef_file
-    model = create_model(tiny_model_config(init=str(path))).eval()
+    path, sd = albef_file
+    model = create_model(tiny_model_config(f"init={path}")).eval()
+    # model.init was applied: every tensor is the one the explicit loader puts there (none is random).
+    direct = create_model(tiny_cfg)
+    load_model_checkpoint(direct, path)
+    for key, value in direct.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert torch.equal(model.itm_head.weight, sd["itm_head.weight"])
+    assert float(model.temp.detach()) == pytest.approx(0.05)
     pixels, ids = torch.randn(2, 3, 32, 32), torch.randint(5, 120, (2, 6))
     mask = torch.ones_like(ids)
     assert torch.isfinite(model.itm_logits(model.fuse(model.encode_text(ids, mask), mask,
@@ -61,7 +68,7 @@ def test_albef_import_through_config_and_forward(albef_file, tiny_cfg):
 
 def test_albef_with_other_fusion_layer_is_refused(albef_file):
     path, _ = albef_file
-    model = create_model(tiny_model_config(text__fusion_layer=1))
+    model = create_model(tiny_model_config("text.fusion_layer=1"))
     expected = r"model.text.fusion_layer is 1 but .* has 2 \(cross-attention from layer\)"
     with pytest.raises(CheckpointError, match=expected):
         load_model_checkpoint(model, path)
@@ -69,7 +76,7 @@ def test_albef_with_other_fusion_layer_is_refused(albef_file):
 
 def test_albef_at_higher_resolution_interpolates(albef_file):
     path, sd = albef_file
-    model = create_model(tiny_model_config(vision__image_size=48))
+    model = create_model(tiny_model_config("vision.image_size=48"))
     report = load_model_checkpoint(model, path)
     assert model.visual_encoder.pos_embed.shape == (1, 37, 48)
     assert any("4x4 to a 6x6" in note for note in report.notes)
@@ -77,7 +84,7 @@ def test_albef_at_higher_resolution_interpolates(albef_file):
 
 def test_softmask_folder_as_model_init(tmp_path, tiny_model):
     tiny_model.save_pretrained(tmp_path / "pre")
-    model = create_model(tiny_model_config(init=str(tmp_path / "pre")))
+    model = create_model(tiny_model_config(f"init={tmp_path / 'pre'}"))
     for (k, a), b in zip(tiny_model.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
@@ -143,15 +150,14 @@ def test_compact_keys():
     assert compact_keys(keys) == "blocks.{0-2}.attn.{bias,weight}, head.5.x.w, norm.weight"
 
 
-def _pretrain_task(tiny_cfg, init: str, queue_size: int = 64):
-    from softmask.config import config_from_dict, to_dict
-    from softmask.tasks.pretrain import PretrainTask, continue_from_albef
+def _pretrain_objective(init: str, queue_size: int = 64):
+    from softmask.tasks.pretrain import PretrainObjective, continue_from_albef
 
-    cfg = config_from_dict({"model": {**to_dict(tiny_cfg), "init": init}, "itc": {"queue_size": queue_size}})
+    cfg = tiny_config(f"model.init={init}", f"itc.queue_size={queue_size}")
     torch.manual_seed(0)
-    task = PretrainTask(cfg, create_model(cfg.model), {"cls": 1, "sep": 2, "pad": 0, "mask": 3}, 10)
-    continue_from_albef(task, init)
-    return task
+    objective = PretrainObjective(cfg, create_model(cfg.model), {"cls": 1, "sep": 2, "pad": 0, "mask": 3}, 10)
+    continue_from_albef(objective, init)
+    return objective
 
 
 def test_continued_pretraining_starts_from_the_checkpoints_momentum_encoders_and_queues(tmp_path, tiny_cfg,
@@ -167,7 +173,7 @@ def test_continued_pretraining_starts_from_the_checkpoints_momentum_encoders_and
     path = tmp_path / "ALBEF_tiny.pth"
     torch.save({"model": sd}, path)
     caplog.set_level(logging.INFO, logger="softmask")
-    task = _pretrain_task(tiny_cfg, str(path))
+    task = _pretrain_objective(str(path))
     online, momentum = task.model.state_dict(), task.momentum_model.state_dict()
     assert torch.equal(online["visual_encoder.blocks.1.attn.qkv.weight"], sd["visual_encoder.blocks.1.attn.qkv.weight"])
     assert torch.equal(momentum["visual_encoder.blocks.1.attn.qkv.weight"],
@@ -183,7 +189,7 @@ def test_continued_pretraining_starts_from_the_checkpoints_momentum_encoders_and
     assert int(task.image_queue.ptr) == int(task.text_queue.ptr) == 24 and int(task.image_queue.filled) == 64
     assert "model.init (momentum model): loaded" in caplog.text and "queue_ptr (24) taken" in caplog.text
     # Another queue size: the queues are not taken (and the log says why); the momentum model still is.
-    other = _pretrain_task(tiny_cfg, str(path), queue_size=32)
+    other = _pretrain_objective(str(path), queue_size=32)
     assert "queues: not taken" in caplog.text and int(other.image_queue.ptr) == 0
     assert torch.equal(other.momentum_model.state_dict()["text_proj.weight"], sd["text_proj_m.weight"])
 
@@ -196,10 +202,10 @@ def test_continued_pretraining_reads_the_albef_file_once(tmp_path, tiny_cfg, mon
     reads = []
     real = loading.read_state_dict
     monkeypatch.setattr(loading, "read_state_dict", lambda p: reads.append(p) or real(p))
-    twice = _pretrain_task(tiny_cfg, str(path))
+    twice = _pretrain_objective(str(path))
     assert len(reads) == 2  # the online weights, then the momentum encoders and queues
     with loading.read_each_file_once():
-        once = _pretrain_task(tiny_cfg, str(path))
+        once = _pretrain_objective(str(path))
     assert len(reads) == 3 and loading._read_once is None  # one more read, and nothing kept after the block
     for a, b in ((twice.model, once.model), (twice.momentum_model, once.momentum_model)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
@@ -209,6 +215,6 @@ def test_continued_pretraining_reads_the_albef_file_once(tmp_path, tiny_cfg, mon
 def test_a_checkpoint_without_momentum_encoders_keeps_the_online_copy(tmp_path, tiny_cfg):
     path = tmp_path / "ALBEF_finetuned.pth"
     torch.save({"model": albef_state_dict(tiny_cfg, momentum=False)}, path)
-    task = _pretrain_task(tiny_cfg, str(path))
+    task = _pretrain_objective(str(path))
     online, momentum = task.model.state_dict(), task.momentum_model.state_dict()
     assert all(torch.equal(online[k], momentum[k]) for k in online)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from softmask import VisionLanguageModel, create_model, from_pretrained, load_config
 from softmask.models.vlp import pool_text
 
-from conftest import text_batch, tiny_model_config
+from helpers import text_batch, tiny_model_config
 
 
 def _inputs(model, b=3):
@@ -42,7 +42,7 @@ def test_text_pooling_cls_and_masked_mean():
 
 
 def test_mean_pooled_text_feature_ignores_padding():
-    model = create_model(tiny_model_config(text_pooling="mean")).eval()
+    model = create_model(tiny_model_config("text_pooling=mean")).eval()
     ids, mask = text_batch(b=3)
     with torch.no_grad():
         feat = model.text_feat(model.encode_text(ids, mask), mask)
@@ -56,7 +56,7 @@ def test_mean_pooled_text_feature_ignores_padding():
 def test_itm_reads_the_fused_cls_or_the_mean_of_the_fused_caption():
     torch.manual_seed(0)
     cls_model = create_model(tiny_model_config()).eval()
-    mean_model = create_model(tiny_model_config(fused_pooling="mean")).eval()
+    mean_model = create_model(tiny_model_config("fused_pooling=mean")).eval()
     mean_model.load_state_dict(cls_model.state_dict())
     ids, mask = text_batch(b=3)
     pixels = torch.randn(3, 3, 32, 32)
@@ -106,7 +106,7 @@ def test_padding_does_not_change_real_tokens(tiny_model):
 
 
 def test_image_width_may_differ_from_text_width():
-    model = create_model(tiny_model_config(vision__width=40, vision__num_heads=4, vision__mlp_dim=80))
+    model = create_model(tiny_model_config("vision.width=40", "vision.num_heads=4", "vision.mlp_dim=80"))
     assert model.fusion_encoder.layers[0].cross_attn.kv.weight.shape == (2 * 32, 40)
     pixels, ids, mask = _inputs(model)
     assert model.fuse(model.encode_text(ids, mask), mask, model.encode_image(pixels)).shape == (3, 9, 32)
@@ -161,6 +161,7 @@ def test_create_model_accepts_whole_config_or_section(tiny_cfg):
         create_model({"model": {}})
 
 
+@pytest.mark.slow
 def test_full_size_4m_config_runs_one_forward():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/pretrain/4m.yaml")
     torch.manual_seed(0)

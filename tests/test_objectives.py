@@ -254,6 +254,7 @@ def test_hard_negatives_deterministic_with_generator_and_no_grad():
     assert len(draws) > 1
 
 
+@pytest.mark.slow
 def test_hard_negatives_follow_the_softmax():
     sim_i2t = torch.tensor([[9.0, 1.0, 0.0], [2.0, 9.0, 0.0], [0.5, 0.5, 9.0]])
     sim_t2i = torch.tensor([[9.0, 0.0, 1.5], [1.0, 9.0, 1.0], [-1.0, 1.0, 9.0]])
@@ -374,18 +375,17 @@ def test_mlm_loss_with_no_masked_tokens():
 @pytest.mark.parametrize("mask_sep", [True, False])
 def test_pretraining_masks_sep_as_albef_does_unless_told_not_to(mask_sep):
     from softmask import create_model
-    from softmask.config import config_from_dict, to_dict
-    from softmask.tasks.pretrain import PretrainTask
+    from softmask.tasks.pretrain import PretrainObjective
 
-    from conftest import tiny_model_config
+    from helpers import tiny_config
 
-    cfg = config_from_dict({"model": to_dict(tiny_model_config()), "mlm": {"mask_sep": mask_sep}})
-    task = PretrainTask(cfg, create_model(cfg.model), {"cls": CLS, "sep": SEP, "pad": PAD, "mask": MASK}, 10)
-    assert task.mlm_excluded == sorted({CLS, PAD} | ({SEP} if not mask_sep else set()))
+    cfg = tiny_config(f"mlm.mask_sep={mask_sep}")
+    objective = PretrainObjective(cfg, create_model(cfg.model), {"cls": CLS, "sep": SEP, "pad": PAD, "mask": MASK}, 10)
+    assert objective.mlm_excluded == sorted({CLS, PAD} | ({SEP} if not mask_sep else set()))
     # 2,000 captions "[CLS] w w w w [SEP] [PAD] [PAD]": [SEP] is chosen at the MLM rate, or never.
     ids = torch.tensor([[CLS, 10, 11, 12, 13, SEP, PAD, PAD]]).repeat(2000, 1)
     mask = (ids != PAD).long()
-    _, labels = mask_tokens(ids, mask, 50, task.mlm_excluded, 0.15, torch.Generator().manual_seed(0), MASK)
+    _, labels = mask_tokens(ids, mask, 50, objective.mlm_excluded, 0.15, torch.Generator().manual_seed(0), MASK)
     sep_rate = (labels[:, 5] != -100).float().mean().item()
     assert (abs(sep_rate - 0.15) < 0.03) if mask_sep else sep_rate == 0.0
     assert (labels[:, 0] == -100).all() and (labels[:, 6:] == -100).all()

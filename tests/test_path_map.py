@@ -17,7 +17,7 @@ from softmask.data.annotations import AnnotationError, load_annotations
 from softmask.data.dataset import build_pretrain_loader
 from softmask.data.path_map import PathMap
 
-from conftest import TINY_PRETRAIN
+from helpers import TINY
 
 CLUSTER_COCO = "/export/share/datasets/vision/coco/images/"  # as in ALBEF's released pretraining files
 CLUSTER_VG = "/export/share/datasets/vision/visual-genome/image/"
@@ -48,7 +48,7 @@ def flow_mapping(path_map: dict[str, str]) -> str:
 
 def test_albef_file_with_absolute_paths_is_read_through_the_map(tmp_path):
     ann, path_map = albef_world(tmp_path)
-    cfg = load_config(TINY_PRETRAIN, [f"data.train=[{ann}]", flow_mapping(path_map), "train.batch_size=2",
+    cfg = load_config(TINY, [f"data.train=[{ann}]", flow_mapping(path_map), "train.batch_size=2",
                                       "data.num_workers=0"])
     assert cfg.data.path_map == path_map
     records = load_annotations([str(ann)], cfg.data.image_root, cfg.data.path_map)
@@ -80,7 +80,7 @@ def test_a_path_that_maps_to_no_file_is_one_error_naming_file_and_record(tmp_pat
                               "which is not a file")
     # Through the command: one line, exit status 2, nothing trained.
     out = tmp_path / "run"
-    assert main(["-q", "pretrain", "--config", str(TINY_PRETRAIN), f"data.train=[{ann}]", flow_mapping(path_map),
+    assert main(["-q", "pretrain", "--config", str(TINY), f"data.train=[{ann}]", flow_mapping(path_map),
                  f"output_dir={out}", "data.num_workers=0"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"{ann}: record 3: image" in lines[0] and "Traceback" not in lines[0]
@@ -97,13 +97,13 @@ def test_a_path_that_maps_to_no_file_is_one_error_naming_file_and_record(tmp_pat
                                             ('{"/a/": ""}', "both non-empty")])
 def test_bad_maps_are_config_errors(value, problem):
     with pytest.raises(ConfigError, match=problem):
-        load_config(TINY_PRETRAIN, [f"data.path_map={value}"])
+        load_config(TINY, [f"data.path_map={value}"])
 
 
 def test_text_assignment_records_from_albef_files(tmp_path, capsys):
     ann, path_map = albef_world(tmp_path)
     out = tmp_path / "ta.json"
-    assert main(["-q", "text-assignment", "--config", str(TINY_PRETRAIN), "--out", str(out), f"data.train=[{ann}]",
+    assert main(["-q", "text-assignment", "--config", str(TINY), "--out", str(out), f"data.train=[{ann}]",
                  flow_mapping(path_map), "--seed", "3"]) == 0
     items = json.loads(out.read_text())
     records = {r.image: r.captions for r in load_annotations([str(ann)], "", path_map)}
@@ -123,12 +123,12 @@ def test_text_assignment_records_from_albef_files(tmp_path, capsys):
                                                            f"finetune.train=[{out}]", "data.image_root="])
     assert len(load_records(cfg, "train")) == 6
     # Same seed, same file; and too few images is one clear error.
-    assert main(["-q", "text-assignment", "--config", str(TINY_PRETRAIN), "--out", str(tmp_path / "again.json"),
+    assert main(["-q", "text-assignment", "--config", str(TINY), "--out", str(tmp_path / "again.json"),
                  f"data.train=[{ann}]", flow_mapping(path_map), "--seed", "3"]) == 0
     assert (tmp_path / "again.json").read_text() == out.read_text()
     two = tmp_path / "two.json"
     two.write_text(json.dumps(json.loads(ann.read_text())[:2]))
-    assert main(["-q", "text-assignment", "--config", str(TINY_PRETRAIN), "--out", str(tmp_path / "x.json"),
+    assert main(["-q", "text-assignment", "--config", str(TINY), "--out", str(tmp_path / "x.json"),
                  f"data.train=[{two}]", flow_mapping(path_map)]) == 2
     assert "at least 3 distinct images" in capsys.readouterr().err
 

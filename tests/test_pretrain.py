@@ -14,22 +14,10 @@ from softmask.config import load_config
 from softmask.tasks.pretrain import pretrain
 from softmask.train.checkpoint import list_checkpoints, load_checkpoint
 
-from conftest import COLOURS, SHAPES, make_world
-from conftest import pretrain_overrides as overrides
-from conftest import read_metrics as metrics
-from conftest import torchrun_pretrain as _torchrun
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
-
-
-
-
-
-
-
-
-
-
+from helpers import COLOURS, SHAPES, TINY, make_world
+from helpers import pretrain_overrides as overrides
+from helpers import read_metrics as metrics
+from helpers import torchrun_pretrain as _torchrun
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +27,7 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_loss_falls(world, tmp_path):
     # Distillation off: against a random momentum teacher the soft targets' entropy (about log(vocab)
     # for MLM) is a floor the loss cannot go under in a few dozen steps from random initialisation.
@@ -57,6 +46,7 @@ def test_loss_falls(world, tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch; the last batch of an epoch (16 pairs in batches of 4)
 def test_resume_equals_uninterrupted(world, tmp_path, stop_at):
     common = ("train.batch_size=4", "train.max_steps=6", f"train.save_every={stop_at}", "train.keep_last=5")
@@ -77,6 +67,7 @@ def test_resume_equals_uninterrupted(world, tmp_path, stop_at):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_bad_samples_are_skipped_and_counted(world, tmp_path):
     root = tmp_path / "data"
     make_world(root, n=8)
@@ -106,6 +97,7 @@ def test_malformed_annotations_fail_before_training(tmp_path, capsys):
     assert "Traceback" not in err and not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [
     ("train.batch_size=1",),  # no other pair to be a hard negative
     ("train.batch_size=3", "itc.queue_size=7"),  # queue not a multiple of the batch
@@ -115,6 +107,7 @@ def test_edge_case_batches_train(world, tmp_path, extra):
     assert state.step == 3 and all(np.isfinite(m["loss"]) for m in metrics(tmp_path))
 
 
+@pytest.mark.slow
 def test_duplicate_captions_do_not_crash(tmp_path):
     root = tmp_path / "dup"
     make_world(root, n=4)
@@ -127,6 +120,7 @@ def test_duplicate_captions_do_not_crash(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(world, tmp_path):
     exact = ("model.text.dropout=0", "model.text.attention_dropout=0", "data.augment.enabled=false",
              "train.max_steps=4")
@@ -140,11 +134,12 @@ def test_two_processes_equal_one_with_the_same_global_batch(world, tmp_path):
             assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeypatch):
-    from softmask.tasks.pretrain import PretrainTask
+    from softmask.tasks.pretrain import PretrainObjective
     from softmask.train.loop import TrainingError
 
-    real_forward = PretrainTask.forward
+    real_forward = PretrainObjective.forward
     bad_steps = {2, 4, 5, 6}  # one isolated non-finite step, then three in a row
 
     def forward(self, batch, step, micro=0):
@@ -154,8 +149,8 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeyp
         self.calls += 1
         return out
 
-    monkeypatch.setattr(PretrainTask, "calls", 0, raising=False)
-    monkeypatch.setattr(PretrainTask, "forward", forward)
+    monkeypatch.setattr(PretrainObjective, "calls", 0, raising=False)
+    monkeypatch.setattr(PretrainObjective, "forward", forward)
     out = tmp_path / "run"
     cfg = load_config(TINY, overrides(world, out, "train.batch_size=4", "train.max_steps=10",
                                       "train.max_nonfinite=3", "train.save_every=100"))
@@ -167,6 +162,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeyp
     assert all(np.isfinite(m["loss"]) for m in metrics(out))
 
 
+@pytest.mark.slow
 def test_pretrain_on_webdataset_shards(tmp_path):
     from softmask.data.annotations import load_annotations
     from softmask.data.shards import write_shards
@@ -183,13 +179,33 @@ def test_pretrain_on_webdataset_shards(tmp_path):
     assert state.step == 4 and len(metrics(out)) == 4
 
 
-def test_bf16_autocast_and_grad_accumulation_run(world, tmp_path):
+def test_bf16_autocast_and_grad_accumulation_run(world, tmp_path, monkeypatch):
+    from softmask.models.vlp import VisionLanguageModel
+    from softmask.tasks.pretrain import PretrainObjective
+
+    micro_batches, itm_dtypes = [], []
+    real_forward, real_itm_logits = PretrainObjective.forward, VisionLanguageModel.itm_logits
+
+    def forward(self, batch, step, micro=0):
+        micro_batches.append((step, micro))
+        return real_forward(self, batch, step, micro)
+
+    def itm_logits(self, fused, attention_mask=None):
+        logits = real_itm_logits(self, fused, attention_mask)
+        itm_dtypes.append(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(PretrainObjective, "forward", forward)
+    monkeypatch.setattr(VisionLanguageModel, "itm_logits", itm_logits)
     state = pretrain(load_config(TINY, overrides(world, tmp_path, "train.batch_size=2", "train.grad_accum=2",
                                                  "train.max_steps=2", "train.precision=bf16",
                                                  "train.clip_grad=1.0")))
     assert state.step == 2 and all(np.isfinite(m["loss"]) for m in metrics(tmp_path))
+    assert micro_batches == [(0, 0), (0, 1), (1, 0), (1, 1)]  # two micro-batches per optimiser step
+    assert itm_dtypes and set(itm_dtypes) == {torch.bfloat16}  # the forward ran under bf16 autocast
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_the_momentum_model_moves_one_ema_step_per_optimiser_step(world, tmp_path, grad_accum):
     from softmask.data.sources import build_pretrain_data as build_data
@@ -215,7 +231,8 @@ def test_the_momentum_model_moves_one_ema_step_per_optimiser_step(world, tmp_pat
 
 def test_a_run_and_its_saved_model_record_the_tokenizer_every_command_reads_them_with(world, tmp_path):
     from softmask.eval.world import WorldEncoder
-    from softmask.inference import load_model, tokenizer_source
+    from softmask.inference import load_model
+    from softmask.runs import tokenizer_source
 
     vocab = tmp_path / "vocab.txt"  # a vocabulary of the world's own words, not bert-base-uncased's
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "is", *COLOURS, *SHAPES]
@@ -231,6 +248,7 @@ def test_a_run_and_its_saved_model_record_the_tokenizer_every_command_reads_them
     assert tokenizer_source(tmp_path / "nothing_saved_here") == ""  # the default vocabulary
 
 
+@pytest.mark.slow
 def test_easy_negatives_then_hard_ones_and_the_temperature_floor_of_the_draw(world, tmp_path, monkeypatch):
     """itm.easy_negatives_steps: the first steps draw negatives uniformly (equal weights); later ones by
     ITC similarity over a temperature of at least itm.negative_temp_min."""

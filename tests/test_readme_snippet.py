@@ -11,7 +11,7 @@ from PIL import Image
 
 from softmask.cli import main
 
-from conftest import TINY_PRETRAIN
+from helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def test_readme_snippet_scores_and_draws_on_a_tiny_model(tmp_path, monkeypatch, 
     snippet = readme_snippet()
     assert len(snippet.splitlines()) <= 16
     monkeypatch.chdir(tmp_path)
-    assert main(["-q", "export", "--config", str(TINY_PRETRAIN), "--out", "runs/demo/albef"]) == 0
+    assert main(["-q", "export", "--config", str(TINY), "--out", "runs/demo/albef"]) == 0
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save("image.png")
     capsys.readouterr()

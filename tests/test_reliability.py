@@ -21,10 +21,9 @@ from softmask.cli import main
 from softmask.config import merge_overrides
 from softmask.train.checkpoint import list_checkpoints, load_checkpoint
 
-from conftest import TINY_PRETRAIN as TINY
-from conftest import make_world
-from conftest import pretrain_overrides as base_overrides
-from conftest import read_metrics as metrics
+from helpers import TINY, make_world
+from helpers import pretrain_overrides as base_overrides
+from helpers import read_metrics as metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RETRIEVAL = str(ROOT / "configs" / "finetune" / "retrieval_tiny.yaml")
@@ -61,6 +60,7 @@ def world(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_wrong_image_root_stops_before_any_step_with_one_line_and_a_bounded_log(world, tmp_path):
     out = tmp_path / "run"
     args = overrides(world, out, "train.batch_size=4", "train.max_steps=2", "data.image_root=/data/nope")
@@ -72,6 +72,7 @@ def test_a_wrong_image_root_stops_before_any_step_with_one_line_and_a_bounded_lo
     assert len(done.stderr) < 5000 and (out / "train.log").stat().st_size < 5000
 
 
+@pytest.mark.slow
 def test_a_wrong_image_root_in_a_task_and_with_on_bad_sample_raise(task_world, tmp_path):
     base = ["--config", RETRIEVAL, f"world={task_world}", "data.image_root=/data/nope", "data.num_workers=1"]
     done = softmask("finetune", "retrieval", *base, f"output_dir={tmp_path / 'a'}")
@@ -82,6 +83,7 @@ def test_a_wrong_image_root_in_a_task_and_with_on_bad_sample_raise(task_world, t
     one_line_error(done.stderr, "/data/nope/", "file not found", "data.on_bad_sample")
 
 
+@pytest.mark.slow
 def test_bad_samples_among_good_ones_are_skipped_and_their_log_lines_bounded(tmp_path):
     root = tmp_path / "data"
     make_world(root, n=64)
@@ -137,6 +139,7 @@ def _run_until_signal(world: Path, out: Path, sig: int, steps: int, after_step: 
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_at_a_step_boundary_and_resume_auto_equals_an_uninterrupted_run(world, tmp_path):
     steps = 60
     full = tmp_path / "full"
@@ -161,6 +164,7 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resume_auto_equals_an_uninterrupted
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sigterm_also_saves_and_says_how_to_resume(world, tmp_path):
     stopped = _run_until_signal(world, tmp_path / "run", signal.SIGTERM, 400, after_step=3, group=False)
     assert stopped.returncode == 128 + signal.SIGTERM
@@ -216,6 +220,7 @@ def test_a_text_file_in_any_checkpoint_slot_gets_one_line(slot, not_a_checkpoint
     assert "weights_only" not in err
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(world, pretrained_run, tmp_path,
                                                                           caplog):
     run = tmp_path / "run"
@@ -246,6 +251,7 @@ def test_a_text_file_as_the_newest_checkpoint_with_nothing_before_it_is_one_line
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_writes_into_the_evaluated_models_folder_and_never_over_another_runs_results(
         pretrained_run, task_world, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -271,6 +277,7 @@ def test_evaluate_writes_into_the_evaluated_models_folder_and_never_over_another
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_demo_stops_its_runs_with_checkpoints_and_a_rerun_resumes_them(tmp_path):
     out = tmp_path / "demo"
     args = ["-q", "demo", "--out", str(out), "--images", "40", "--steps", "40", "--batch-size", "4",
@@ -354,6 +361,7 @@ def test_a_damaged_shard_is_reported_as_a_sentence():
     assert describe_shard_error(exc) == "skipping the rest of damaged shard s/part-3.tar: unexpected end of data"
 
 
+@pytest.mark.slow
 def test_evaluate_world_refuses_k_0_and_a_missing_layer(task_world, pretrained_run, capsys):
     base = ["-q", "evaluate", "world", "--world", str(task_world), "--checkpoint", str(pretrained_run)]
     assert main([*base, "--k", "0"]) == 2

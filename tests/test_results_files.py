@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_benchmark
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = sorted((ROOT / "docs" / "results").glob("*.json"))

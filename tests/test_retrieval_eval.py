@@ -6,7 +6,7 @@ import torch
 
 from softmask.eval.retrieval import candidate_pairs, evaluate_retrieval, recall_at_k
 
-from conftest import load_benchmark, tiny_model_config
+from helpers import load_benchmark, tiny_model_config
 
 
 def test_recall_on_a_known_matrix():
@@ -98,6 +98,7 @@ def test_first_of_equal_rows():
     assert first_of_equal_rows(rows[:0]).tolist() == []
 
 
+@pytest.mark.slow
 def test_retrieval_benchmark_script_runs(capsys):
     import json
 

@@ -7,7 +7,7 @@ import pytest
 from softmask import create_model, load_config
 from softmask.train.schedule import param_groups
 
-from conftest import tiny_model_config
+from helpers import tiny_model_config
 
 
 def _names(model, group):

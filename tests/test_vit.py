@@ -8,7 +8,7 @@ from softmask import CheckpointError, create_model
 from softmask.models.loading import load_vision_checkpoint
 from softmask.models.vit import resize_pos_embed
 
-from conftest import tiny_model_config
+from helpers import tiny_model_config
 
 
 def test_resize_pos_embed_is_identity_at_same_size():
@@ -56,7 +56,7 @@ def _hf_vit(tmp_path, image_size=32, **kw):
 
 def test_vit_matches_transformers(tmp_path):
     hf, path = _hf_vit(tmp_path)
-    model = create_model(tiny_model_config(vision__init=str(path))).eval()
+    model = create_model(tiny_model_config(f"vision.init={path}")).eval()
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ours = model.encode_image(pixels)
@@ -67,7 +67,7 @@ def test_vit_matches_transformers(tmp_path):
 
 def test_vit_load_report_and_interpolation(tmp_path):
     hf, path = _hf_vit(tmp_path)
-    model = create_model(tiny_model_config(vision__image_size=48)).eval()
+    model = create_model(tiny_model_config("vision.image_size=48")).eval()
     report = load_vision_checkpoint(model, path)
     assert not report.missing and not report.unexpected
     assert set(report.ignored) == {"pooler.dense.weight", "pooler.dense.bias"}
@@ -117,10 +117,10 @@ def test_distilled_deit_drops_its_token(tmp_path, tiny_model):
 
 def test_vit_size_mismatch_names_both(tmp_path):
     _, path = _hf_vit(tmp_path)
-    model = create_model(tiny_model_config(vision__width=64, vision__mlp_dim=96))
+    model = create_model(tiny_model_config("vision.width=64", "vision.mlp_dim=96"))
     with pytest.raises(CheckpointError, match=r"model.vision.width is 64 but the checkpoint .* has 48 \(width\)"):
         load_vision_checkpoint(model, path)
-    deeper = create_model(tiny_model_config(vision__depth=3))
+    deeper = create_model(tiny_model_config("vision.depth=3"))
     with pytest.raises(CheckpointError, match=r"model.vision.depth is 3 but .* has 2 \(blocks\)"):
         load_vision_checkpoint(deeper, path)
 
@@ -173,7 +173,7 @@ def test_conv_stem_gives_one_token_per_patch_and_sees_across_patch_borders():
     channels = [m.out_channels for m in deep.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
     assert strides == [2, 1, 2, 1, 2, 1] and channels == [8, 8, 16, 16, 32, 32]
     assert deep.patch_embed(pixels).shape == (1, 16, 48)
-    for bad, message in (({"stem": "resnet"}, "stem must be 'patch' or 'conv'"),
+    for bad, message in (({"stem": "resnet"}, "stem must be one of patch, conv"),
                          ({"stem": "conv", "stem_convs_per_level": 0}, "stem_convs_per_level must be"),
                          ({"stem": "conv", "stem_channels": -1}, "stem_channels must be >= 0"),
                          ({"stem": "conv", "patch_size": 12, "image_size": 36}, "power of two")):

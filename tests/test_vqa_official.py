@@ -232,6 +232,7 @@ def test_malformed_official_files_name_the_file_and_record(tmp_path):
         read_official_files(results, questions, anns)
 
 
+@pytest.mark.slow
 def test_evaluate_vqa_reports_what_score_vqa_gives_on_its_results_file(tmp_path, capsys):
     from softmask.world import generate_world
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_benchmark
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 world_study = load_benchmark("world_study.py")
@@ -26,6 +26,7 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert "| tr1 | 2.0 ± 1.4 | 4.0 ± 0.0 |" in text and "| itm_all | 51.0 ± 1.4 | - |" in text
 
 
+@pytest.mark.slow
 def test_a_tiny_study_runs_end_to_end(tmp_path):
     from softmask.world import generate_world
 
@@ -55,6 +56,7 @@ def write_fake_study(path: Path, runs: dict, overrides=("train.lr_peak=1e-3", "t
     return path
 
 
+@pytest.mark.slow
 def test_merging_studies_pools_seeds_and_variants(tmp_path):
     a = write_fake_study(tmp_path / "a" / "study.json", {"softmask": {"0": {"tr1": 1.0}}, "albef": {"0": {"tr1": 2.0}}})
     b = write_fake_study(tmp_path / "b" / "study.json", {"albef": {"2": {"tr1": 4.0}, "1": {"tr1": 3.0}}},

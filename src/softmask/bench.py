@@ -1,6 +1,6 @@
 """``softmask bench step``: the training step's speed, memory and model-FLOP utilisation.
 
-For each method, in a fresh subprocess (so that peak memory is its own): build the pretraining task
+For each method, in a fresh subprocess (so that peak memory is its own): build the pretraining objective
 from the config, feed it a synthetic batch (uint8 images, captions of ``data.max_tokens`` tokens),
 run warm-up steps, then time ``steps`` full steps (forward, backward, optimiser) and report the
 median. Model FLOPs of one step are counted with ``torch.utils.flop_counter.FlopCounterMode``
@@ -74,22 +74,22 @@ def _measure(cfg: Config, batch_size: int, steps: int, warmup: int, device: torc
     from torch.utils.flop_counter import FlopCounterMode
 
     from softmask.models.vlp import create_model
-    from softmask.tasks.pretrain import build_task
+    from softmask.tasks.pretrain import build_objective
     from softmask.train.loop import _autocast
     from softmask.train.schedule import make_optimizer
 
     torch.manual_seed(cfg.seed)
-    task = build_task(cfg, create_model(cfg), alpha_warmup_steps=1).to(device).train()
-    optimizer = make_optimizer(task, cfg.train)
+    objective = build_objective(cfg, create_model(cfg), alpha_warmup_steps=1).to(device).train()
+    optimizer = make_optimizer(objective, cfg.train)
     batch = synthetic_batch(cfg, batch_size, text_fill=text_fill)
 
     def step(i: int) -> None:  # what the training loop does per optimiser step
         with _autocast(cfg.train.precision, device):
-            loss = task(batch, i)["loss"]
+            loss = objective(batch, i)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        task.momentum_update()
+        objective.momentum_update()
 
     for i in range(warmup):
         step(i)

@@ -35,10 +35,20 @@ from pathlib import Path
 
 import yaml
 
-from softmask.config import FINETUNE_TASKS, ConfigError, load_config, override_key, refuse_repeated_keys, to_dict
+from softmask.config import (
+    EVAL_SPLITS,
+    FINETUNE_TASKS,
+    MAP_SOURCES,
+    VQA_RULES,
+    ConfigError,
+    load_config,
+    override_key,
+    refuse_repeated_keys,
+    to_dict,
+)
 from softmask.config.files import packaged_config
 from softmask.models.loading import CheckpointError
-from softmask.train.checkpoint import CHECKPOINT_DIR
+from softmask.runs import CHECKPOINT_DIR
 from softmask.train.loop import TrainingError
 
 log = logging.getLogger("softmask")
@@ -136,7 +146,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.task == "world":
         from softmask.eval.world import evaluate_world
-        from softmask.inference import load_model, tokenizer_source
+        from softmask.inference import load_model
+        from softmask.runs import tokenizer_source
 
         if args.overrides or args.config:
             raise ConfigError("evaluate world takes --world DIR and its own options (--k, --layer, "
@@ -348,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="run folder, checkpoint file or save_pretrained folder")
     evaluate.add_argument("--config", default=None, help="the task's YAML config (not for world)")
     evaluate.add_argument("--world", default="", help="a folder written by `softmask world`")
-    evaluate.add_argument("--split", choices=("val", "test"), default=None,
+    evaluate.add_argument("--split", choices=EVAL_SPLITS, default=None,
                           help="one split (default: finetune.eval_splits)")
     evaluate.add_argument("--out", default=None,
                           help="a task's folder for metrics_SPLIT.json and result files (default: inside the "
@@ -409,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     gradcam.add_argument("--out", required=True, help="output folder for the PNGs")
     gradcam.add_argument("--layer", type=int, default=None,
                          help="fusion layer, 0-based (default: the run's softmask.layer, else the 3rd fusion layer)")
-    gradcam.add_argument("--source", choices=("gradcam", "attention"), default="gradcam",
+    gradcam.add_argument("--source", choices=MAP_SOURCES, default=MAP_SOURCES[0],
                          help="Grad-CAM of the ITM match logit, or the plain cross-attention")
     gradcam.add_argument("--compare", default=None, metavar="PATH2",
                          help="a second model: also write compare.png with a row per model")
@@ -434,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="results in the evaluation server's format: [{question_id, answer}, ...]")
     score_cmd.add_argument("--questions", required=True, help="the VQA questions file ({questions: [...]})")
     score_cmd.add_argument("--annotations", required=True, help="the VQA annotations file ({annotations: [...]})")
-    score_cmd.add_argument("--rules", choices=("2021", "2017"), default="2021",
+    score_cmd.add_argument("--rules", choices=VQA_RULES, default=VQA_RULES[0],
                            help="the official evaluator's version: 2021 (its repository's current code, the "
                                 "default) or 2017 (its v2.0 release, which most codebases copy)")
     score_cmd.add_argument("--json", default="",

@@ -7,9 +7,8 @@
 * one checkpoint file inside a run's ``checkpoints/`` folder (the run's ``config.yaml`` is two levels up);
 * a ``save_pretrained`` folder (``config.yaml`` with a ``model`` section + ``model.safetensors``).
 
-Training checkpoints hold the :class:`~softmask.tasks.pretrain.PretrainTask` state dict under
-``"task"``; the online model's tensors are the ones under the ``model.`` prefix (the momentum copy,
-queues and optimiser state are not needed here).
+Which files those are and how they are read is :mod:`softmask.runs` (also the model's tokenizer:
+:func:`softmask.runs.tokenizer_source`); building the model is :mod:`softmask.models.vlp`.
 """
 
 from __future__ import annotations
@@ -18,40 +17,9 @@ from pathlib import Path
 
 import torch
 
-from softmask.config import Config, load_config
+from softmask.config import Config
 from softmask.models.vlp import VisionLanguageModel, create_model, from_pretrained
-from softmask.runs import RUN_CONFIG, RUN_MODEL_DIR, ModelFiles, load_strict, model_files
-
-
-def tokenizer_source(path: str | Path) -> str:
-    """The vocabulary a model at ``path`` (as :func:`load_model` takes it) was trained with: the
-    ``vocab.txt`` of its saved model folder, else its run's ``data.tokenizer``, else "" (the default
-    bert-base-uncased vocabulary, for folders saved before models recorded theirs)."""
-    from softmask.data.text import VOCAB_FILE
-
-    path = Path(path).expanduser()
-    run = path.parent.parent if path.is_file() else path
-    for folder in (path, path / RUN_MODEL_DIR):
-        if folder.is_dir() and (folder / VOCAB_FILE).is_file():
-            return str(folder / VOCAB_FILE)
-    if (run / RUN_CONFIG).is_file():
-        return load_run_config(run).data.tokenizer
-    return ""
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    """The resolved config of a training run (``run_dir/config.yaml``) with every ``init`` field
-    cleared, so that building a model from it never loads the initial checkpoints again."""
-    cfg = load_config(Path(run_dir) / RUN_CONFIG)
-    cfg.model.init = cfg.model.vision.init = cfg.model.text.init = ""
-    return cfg
-
-
-def model_state_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The online model's state dict from a training checkpoint: the ``model.``-prefixed tensors of
-    its ``"task"`` entry, prefix removed. Read with ``torch.load(weights_only=True)``."""
-    path = Path(path)
-    return ModelFiles(path, path.parent.parent / RUN_CONFIG, checkpoint=path).state()
+from softmask.runs import model_files
 
 
 def load_model(path: str | Path, *, device: str | torch.device | None = None
@@ -73,10 +41,10 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None
         ConfigError: the run's ``config.yaml`` is invalid.
     """
     files = model_files(path)
-    cfg = load_run_config(files.run) if files.run is not None else None
+    cfg = files.run_config()
     if files.checkpoint is not None:
         model = create_model(cfg, load_weights=False)
-        load_strict(model, files.state(), files.checkpoint, "the model of the run's config.yaml")
+        files.load_into(model, "the model of the run's config.yaml")
     else:
         model = from_pretrained(files.folder)
     if device is not None:

@@ -24,10 +24,18 @@ from softmask.config.parse import (
     to_dict,
 )
 from softmask.config.schema import (
+    ANSWER_RANKINGS,
+    BAD_SAMPLE_POLICIES,
+    EVAL_SPLITS,
     FINETUNE_TASKS,
+    FOCAL_TERMS,
+    MAP_SOURCES,
     METHOD_DEFAULTS,
     METHODS,
+    RANDAUG_OPERATIONS,
+    RETRIEVAL_SCORES,
     TEXT_POOLING,
+    VQA_RULES,
     WORLD_FILES,
     AugmentConfig,
     Config,
@@ -43,13 +51,17 @@ from softmask.config.schema import (
     TextConfig,
     TrainConfig,
     VisionConfig,
+    choices,
     default_gradcam_layer,
+    describe_choices,
 )
 
 __all__ = [
-    "FINETUNE_TASKS", "METHODS", "METHOD_DEFAULTS", "TEXT_POOLING", "WORLD_FILES", "AugmentConfig", "Config",
-    "ConfigError", "DataConfig", "DistillConfig", "FinetuneConfig", "ITCConfig", "ITMConfig", "MLMConfig",
-    "ModelConfig", "SoftMaskConfig", "TextConfig", "TrainConfig", "VisionConfig", "apply_override",
-    "config_from_dict", "default_gradcam_layer", "load_config", "merge_overrides", "model_config_from_dict",
-    "override_key", "parse_override_value", "read_yaml", "refuse_repeated_keys", "save_config", "to_dict",
+    "ANSWER_RANKINGS", "BAD_SAMPLE_POLICIES", "EVAL_SPLITS", "FINETUNE_TASKS", "FOCAL_TERMS", "MAP_SOURCES",
+    "METHODS", "METHOD_DEFAULTS", "RANDAUG_OPERATIONS", "RETRIEVAL_SCORES", "TEXT_POOLING", "VQA_RULES",
+    "WORLD_FILES", "AugmentConfig", "Config", "ConfigError", "DataConfig", "DistillConfig", "FinetuneConfig",
+    "ITCConfig", "ITMConfig", "MLMConfig", "ModelConfig", "SoftMaskConfig", "TextConfig", "TrainConfig",
+    "VisionConfig", "apply_override", "choices", "config_from_dict", "default_gradcam_layer", "describe_choices",
+    "load_config", "merge_overrides", "model_config_from_dict", "override_key", "parse_override_value",
+    "read_yaml", "refuse_repeated_keys", "save_config", "to_dict",
 ]

@@ -7,7 +7,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -32,6 +32,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} is a section and takes a mapping, got {_describe(value)}")
         return _from_dict(tp, value, key)
+    if origin is Literal:  # one of fixed choices: read as a string here, checked by validate()
+        return _convert(value, str, key)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -92,8 +94,9 @@ def _from_dict(cls: type, data: dict, prefix: str) -> Any:
 
 
 def config_from_dict(data: dict | None) -> Config:
-    """Build and validate a :class:`Config` from a plain (YAML-like) dict."""
-    cfg = _convert(data or {}, Config, "")
+    """Build a :class:`Config` from a plain (YAML-like) dict: convert the types, resolve the defaults that
+    depend on other settings (:meth:`Config.resolve`), then validate every value."""
+    cfg = _convert(data or {}, Config, "").resolve()
     cfg.validate()
     return cfg
 

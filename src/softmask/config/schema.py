@@ -1,16 +1,77 @@
-"""The config schema: one dataclass per section, with range checks (``validate``) that raise a
-:class:`ConfigError` naming the dotted key. Parsing files and overrides is :mod:`softmask.config.parse`."""
+"""The config schema: one dataclass per section, and every set of choices a setting takes, declared once
+as a ``Literal`` type (:func:`choices` lists one; the command line's ``choices`` and the evaluators
+use them too).
+
+A config is built in two steps: :meth:`Config.resolve` fills in what depends on other settings (the
+files of a ``world`` folder, the switches ``method`` sets, the Grad-CAM layer), then :meth:`Config.validate`
+checks every value (each section's ``validate``: choices, ranges) and raises a :class:`ConfigError`
+naming the dotted key; it changes nothing. Parsing files and overrides is :mod:`softmask.config.parse`.
+"""
 
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 class ConfigError(ValueError):
     """A config file, override or value is wrong; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The choices
+# --------------------------------------------------------------------------------------------------
+
+Method = Literal["albef", "softmask"]
+VisionStem = Literal["patch", "conv"]  # model.vision.stem
+InitLayers = Literal["all", "first"]  # model.text.init_layers
+Pooling = Literal["cls", "mean"]  # model.text_pooling, model.fused_pooling
+BadSamplePolicy = Literal["skip", "raise"]  # data.on_bad_sample
+Precision = Literal["fp32", "bf16", "fp16"]  # train.precision
+FocalTerms = Literal["all", "positive"]  # itc.focal
+NegativesFrom = Literal["global", "local"]  # itm.negatives
+MapSource = Literal["gradcam", "attention"]  # softmask.mask_source; `softmask gradcam --source`, explore
+SoftMaskTarget = Literal["features", "patch_embeddings"]  # softmask.apply_to
+FinetuneTask = Literal["retrieval", "ve", "vqa", "nlvr2"]  # `softmask finetune/evaluate TASK`
+NotSet = Literal[""]
+NLVR2Stage = Literal["text_assignment", "finetune"]  # finetune.stage
+RetrievalScore = Literal["itm", "itm+itc"]  # finetune.score
+AnswerRanking = Literal["albef", "sequence"]  # finetune.answer_ranking (VQA)
+# finetune.vqa_rules and `softmask score vqa --rules`: the official VQA evaluator's versions (the first: the default)
+VQARules = Literal["2021", "2017"]
+EvalSplit = Literal["val", "test"]  # finetune.eval_splits, `softmask evaluate --split`
+# ALBEF's RandAugment operations, by name (softmask.data.transforms implements them in this order).
+RandAugOperation = Literal["identity", "auto_contrast", "equalize", "brightness", "sharpness", "shear_x", "shear_y",
+                           "translate_x", "translate_y", "rotate"]
+
+
+def choices(tp: Any) -> tuple[str, ...]:
+    """The values a ``Literal`` type (or a union of them) allows, in their declared order."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    return tuple(value for part in typing.get_args(tp) for value in choices(part))
+
+
+def describe_choices(values: tuple[str, ...]) -> str:
+    """``one of a, b, c`` for a message (the empty choice, "not set", left out)."""
+    return "one of " + ", ".join(value for value in values if value)
+
+
+METHODS = choices(Method)
+FINETUNE_TASKS = choices(FinetuneTask)
+TEXT_POOLING = choices(Pooling)
+RANDAUG_OPERATIONS = choices(RandAugOperation)
+MAP_SOURCES = choices(MapSource)
+VQA_RULES = choices(VQARules)
+ANSWER_RANKINGS = choices(AnswerRanking)
+RETRIEVAL_SCORES = choices(RetrievalScore)
+FOCAL_TERMS = choices(FocalTerms)
+EVAL_SPLITS = choices(EvalSplit)
+BAD_SAMPLE_POLICIES = choices(BadSamplePolicy)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -34,19 +95,18 @@ class VisionConfig:
     # How pixels become patch tokens: "patch" = one linear projection per patch (ViT/DeiT, ALBEF, the
     # paper); "conv" = ours, a convolutional stem (log2(patch_size) stride-2 3x3 convolutions, then 1x1),
     # for encoders trained from scratch on small images (configs/vision/world_vit.yaml).
-    stem: str = "patch"
+    stem: VisionStem = "patch"
     # stem=conv: 3x3 convolutions per level (the first of stride 2, the rest of stride 1), and the
     # channels of the last level (halving towards the first; 0 = width / 2).
     stem_convs_per_level: int = 1
     stem_channels: int = 0
 
     def validate(self, key: str) -> None:
+        _check_choices(self, key)
         _positive(self, key, "image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim",
                   "stem_convs_per_level")
         if self.stem_channels < 0:
             raise ConfigError(f"{key}.stem_channels must be >= 0 (0 = width / 2), got {self.stem_channels}")
-        if self.stem not in ("patch", "conv"):
-            raise ConfigError(f"{key}.stem must be 'patch' or 'conv', got '{self.stem}'")
         if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ConfigError(f"{key}.stem=conv needs a patch_size that is a power of two >= 2 "
                               f"(one stride-2 convolution per halving), got {self.patch_size}")
@@ -81,7 +141,7 @@ class TextConfig:
     attention_dropout: float = 0.1  # BERT's attention_probs_dropout_prob
     # Ours: with ``init`` a deeper BERT, "first" takes its first ``num_layers`` layers and reports the rest
     # as ignored (a cheaper model from a pretrained one); "all" (default) refuses a depth mismatch.
-    init_layers: str = "all"
+    init_layers: InitLayers = "all"
     # Ours: the per-token work of the text and fusion layers (projections, FFN, norms) on the real tokens
     # only, padding left out (attention still sees the padded batch); the same outputs at every real
     # token up to float rounding, zeros at padding. With dropout > 0 the dropout draws differ from the
@@ -89,8 +149,7 @@ class TextConfig:
     pack_tokens: bool = True
 
     def validate(self, key: str) -> None:
-        if self.init_layers not in ("all", "first"):
-            raise ConfigError(f"{key}.init_layers must be 'all' or 'first', got '{self.init_layers}'")
+        _check_choices(self, key)
         _positive(
             self, key, "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
             "max_positions", "type_vocab_size",
@@ -113,8 +172,6 @@ class TextConfig:
         return self.num_layers - self.fusion_layer
 
 
-TEXT_POOLING = ("cls", "mean")
-
 
 @dataclass
 class ModelConfig:
@@ -128,23 +185,19 @@ class ModelConfig:
     # mean over the caption's tokens). A text encoder whose [CLS] carries no sentence information at the
     # text/fusion split needs "mean": the MiniLM of configs/pretrain/world.yaml (trained with mean
     # pooling; its [CLS] is the same vector for every caption through layer 5, docs/results.md).
-    text_pooling: str = "cls"
+    text_pooling: Pooling = "cls"
     # What the ITM head (and the VE/NLVR2 classifiers) read: "cls" (ALBEF: the fused [CLS]) or "mean" (ours:
     # the mean of the fused caption tokens). The MiniLM's [CLS] stays one vector for every pair through its
     # pretrained fusion layers too (cosine 0.9999 after 300 steps), so ITM never leaves its prior with "cls".
-    fused_pooling: str = "cls"
+    fused_pooling: Pooling = "cls"
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
     def validate(self, key: str) -> None:
+        _check_choices(self, key)
         _positive(self, key, "embed_dim")
         if not 0.001 <= self.temp <= 0.5:
             raise ConfigError(f"{key}.temp must be in [0.001, 0.5] (ALBEF's clamp), got {self.temp}")
-        if self.text_pooling not in TEXT_POOLING:
-            raise ConfigError(f"{key}.text_pooling must be one of {', '.join(TEXT_POOLING)}, got '{self.text_pooling}'")
-        if self.fused_pooling not in TEXT_POOLING:
-            raise ConfigError(f"{key}.fused_pooling must be one of {', '.join(TEXT_POOLING)}, "
-                              f"got '{self.fused_pooling}'")
         self.vision.validate(f"{key}.vision")
         self.text.validate(f"{key}.text")
 
@@ -160,13 +213,10 @@ class AugmentConfig:
     randaug_magnitude: int = 7  # RandAugment magnitude on ALBEF's 0-10 scale
     # Operations left out of ALBEF's RandAugment list (also for softmask.image_distortion), e.g.
     # [auto_contrast, equalize, brightness] for images whose colours are the labels (the world configs).
-    randaug_exclude: list[str] = field(default_factory=list)
+    randaug_exclude: list[RandAugOperation] = field(default_factory=list)
 
     def validate(self, key: str) -> None:
-        unknown = [name for name in self.randaug_exclude if name not in RANDAUG_OPERATIONS]
-        if unknown:
-            raise ConfigError(f"{key}.randaug_exclude: unknown operation(s) {unknown}; "
-                              f"ALBEF's are {', '.join(RANDAUG_OPERATIONS)}")
+        _check_choices(self, key)
         if len(set(self.randaug_exclude)) == len(RANDAUG_OPERATIONS):
             raise ConfigError(f"{key}.randaug_exclude leaves no operation; set {key}.randaug_ops=0 instead")
         lo_hi = self.crop_scale
@@ -175,10 +225,6 @@ class AugmentConfig:
         if self.randaug_ops < 0 or not 0 <= self.randaug_magnitude <= 10:
             raise ConfigError(f"{key}.randaug_ops must be >= 0 and {key}.randaug_magnitude in [0, 10]")
 
-
-# ALBEF's RandAugment operations, by name (softmask.data.transforms implements them in this order).
-RANDAUG_OPERATIONS = ("identity", "auto_contrast", "equalize", "brightness", "sharpness", "shear_x", "shear_y",
-                      "translate_x", "translate_y", "rotate")
 
 
 @dataclass
@@ -195,7 +241,7 @@ class DataConfig:
     max_words: int = 30  # ALBEF's pre_caption word limit
     max_tokens: int = 30  # WordPiece tokens, [CLS] and [SEP] included
     tokenizer: str = ""  # vocab.txt, a folder holding one, or an alias; empty = the bert-base-uncased vocab
-    on_bad_sample: str = "skip"  # skip (count and log) | raise
+    on_bad_sample: BadSamplePolicy = "skip"  # skip (count and log) | raise
     # Ours: training stops when more than this share of the last bad_sample_window samples read (or of an
     # epoch's, for less data) cannot be read: a wrong image_root, not a few broken files.
     max_bad_share: float = 0.5
@@ -205,8 +251,7 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, key: str) -> None:
-        if self.on_bad_sample not in ("skip", "raise"):
-            raise ConfigError(f"{key}.on_bad_sample must be 'skip' or 'raise', got '{self.on_bad_sample}'")
+        _check_choices(self, key)
         _positive(self, key, "max_words", "max_tokens", "max_image_pixels", "bad_sample_window")
         if not 0 < self.max_bad_share <= 1:
             raise ConfigError(f"{key}.max_bad_share must be in (0, 1] (1: stop only when no sample can be read), "
@@ -236,7 +281,7 @@ class TrainConfig:
     weight_decay: float = 0.02
     grad_accum: int = 1
     clip_grad: float = 0.0  # max global gradient norm; 0 = no clipping
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    precision: Precision = "fp32"  # fp32 | bf16 | fp16 (autocast)
     # Ours: the learning rate of the fusion's cross-attention and the ITM head (new, randomly initialised
     # layers when the encoders come from unimodal checkpoints) times this; 1 = one rate for all (ALBEF).
     cross_attention_lr_scale: float = 1.0
@@ -254,6 +299,7 @@ class TrainConfig:
     frozen_image_layers: int = 0
 
     def validate(self, key: str) -> None:
+        _check_choices(self, key)
         if self.cross_attention_lr_scale <= 0:
             raise ConfigError(f"{key}.cross_attention_lr_scale must be > 0, got {self.cross_attention_lr_scale}")
         _positive(self, key, "batch_size", "grad_accum", "log_every", "save_every", "keep_last", "max_nonfinite")
@@ -266,8 +312,6 @@ class TrainConfig:
                 raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.clip_grad < 0:
             raise ConfigError(f"{key}.warmup_steps, {key}.weight_decay and {key}.clip_grad must be >= 0")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"{key}.precision must be fp32, bf16 or fp16, got '{self.precision}'")
 
 
 @dataclass
@@ -279,6 +323,7 @@ class DistillConfig:
     alpha_warmup_steps: int = 0  # alpha ramps linearly from 0 over these steps; 0 = over the first epoch
 
     def validate(self, key: str) -> None:
+        _check_choices(self, key)
         if not 0 <= self.momentum < 1 or not 0 <= self.alpha <= 1 or self.alpha_warmup_steps < 0:
             raise ConfigError(f"{key}: momentum must be in [0, 1), alpha in [0, 1], alpha_warmup_steps >= 0")
 
@@ -290,14 +335,15 @@ class ITCConfig:
     # Focal ITC: L = -sum_j y_j (1 - p_j)^gamma log p_j. None = the method's default (albef 0, softmask 2);
     # gamma = 0 is exactly ALBEF's ITC.
     gamma: float | None = None
-    focal: str = "all"  # which terms get the (1 - p_j)^gamma factor: "all" j, or only the "positive" ones
+    focal: FocalTerms = "all"  # which terms get the (1 - p_j)^gamma factor: "all" j, or only the "positive" ones
 
     def validate(self, key: str) -> None:
+        _check_choices(self, key)
         _positive(self, key, "queue_size")
-        if self.gamma is not None and self.gamma < 0:
+        if self.gamma is None:
+            raise ConfigError(f"{key}.gamma is not resolved (Config.resolve sets it from method)")
+        if self.gamma < 0:
             raise ConfigError(f"{key}.gamma must be >= 0, got {self.gamma}")
-        if self.focal not in ("all", "positive"):
-            raise ConfigError(f"{key}.focal must be 'all' or 'positive', got '{self.focal}'")
 
 
 @dataclass
@@ -305,7 +351,7 @@ class ITMConfig:
     weight: float = 1.0
     # Where hard negatives come from: "global" = the whole batch across ranks (a multi-GPU run equals a
     # single process with the same global batch); "local" = each process's own batch (ALBEF's code).
-    negatives: str = "global"
+    negatives: NegativesFrom = "global"
     # Ours (0 = ALBEF): for the first this many optimiser steps, each negative is drawn uniformly from the
     # other pairs of the batch instead of by ITC similarity, so that ITM first learns from negatives that
     # differ in what the image encoder already sees (docs/results.md), then from hard ones.
@@ -315,8 +361,7 @@ class ITMConfig:
     negative_temp_min: float = 0.0
 
     def validate(self, key: str) -> None:
-        if self.negatives not in ("global", "local"):
-            raise ConfigError(f"{key}.negatives must be 'global' or 'local', got '{self.negatives}'")
+        _check_choices(self, key)
         if self.weight < 0 or self.easy_negatives_steps < 0 or self.negative_temp_min < 0:
             raise ConfigError(f"{key}.weight, {key}.easy_negatives_steps and {key}.negative_temp_min must be >= 0")
 
@@ -330,6 +375,7 @@ class MLMConfig:
     mask_sep: bool = True
 
     def validate(self, key: str) -> None:
+        _check_choices(self, key)
         if not 0 < self.probability < 1:
             raise ConfigError(f"{key}.probability must be in (0, 1), got {self.probability}")
 
@@ -344,8 +390,8 @@ class SoftMaskConfig:
     # caption as an ITM negative, so that a masked image carries no "match" label by itself.
     masked_negatives: bool = False
     layer: int | None = None  # fusion layer (0-based) whose cross-attention makes the maps; None = the 3rd
-    mask_source: str = "gradcam"  # gradcam | attention (the supplement's Table 9 ablation)
-    apply_to: str = "features"  # features (image encoder output) | patch_embeddings (re-encode)
+    mask_source: MapSource = "gradcam"  # gradcam | attention (the supplement's Table 9 ablation)
+    apply_to: SoftMaskTarget = "features"  # features (image encoder output) | patch_embeddings (re-encode)
     ratio: float = 0.5  # compensation: the masked weights of a map sum to ratio * N patches
     text_masking: bool | None = None  # online encoders see the MLM-masked caption for ITC, ITM and MLM
     image_distortion: bool | None = None  # online encoders see a more distorted image than the momentum ones
@@ -353,20 +399,15 @@ class SoftMaskConfig:
     distortion_magnitude: int = 9  # their magnitude, ALBEF's 0-10 scale
 
     def validate(self, key: str) -> None:
-        if self.mask_source not in ("gradcam", "attention"):
-            raise ConfigError(f"{key}.mask_source must be 'gradcam' or 'attention', got '{self.mask_source}'")
-        if self.apply_to not in ("features", "patch_embeddings"):
-            raise ConfigError(f"{key}.apply_to must be 'features' or 'patch_embeddings', got '{self.apply_to}'")
+        _check_choices(self, key)
+        for name in ("soft_masks", "text_masking", "image_distortion", "layer"):
+            if getattr(self, name) is None:
+                raise ConfigError(f"{key}.{name} is not resolved (Config.resolve sets it from method)")
         if not 0 < self.ratio < 1:
             raise ConfigError(f"{key}.ratio must be in (0, 1), got {self.ratio}")
         if self.distortion_ops < 0 or not 0 <= self.distortion_magnitude <= 10:
             raise ConfigError(f"{key}.distortion_ops must be >= 0 and {key}.distortion_magnitude in [0, 10]")
 
-
-FINETUNE_TASKS = ("retrieval", "ve", "vqa", "nlvr2")
-NLVR2_STAGES = ("text_assignment", "finetune")
-ANSWER_RANKINGS = ("albef", "sequence")  # finetune.answer_ranking (VQA)
-VQA_RULES = ("2021", "2017")  # finetune.vqa_rules: the official VQA evaluator's versions
 
 # The annotation files (under ``WORLD/annotations/``) that a top-level ``world: WORLD`` fills in.
 WORLD_FILES = {
@@ -385,41 +426,28 @@ class FinetuneConfig:
     names the pretrained checkpoint to start from; ``data`` and ``train`` work as in pretraining.
     File lists left empty are filled from the top-level ``world`` folder when one is given."""
 
-    task: str = ""  # retrieval | ve | vqa | nlvr2 (set by the command's TASK argument)
-    stage: str = "finetune"  # nlvr2: text_assignment (ALBEF's extra pretraining of the new layers) | finetune
+    task: FinetuneTask | NotSet = ""  # retrieval | ve | vqa | nlvr2 (set by the command's TASK argument)
+    stage: NLVR2Stage = "finetune"  # nlvr2: text_assignment (ALBEF's extra pretraining of the new layers) | finetune
     train: list[str] = field(default_factory=list)  # ALBEF-format annotation files of the task
     val: list[str] = field(default_factory=list)
     test: list[str] = field(default_factory=list)
     answer_list: str = ""  # vqa: JSON list of candidate answers
-    eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])  # evaluated after training
+    eval_splits: list[EvalSplit] = field(default_factory=lambda: list(EVAL_SPLITS))  # evaluated after training
     eval_batch_size: int = 64
     k_test: int = 256  # retrieval: ITC candidates per query re-ranked by ITM (ALBEF: 256 COCO, 128 Flickr)
-    score: str = "itm"  # retrieval: final score of a re-ranked pair, itm | itm+itc
+    score: RetrievalScore = "itm"  # retrieval: final score of a re-ranked pair, itm | itm+itc
     answer_candidates: int = 128  # vqa: answers shortlisted by their first token, then scored whole
     max_answer_tokens: int = 10  # vqa: WordPiece tokens per answer, [CLS]/[SEP] included
     # vqa: how a shortlisted answer is scored. albef: ALBEF's formula, the first token's log-probability
     # counted twice (from the shortlist step and again in the whole answer's), which reproduces ALBEF's
     # answers and published numbers; sequence (ours): the answer's log-likelihood, each token once.
-    answer_ranking: str = "albef"
+    answer_ranking: AnswerRanking = "albef"
     # vqa: the official evaluator's version for the accuracy: 2021 (its repository's current code) or
     # 2017 (its v2.0 release, which most codebases copy). Recorded in every VQA metrics file.
-    vqa_rules: str = "2021"
+    vqa_rules: VQARules = "2021"
 
     def validate(self, key: str) -> None:
-        if self.task and self.task not in FINETUNE_TASKS:
-            raise ConfigError(f"{key}.task must be one of {', '.join(FINETUNE_TASKS)}, got '{self.task}'")
-        if self.stage not in NLVR2_STAGES:
-            raise ConfigError(f"{key}.stage must be one of {', '.join(NLVR2_STAGES)}, got '{self.stage}'")
-        if self.score not in ("itm", "itm+itc"):
-            raise ConfigError(f"{key}.score must be 'itm' or 'itm+itc', got '{self.score}'")
-        if self.answer_ranking not in ANSWER_RANKINGS:
-            raise ConfigError(f"{key}.answer_ranking must be one of {', '.join(ANSWER_RANKINGS)}, "
-                              f"got '{self.answer_ranking}'")
-        if self.vqa_rules not in VQA_RULES:
-            raise ConfigError(f"{key}.vqa_rules must be one of {', '.join(VQA_RULES)}, got '{self.vqa_rules}'")
-        bad = [s for s in self.eval_splits if s not in ("val", "test")]
-        if bad:
-            raise ConfigError(f"{key}.eval_splits may hold 'val' and 'test', got {bad}")
+        _check_choices(self, key)
         _positive(self, key, "eval_batch_size", "k_test", "answer_candidates", "max_answer_tokens")
 
     @property
@@ -452,6 +480,7 @@ class ImagePretrainConfig:
     colourless_share: float = 0.0
 
     def validate(self, key: str) -> None:
+        _check_choices(self, key)
         if not 0.0 < self.val_share < 1.0:
             raise ConfigError(f"{key}.val_share must be in (0, 1), got {self.val_share}")
         if not 0.0 <= self.colourless_share < 1.0:
@@ -468,7 +497,6 @@ METHOD_DEFAULTS = {
     "albef": {"soft_masks": False, "text_masking": False, "image_distortion": False, "gamma": 0.0},
     "softmask": {"soft_masks": True, "text_masking": True, "image_distortion": True, "gamma": 2.0},
 }
-METHODS = tuple(METHOD_DEFAULTS)
 
 
 @dataclass
@@ -478,7 +506,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     output_dir: str = "runs/default"
     seed: int = 0
-    method: str = "albef"
+    method: Method = "albef"
     resume: str = ""  # "" = start fresh, "auto" = latest checkpoint in output_dir if any, or a path
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -493,12 +521,25 @@ class Config:
     # (data.train for pretraining, finetune.train/val/test for a task).
     world: str = ""
 
-    def validate(self) -> None:
-        self.model.validate("model")
+    def resolve(self) -> Config:
+        """Fill in what depends on other settings, in place: the files of ``world``, the switches left at
+        None from ``method``, and the Grad-CAM layer. Values are checked afterwards by :meth:`validate`."""
         self._fill_from_world()
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
-        self._resolve_method_switches()
+        defaults = METHOD_DEFAULTS.get(self.method)
+        if defaults is not None:  # an unknown method is validate's to report
+            for name in ("soft_masks", "text_masking", "image_distortion"):
+                if getattr(self.softmask, name) is None:
+                    setattr(self.softmask, name, defaults[name])
+            if self.itc.gamma is None:
+                self.itc.gamma = defaults["gamma"]
+        if self.softmask.layer is None:
+            self.softmask.layer = default_gradcam_layer(self.model.text.num_fusion_layers)
+        return self
+
+    def validate(self) -> None:
+        """Check every value (it changes nothing); raise a :class:`ConfigError` naming the first wrong key."""
+        self.model.validate("model")
+        _check_choices(self, "")
         if self.train.frozen_image_layers > self.model.vision.depth + 1:
             raise ConfigError(f"train.frozen_image_layers ({self.train.frozen_image_layers}) can be at most "
                               f"model.vision.depth + 1 ({self.model.vision.depth + 1}: the stem and every block)")
@@ -507,6 +548,7 @@ class Config:
                               f"({self.model.text.max_positions})")
         for name in ("data", "train", "distill", "itc", "itm", "mlm", "softmask", "finetune", "image_pretrain"):
             getattr(self, name).validate(name)
+        self._check_softmask_layer()
 
     def _fill_from_world(self) -> None:
         """With ``world`` set: data.image_root, and the annotation files left empty, from that folder."""
@@ -525,17 +567,9 @@ class Config:
             if self.finetune.task == "vqa" and not self.finetune.answer_list:
                 self.finetune.answer_list = str(notes / "answer_list.json")
 
-    def _resolve_method_switches(self) -> None:
-        """Fill the switches left at None from ``method``; choose the Grad-CAM layer."""
-        defaults = METHOD_DEFAULTS[self.method]
-        for name in ("soft_masks", "text_masking", "image_distortion"):
-            if getattr(self.softmask, name) is None:
-                setattr(self.softmask, name, defaults[name])
-        if self.itc.gamma is None:
-            self.itc.gamma = defaults["gamma"]
+    def _check_softmask_layer(self) -> None:
+        """The Grad-CAM layer is a fusion layer whose word maps can be nonzero; masked negatives need soft masks."""
         fusion = self.model.text.num_fusion_layers
-        if self.softmask.layer is None:
-            self.softmask.layer = default_gradcam_layer(fusion)
         if not 0 <= self.softmask.layer < fusion:
             raise ConfigError(f"softmask.layer must be a fusion-layer index in [0, {fusion}), "
                               f"got {self.softmask.layer}")
@@ -560,6 +594,23 @@ def default_gradcam_layer(num_fusion_layers: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------------------------------
+
+
+def _check_choices(section: Any, key: str) -> None:
+    """Every field of ``section`` typed with a ``Literal`` (or a list of one) holds one of its choices."""
+    hints = typing.get_type_hints(type(section))
+    for item in dataclasses.fields(section):
+        tp, value = hints[item.name], getattr(section, item.name)
+        name = f"{key}.{item.name}" if key else item.name
+        if typing.get_origin(tp) is list:
+            allowed = choices(typing.get_args(tp)[0])
+            unknown = [v for v in value if v not in allowed]
+            if allowed and unknown:
+                raise ConfigError(f"{name}: unknown {unknown}; each must be {describe_choices(allowed)}")
+            continue
+        allowed = choices(tp)
+        if allowed and value not in allowed:
+            raise ConfigError(f"{name} must be {describe_choices(allowed)}, got '{value}'")
 
 
 def _positive(obj: Any, key: str, *names: str) -> None:

@@ -23,14 +23,12 @@ from PIL import Image
 from tokenizers import BertWordPieceTokenizer
 from torch.utils.data import DataLoader, Dataset
 
-from softmask.config import Config, ConfigError
+from softmask.config import BAD_SAMPLE_POLICIES, Config, ConfigError, describe_choices
 from softmask.data.annotations import Record, load_annotations
 from softmask.data.images import BadSample, load_image, to_tensor
 from softmask.data.sampler import ResumableSampler
 from softmask.data.text import load_tokenizer, pre_caption, tokenize
 from softmask.data.workers import ignore_ctrl_c
-
-ON_BAD_SAMPLE = ("skip", "raise")
 
 
 def is_shard_entry(entry: str) -> bool:
@@ -103,8 +101,8 @@ def make_item(
 
 
 def _check_on_bad_sample(value: str) -> None:
-    if value not in ON_BAD_SAMPLE:
-        raise ValueError(f"on_bad_sample must be 'skip' or 'raise', got {value!r}")
+    if value not in BAD_SAMPLE_POLICIES:
+        raise ValueError(f"on_bad_sample must be {describe_choices(BAD_SAMPLE_POLICIES)}, got {value!r}")
 
 
 class CaptionDataset(Dataset):

@@ -49,9 +49,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import TarWriter
 from webdataset.tariterators import tarfile_samples
 
-from softmask.config import Config, ConfigError
+from softmask.config import BAD_SAMPLE_POLICIES, Config, ConfigError, describe_choices
 from softmask.data.annotations import Record
-from softmask.data.dataset import ON_BAD_SAMPLE, data_loader, expand_entries, is_shard_entry, make_item
+from softmask.data.dataset import data_loader, expand_entries, is_shard_entry, make_item
 from softmask.data.images import BadSample, decode_image
 from softmask.data.sampler import mix_seed
 
@@ -142,8 +142,8 @@ class ShardStream(IterableDataset):
         max_words: int, max_pixels: int, on_bad_sample: str = "skip", batch_size: int = 1, skip_batches: int = 0,
         shuffle_buffer: int = SHUFFLE_BUFFER,
     ) -> None:
-        if on_bad_sample not in ON_BAD_SAMPLE:
-            raise ValueError(f"on_bad_sample must be 'skip' or 'raise', got {on_bad_sample!r}")
+        if on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"on_bad_sample must be {describe_choices(BAD_SAMPLE_POLICIES)}, got {on_bad_sample!r}")
         self.shards = list(shards)
         self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
         self.image_size, self.max_words, self.max_pixels = image_size, max_words, max_pixels

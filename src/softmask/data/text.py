@@ -15,6 +15,7 @@ from tokenizers import BertWordPieceTokenizer
 
 from softmask.checkpoint_files import CheckpointError, resolve_checkpoint
 from softmask.config import ConfigError
+from softmask.runs import VOCAB_FILE
 
 
 def find_vocab(source: str | Path = "") -> Path:
@@ -26,9 +27,6 @@ def find_vocab(source: str | Path = "") -> Path:
     if not path.is_file():
         raise CheckpointError(f"tokenizer vocabulary: no vocab.txt at {path}")
     return path
-
-
-VOCAB_FILE = "vocab.txt"  # a saved model's own copy of the vocabulary it was trained with
 
 
 def save_vocab(source: str | Path, directory: str | Path) -> Path:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from softmask.config import RETRIEVAL_SCORES, describe_choices
 from softmask.models.vlp import VisionLanguageModel
 from softmask.train import dist
 
@@ -223,8 +224,8 @@ def evaluate_retrieval(model: VisionLanguageModel, pixels: torch.Tensor, input_i
             logit plus the ITC cosine similarity, a later rule: BLIP's).
     Non-candidates score -inf, so they rank below every candidate.
     """
-    if score not in ("itm", "itm+itc"):
-        raise ValueError(f"score must be 'itm' or 'itm+itc', got '{score}'")
+    if score not in RETRIEVAL_SCORES:
+        raise ValueError(f"score must be {describe_choices(RETRIEVAL_SCORES)}, got '{score}'")
     model.eval()
     features = compute_features(model, pixels, input_ids, attention_mask, batch_size, amp)
     sim = features.image_feat @ features.text_feat.T  # (I, C), cosine similarities

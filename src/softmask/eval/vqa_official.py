@@ -34,7 +34,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from softmask.config import ConfigError
+from softmask.config import VQA_RULES, ConfigError, describe_choices
 
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
                "?", "!")
@@ -44,7 +44,6 @@ ARTICLES = frozenset({"a", "an", "the"})
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
 MAX_PERIODS_REMOVED = 32
-RULES = ("2021", "2017")  # the official evaluator's versions (module docstring); the first is the default
 
 
 def _contractions() -> dict[str, str]:
@@ -107,8 +106,8 @@ def normalize_prediction(answer: str) -> str:
 
 
 def check_rules(rules: str) -> str:
-    if rules not in RULES:
-        raise ValueError(f"VQA scoring rules must be one of {', '.join(RULES)}, got {rules!r}")
+    if rules not in VQA_RULES:
+        raise ValueError(f"VQA scoring rules must be {describe_choices(VQA_RULES)}, got {rules!r}")
     return rules
 
 

@@ -14,9 +14,9 @@ from collections.abc import Collection, Sequence
 
 import torch
 
+from softmask.config import MAP_SOURCES, describe_choices
 from softmask.objectives.softmask import attention_maps, gradcam_maps, word_ids
 
-SOURCES = ("gradcam", "attention")
 CONTINUATION_PREFIX = "##"
 
 
@@ -90,8 +90,8 @@ def word_gradcam(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention
         "itc_sim": float, the cosine of the pair's ITC image and text features,
         "layer": int, "source": str}``.
     """
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got '{source}'")
+    if source not in MAP_SOURCES:
+        raise ValueError(f"source must be {describe_choices(MAP_SOURCES)}, got '{source}'")
     if pixels.dim() != 4 or pixels.shape[0] != 1 or input_ids.shape[0] != 1:
         raise ValueError(f"word_gradcam takes one pair: pixels (1, 3, S, S) and input_ids (1, T), got "
                          f"{tuple(pixels.shape)} and {tuple(input_ids.shape)}")

@@ -151,7 +151,7 @@ def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, l
                    shortcut_pairs: int = 200) -> dict[str, float]:
     """All world metrics for one model on the world's test split (percentages). With ``examples_out`` (a
     list), :func:`retrieval_examples` of ``examples`` captions are appended to it. ``tokenizer``: the
-    vocabulary the model was trained with (:func:`softmask.inference.tokenizer_source`; "" the default).
+    vocabulary the model was trained with (:func:`softmask.runs.tokenizer_source`; "" the default).
     ``mlm_captions``: captions per word group for ``mlm_<group>_right`` / ``_shuffled`` / ``_gap``
     (:func:`softmask.eval.mlm_reads.masked_word_accuracy`; 0 skips them). ``soft_mask``: the run's
     ``softmask`` section, how :func:`softmask.eval.shortcut.itm_shortcut` makes the masks (default: the

@@ -2,7 +2,7 @@
 uploads, and the three requests of the page (analyse a pair, retrieve images for a caption).
 
 Everything is computed by the project's own code: :func:`softmask.inference.load_model` and
-:func:`~softmask.inference.tokenizer_source` load each model with the vocabulary it was trained with;
+:func:`~softmask.runs.tokenizer_source` load each model with the vocabulary it was trained with;
 :func:`softmask.eval.word_gradcam.word_gradcam` gives the ITM match probability and the per-word maps
 (words grouped from WordPiece exactly as in ``softmask gradcam``); retrieval ranks the gallery by the
 model's ITC similarity and re-ranks the top candidates by its ITM match logit, the rule of
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from softmask.config import Config, ConfigError
+from softmask.config import MAP_SOURCES, Config, ConfigError, describe_choices
 from softmask.data.images import BadSample, decode_image, load_image
 from softmask.data.text import Tokenizer, open_tokenizer, pre_caption
-from softmask.eval.word_gradcam import SOURCES, word_gradcam
+from softmask.eval.word_gradcam import word_gradcam
 from softmask.models.vlp import VisionLanguageModel
 from softmask.viz.gradcam import default_layer, model_view, overlay
 
@@ -85,7 +85,8 @@ def load_models(paths: list[str]) -> list[LoadedModel]:
     Raises:
         CheckpointError, ConfigError: as :func:`softmask.inference.load_model`, naming the path.
     """
-    from softmask.inference import load_model, tokenizer_source
+    from softmask.inference import load_model
+    from softmask.runs import tokenizer_source
 
     loaded = []
     for path in paths:
@@ -179,7 +180,7 @@ class Explorer:
                         "image_size": m.image_size} for m in self.models],
             "images": list(self.gallery.names),
             "world": self.gallery.world,
-            "sources": list(SOURCES),
+            "sources": list(MAP_SOURCES),
             "top": TOP,
             "rerank": RERANK,
         }
@@ -245,8 +246,8 @@ class Explorer:
         Raises:
             ExploreError: bad image id, nothing left of the caption, a layer out of range, bad source.
         """
-        if source not in SOURCES:
-            raise ExploreError(f"the map source must be one of {', '.join(SOURCES)}, got '{source}'")
+        if source not in MAP_SOURCES:
+            raise ExploreError(f"the map source must be {describe_choices(MAP_SOURCES)}, got '{source}'")
         cleaned = pre_caption(caption, MAX_TOKENS)
         if not cleaned:
             raise ExploreError(f"nothing is left of the caption {caption!r} after cleaning "

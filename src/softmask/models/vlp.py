@@ -16,12 +16,10 @@ import yaml
 from torch import nn
 
 from softmask.checkpoint_files import write_safetensors
-from softmask.config import Config, ModelConfig, model_config_from_dict, to_dict
+from softmask.config import TEXT_POOLING, Config, ModelConfig, describe_choices, model_config_from_dict, to_dict
 from softmask.models.bert import FusionEncoder, MLMHead, TextEncoder, init_bert_weights
 from softmask.models.vit import VisionTransformer
-
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "model.safetensors"
+from softmask.runs import SAVED_CONFIG, WEIGHTS_FILE
 
 
 def pool_text(text_embeds: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -31,7 +29,7 @@ def pool_text(text_embeds: torch.Tensor, attention_mask: torch.Tensor, pooling: 
     if pooling == "mean":
         weights = attention_mask.to(text_embeds.dtype).unsqueeze(-1)
         return (text_embeds * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-    raise ValueError(f"text pooling must be 'cls' or 'mean', got '{pooling}'")
+    raise ValueError(f"text pooling must be {describe_choices(TEXT_POOLING)}, got '{pooling}'")
 
 
 def summarise_fused(fused: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
@@ -135,7 +133,7 @@ def save_model_folder(module: nn.Module, config: ModelConfig, directory: str | P
     section = to_dict(config)
     section["init"] = section["vision"]["init"] = section["text"]["init"] = ""
     saved = {"task": task, "model": section} if task else {"model": section}
-    (directory / CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
+    (directory / SAVED_CONFIG).write_text(yaml.safe_dump(saved, sort_keys=False))
     write_safetensors(module.state_dict(), directory / WEIGHTS_FILE, **({"task": task} if task else {}))
     return directory
 
@@ -166,9 +164,9 @@ def from_pretrained(directory: str | Path) -> VisionLanguageModel:
     from softmask.models.loading import load_softmask_folder
 
     directory = Path(directory)
-    config_path = directory / CONFIG_FILE
+    config_path = directory / SAVED_CONFIG
     if not config_path.is_file():
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; not a folder written by save_pretrained")
+        raise FileNotFoundError(f"{directory}: no {SAVED_CONFIG}; not a folder written by save_pretrained")
     data = yaml.safe_load(config_path.read_text()) or {}
     cfg = model_config_from_dict(data.get("model", data), where=f"{config_path}: model")
     model = VisionLanguageModel(cfg)

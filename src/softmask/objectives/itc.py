@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from softmask.config.schema import FOCAL_TERMS, describe_choices
+
 
 def float32_log_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``log_softmax`` computed in float32 with autocast disabled; same shape as ``logits``."""
@@ -140,16 +142,13 @@ def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, targets_i2t: torch.Te
     return (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
 
 
-FOCAL_MODES = ("all", "positive")
-
-
 def _check_focal(gamma: float, mode: str) -> float:
     """``gamma`` as a float after checking it and ``mode``; a ValueError names the bad argument."""
     gamma = float(gamma)
     if not gamma >= 0:
         raise ValueError(f"focal loss: gamma must be >= 0, got {gamma}")
-    if mode not in FOCAL_MODES:
-        raise ValueError(f"focal loss: mode must be one of {', '.join(FOCAL_MODES)}, got '{mode}'")
+    if mode not in FOCAL_TERMS:
+        raise ValueError(f"focal loss: mode must be {describe_choices(FOCAL_TERMS)}, got '{mode}'")
     return gamma
 
 

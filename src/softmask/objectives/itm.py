@@ -4,6 +4,12 @@ ALBEF samples, for each image, one negative text with probability ``softmax(sim_
 batch (the positive set to 0) and, for each text, one negative image from ``softmax(sim_t2i)``.
 The reference code crashes on a batch of one, on NaN similarities and when every weight
 underflows; :func:`sample_hard_negatives` never does, and reports rows it cannot serve.
+
+Hard-negative mining has two halves. This module holds *the draw* (:func:`sample_hard_negatives`), the
+labels (:func:`itm_labels`) and the loss (:func:`itm_loss`), as pure functions. *Where the negatives
+come from* (which similarities and temperature, this process's batch or the global one, which pairs are
+never negatives, fetching the chosen tokens across ranks) and which pairs ITM scores is
+:class:`softmask.tasks.contrastive.ContrastiveObjective` (``hard_negatives``, ``itm_pairs``, ``score_pairs``).
 """
 
 from __future__ import annotations

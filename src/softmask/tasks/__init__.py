@@ -1,1 +1,2 @@
-"""Tasks: a model wrapper whose forward turns a batch into losses, plus its data, on the shared loop."""
+"""Tasks: what each training command learns (pretraining, image pretraining, the downstream tasks), each as
+its objective (the ``nn.Module`` the shared loop trains: a batch in, losses out), its data and its evaluation."""

@@ -17,9 +17,9 @@ from softmask.config import Config
 from softmask.data.dataset import TaskDataset, eval_loader
 from softmask.data.transforms import EvalTransform, training_transform
 from softmask.objectives.distill import distilled_cross_entropy
+from softmask.tasks.momentum import DistilledObjective
 from softmask.train import dist
 from softmask.train.loop import inference_autocast
-from softmask.train.momentum import DistilledTask
 
 log = logging.getLogger("softmask")
 
@@ -38,7 +38,7 @@ def transform_images(transform: nn.Module, images: torch.Tensor) -> torch.Tensor
     return torch.stack(views, dim=1)
 
 
-class ClassifierTask(DistilledTask):
+class ClassifierObjective(DistilledObjective):
     """Cross-entropy around a classifier (``.model``), with a momentum copy supplying soft targets
     when ``distill.alpha > 0`` (ALBEF): ``(1 - alpha) * CE(label) + alpha * CE(softmax(momentum logits))``,
     alpha ramped from 0 over ``alpha_warmup_steps``."""

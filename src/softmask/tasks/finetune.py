@@ -21,12 +21,12 @@ from torch import nn
 from softmask.config import FINETUNE_TASKS, Config, ConfigError, model_config_from_dict
 from softmask.models.loading import CheckpointError
 from softmask.models.vlp import freeze_modules, save_model_folder
+from softmask.runs import load_strict, model_files
 from softmask.train import dist
 
 log = logging.getLogger("softmask")
 
-TASK_MODULES = {"retrieval": "softmask.tasks.retrieval", "ve": "softmask.tasks.ve", "vqa": "softmask.tasks.vqa",
-                "nlvr2": "softmask.tasks.nlvr2"}
+TASK_MODULES = {task: f"softmask.tasks.{task}" for task in FINETUNE_TASKS}  # each downstream task's module
 
 
 class TaskDefinition(Protocol):
@@ -36,7 +36,7 @@ class TaskDefinition(Protocol):
         """The task's model with ``cfg.model.init`` (and the vision/text inits) loaded; it has
         ``save_pretrained(directory)``."""
 
-    def build_task(self, cfg: Config, model: nn.Module, batches_per_epoch: int | None) -> nn.Module:
+    def build_objective(self, cfg: Config, model: nn.Module, batches_per_epoch: int | None) -> nn.Module:
         """The training objective: ``forward(batch, step, micro)`` -> dict with ``loss``; ``.model`` is ``model``."""
 
     def build_train_data(self, cfg: Config, rank: int, world_size: int):
@@ -97,8 +97,6 @@ def saved_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
     """(model state, the saved config mapping, the file or folder read) from a fine-tuning run folder
     (newest checkpoint, else ``model/``), a checkpoint file in a run's ``checkpoints/``, or a saved model
     folder (:func:`softmask.runs.model_files`)."""
-    from softmask.runs import model_files
-
     files = model_files(path)
     return files.state(), files.saved_config(), files.source
 
@@ -164,8 +162,6 @@ def load_task_model(cfg: Config, path: str | Path) -> nn.Module:
     cfg.model = model_config_from_dict(saved.get("model", {}), where=f"{source}: model")
     cfg.model.init = cfg.model.vision.init = cfg.model.text.init = ""
     model = get_task(task_name).build_model(cfg)
-    from softmask.runs import load_strict
-
     load_strict(model, state, source, f"the {task_name} model")
     return model
 
@@ -207,10 +203,10 @@ def finetune(cfg: Config) -> dict[str, dict[str, float]]:
         torch.manual_seed(cfg.seed)
         data = task_def.build_train_data(cfg, info.rank, info.world_size)  # checks the files first
         model = task_def.build_model(cfg)
-        task = task_def.build_task(cfg, model, data.batches_per_epoch)
+        objective = task_def.build_objective(cfg, model, data.batches_per_epoch)
         torch.manual_seed(cfg.seed + 1 + info.rank)
-        train(cfg, task, data, info)
-        return _report(cfg, task_def, task.model, cfg.finetune.eval_splits, Path(cfg.output_dir), info)
+        train(cfg, objective, data, info)
+        return _report(cfg, task_def, objective.model, cfg.finetune.eval_splits, Path(cfg.output_dir), info)
     finally:
         dist.cleanup()
 

@@ -32,13 +32,13 @@ from torch import nn
 from softmask.config import Config, ConfigError, VisionConfig, to_dict
 from softmask.data.labelled_images import InMemorySource, LabelledImages, image_folder
 from softmask.models.vit import VisionTransformer
+from softmask.runs import WEIGHTS_FILE
 from softmask.train import dist
 from softmask.world.objects import OBJECT_ATTRIBUTES, world_objects
 
 log = logging.getLogger("softmask")
 
-WEIGHTS_FILE = "model.safetensors"
-INFO_FILE = "image_encoder.json"
+INFO_FILE = "image_encoder.json"  # an image encoder folder's config and classes, beside its WEIGHTS_FILE
 
 
 def box_pool(patch_tokens: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -175,8 +175,8 @@ def without_colour(images: torch.Tensor, rows: torch.Tensor, generator: torch.Ge
     return out
 
 
-class ImagePretrainTask(nn.Module):
-    """The loop's task: augment (or only normalise) the uint8 images (with ``image_pretrain.colourless_share``
+class ImagePretrainObjective(nn.Module):
+    """The loop's objective: augment (or only normalise) the uint8 images (with ``image_pretrain.colourless_share``
     some made colourless), run the heads, return the losses."""
 
     def __init__(self, cfg: Config, model: ImageEncoderWithHeads, transform: nn.Module):
@@ -351,10 +351,10 @@ def pretrain_vision(cfg: Config) -> dict[str, float]:
         torch.manual_seed(cfg.seed)
         model = ImageEncoderWithHeads(cfg.model.vision, train_data.classes,
                                       position=bool(cfg.world) and cfg.image_pretrain.position_weight > 0)
-        task = ImagePretrainTask(cfg, model, transform)
+        objective = ImagePretrainObjective(cfg, model, transform)
         source = InMemorySource(train_data, cfg.train.batch_size, cfg.seed, info.rank, info.world_size)
         torch.manual_seed(cfg.seed + 1 + info.rank)
-        train(cfg, task, source, info)
+        train(cfg, objective, source, info)
         confusions: dict[str, torch.Tensor] = {}
         metrics = evaluate_image_encoder(model, held_out, device=info.device, confusions=confusions,
                                          unseen_pairs=_pairs_never_trained_on(cfg))

@@ -47,7 +47,7 @@ from softmask.models.loading import CheckpointError
 from softmask.models.nlvr2 import TwoImageModel, classifier_head, two_image_state
 from softmask.models.vit import resize_pos_embed
 from softmask.models.vlp import create_model, summarise_fused
-from softmask.tasks.classify import ClassifierTask, accuracy_metrics, predict_classes
+from softmask.tasks.classify import ClassifierObjective, accuracy_metrics, predict_classes
 from softmask.tasks.finetune import TaskModel, saved_state, saved_task_name
 from softmask.train import dist
 from softmask.train.schedule import alpha_warmup_steps
@@ -149,21 +149,14 @@ class NLVR2Model(TaskModel):
 
 def saved_task_of(init: str) -> str:
     """The fine-tuning task a ``model.init`` path was saved by ("" for a pretrained model or a foreign
-    checkpoint): read from the config of a run folder, a saved model folder or a checkpoint file in a
-    run's checkpoints/ (no tensors are read)."""
-    from softmask.models.vlp import CONFIG_FILE
-    from softmask.runs import CHECKPOINT_DIR, RUN_CONFIG, RUN_MODEL_DIR
+    checkpoint, e.g. ALBEF's .pth, which loads as a single-image model): read from the config files of a
+    run folder, a saved model folder or a checkpoint file in a run's checkpoints/
+    (:func:`softmask.runs.config_files`; no tensors are read)."""
+    from softmask.runs import config_files
 
-    path = Path(init).expanduser()
-    if path.is_dir():
-        configs = [path / CONFIG_FILE, path / RUN_MODEL_DIR / CONFIG_FILE]
-    elif path.is_file() and path.parent.name == CHECKPOINT_DIR:
-        configs = [path.parent.parent / RUN_CONFIG]
-    else:
-        return ""  # a foreign checkpoint (e.g. ALBEF's .pth): loaded as a single-image model
-    for config in configs:
+    for config in config_files(init):
         try:
-            task = saved_task_name(yaml.safe_load(config.read_text()) or {}) if config.is_file() else ""
+            task = saved_task_name(yaml.safe_load(config.read_text()) or {})
         except (yaml.YAMLError, AttributeError):
             task = ""
         if task:
@@ -262,11 +255,11 @@ def build_model(cfg: Config) -> NLVR2Model:
     return expand_pretrained(cfg, classes)
 
 
-def build_task(cfg: Config, model: NLVR2Model, batches_per_epoch: int | None) -> ClassifierTask:
+def build_objective(cfg: Config, model: NLVR2Model, batches_per_epoch: int | None) -> ClassifierObjective:
     from softmask.data.text import open_tokenizer
 
     open_tokenizer(cfg.data.tokenizer, cfg.data.max_tokens).check_fits(cfg.model.text.vocab_size)
-    return ClassifierTask(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
+    return ClassifierObjective(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
 
 
 def build_train_data(cfg: Config, rank: int, world_size: int) -> LoaderSource:

@@ -42,11 +42,7 @@ from softmask.data.text import open_tokenizer, pre_caption
 from softmask.data.transforms import EvalTransform
 from softmask.eval.retrieval import evaluate_retrieval
 from softmask.models.vlp import VisionLanguageModel, create_model
-from softmask.objectives.itc import focal_itc_loss, id_positives, itc_targets, similarities
-from softmask.objectives.itm import identical_rows, itm_loss
-from softmask.tasks.contrastive import ContrastiveTask, MomentumBank
-from softmask.train import dist
-from softmask.train.dist import step_generator
+from softmask.tasks.contrastive import ContrastiveObjective
 from softmask.train.schedule import alpha_warmup_steps
 
 log = logging.getLogger("softmask")
@@ -104,104 +100,13 @@ def _image_index(record: dict) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def retrieval_itc_targets(ids: torch.Tensor, id_bank: torch.Tensor, sim_i2t_m: torch.Tensor,
-                          sim_t2i_m: torch.Tensor, alpha: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The id-aware ITC targets of retrieval fine-tuning.
-
-    Args:
-        ids: (B,) long image ids of this process's batch rows.
-        id_bank: (K,) long ids of the candidates: the global batch's ids, then the id queue's
-            (``-1`` in never written slots, which match nothing).
-        sim_i2t_m: (B, K) image-to-text similarities of the momentum model.
-        sim_t2i_m: (B, K) text-to-image similarities of the momentum model.
-        alpha: distillation weight in [0, 1].
-
-    Returns:
-        ``(targets_i2t, targets_t2i, positives)``: the targets (B, K) float32, rows summing to 1,
-        ``alpha * softmax(sim_m) + (1 - alpha) * positives / row sum``; and the (B, K) float32
-        positives (1 where the candidate shares the row's image id).
-    """
-    positives = id_positives(ids, id_bank)
-    targets_i2t, targets_t2i = itc_targets(sim_i2t_m, sim_t2i_m, positives, alpha)
-    return targets_i2t, targets_t2i, positives
-
-
-def same_image_or_caption(image_ids: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(G,) ids, (G, T) tokens and mask -> (G, G) bool: pairs that must not be ITM negatives (the
-    same image id, or identical captions)."""
-    return (image_ids[:, None] == image_ids[None, :]) | identical_rows(input_ids, mask)
-
-
-class RetrievalTask(ContrastiveTask):
-    """ITC (id-aware positives, momentum distillation, queues with ids) + ITM (hard negatives) around
-    a :class:`VisionLanguageModel`."""
+class RetrievalObjective(ContrastiveObjective):
+    """ITC (id-aware positives, momentum distillation, queues with ids) + ITM (hard negatives, never of
+    the same image id nor an identical caption) around a :class:`VisionLanguageModel`: the forward pass
+    is :meth:`ContrastiveObjective.forward` with an id queue; each batch holds ``image_id`` (B,)."""
 
     def __init__(self, cfg: Config, model: VisionLanguageModel, alpha_warmup_steps: int):
         super().__init__(cfg, model, alpha_warmup_steps, queue_ids=True, frozen=UNUSED_MODULES)
-
-    def forward(self, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
-        """One micro-batch: ``images`` uint8 (B, 3, S, S), ``input_ids``/``attention_mask`` (B, T),
-        ``image_id`` long (B,). Returns the total ``loss`` (with gradient) and detached parts."""
-        cfg, model = self.cfg, self.model
-        device = model.temp.device
-        ids, mask = self.captions(batch, device)
-        image_ids = batch["image_id"].to(device, non_blocking=True).long()
-        images = self.augment(batch["images"].to(device, non_blocking=True))
-        b = ids.shape[0]
-        rows = torch.arange(b, device=device) + dist.rank() * b
-        with torch.no_grad():
-            model.temp.clamp_(0.001, 0.5)
-
-        image_embeds = model.encode_image(images)
-        text_embeds = model.encode_text(ids, mask)
-        image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds, mask)
-        bank = self.momentum_bank(images, ids, mask)
-        image_ids_all = dist.all_gather(image_ids)
-        loss_itc = self._itc_loss(image_feat, text_feat, image_ids, image_ids_all, bank, step)
-        exclude = same_image_or_caption(image_ids_all, dist.all_gather(ids), bank.mask_all)
-        loss_itm, missing = self._itm_loss(image_feat, text_feat, image_embeds, text_embeds, mask, bank, exclude,
-                                           rows, step, micro)
-        self.enqueue(bank, image_ids_all)
-        loss = cfg.itc.weight * loss_itc + cfg.itm.weight * loss_itm
-        return {"loss": loss, "loss_itc": loss_itc.detach(), "loss_itm": loss_itm.detach(),
-                "alpha": torch.tensor(self.alpha(step)), "temp": model.temp.detach(),
-                "itm_missing_negatives": missing}
-
-    def _itc_loss(self, image_feat: torch.Tensor, text_feat: torch.Tensor, image_ids: torch.Tensor,
-                  image_ids_all: torch.Tensor, bank: MomentumBank, step: int) -> torch.Tensor:
-        """ITC of the online features (B, E) against the global batch's momentum features and the
-        queues (G + Q candidates), with every candidate of the same image id a positive."""
-        cfg, temp = self.cfg, self.model.temp
-        image_all, text_all = self.candidates(bank)  # (G + Q, E)
-        id_bank = torch.cat([image_ids_all, self.image_queue.all_ids()])  # (G + Q,)
-        with torch.no_grad():
-            sim_i2t_m, sim_t2i_m = similarities(bank.image, bank.text, image_all, text_all, temp)
-            targets_i2t, targets_t2i, positives = retrieval_itc_targets(image_ids, id_bank, sim_i2t_m, sim_t2i_m,
-                                                                        self.alpha(step))
-        sim_i2t, sim_t2i = similarities(image_feat, text_feat, image_all, text_all, temp)
-        return focal_itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i, cfg.itc.gamma, cfg.itc.focal,
-                              positives=positives.bool())
-
-    def _itm_loss(self, image_feat, text_feat, image_embeds, text_embeds, mask, bank, exclude, rows, step, micro
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITM cross-entropy over the B positive pairs and 2 * (valid rows) hard negatives (never of the
-        same image id nor an identical caption), one fusion pass; returns the loss and the count of rows
-        without an allowed negative (detached)."""
-        model, device = self.model, mask.device
-        gen = step_generator(self.cfg.seed, step, micro, device)
-        text_neg, mask_neg, image_neg, valid = self.hard_negatives(image_feat, text_feat, image_embeds,
-                                                                   text_embeds, mask, bank, exclude, gen, rows,
-                                                                   step)
-        texts = torch.cat([text_embeds, text_embeds[valid], text_neg[valid]])
-        masks = torch.cat([mask, mask[valid], mask_neg[valid]])
-        images = torch.cat([image_embeds, image_neg[valid], image_embeds[valid]])
-        logits = model.itm_logits(model.fuse(texts, masks, images), masks)
-        b, num_neg = mask.shape[0], 2 * int(valid.sum())
-        labels = torch.cat([torch.ones(b, dtype=torch.long, device=device),
-                            torch.zeros(num_neg, dtype=torch.long, device=device)])
-        loss = dist.global_mean(itm_loss(logits, labels), b + num_neg, device, dist.world_size())
-        return loss, (~valid).sum().detach().float()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,8 +120,8 @@ def build_model(cfg: Config) -> VisionLanguageModel:
     return create_model(cfg)
 
 
-def build_task(cfg: Config, model: VisionLanguageModel, batches_per_epoch: int | None) -> RetrievalTask:
-    return RetrievalTask(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
+def build_objective(cfg: Config, model: VisionLanguageModel, batches_per_epoch: int | None) -> RetrievalObjective:
+    return RetrievalObjective(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
 
 
 def load_train_records(cfg: Config) -> list[dict]:

@@ -28,7 +28,7 @@ from softmask.data.annotations import Field, load_records
 from softmask.data.dataset import TaskDataset, train_loader
 from softmask.data.sources import LoaderSource
 from softmask.models.vlp import VisionLanguageModel, create_model
-from softmask.tasks.classify import ClassifierTask, accuracy_metrics, predict_classes
+from softmask.tasks.classify import ClassifierObjective, accuracy_metrics, predict_classes
 from softmask.tasks.finetune import TaskModel
 from softmask.train import dist
 from softmask.train.schedule import alpha_warmup_steps
@@ -90,8 +90,8 @@ def build_model(cfg: Config) -> VEModel:
     return VEModel(create_model(cfg))
 
 
-def build_task(cfg: Config, model: VEModel, batches_per_epoch: int | None) -> ClassifierTask:
-    return ClassifierTask(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
+def build_objective(cfg: Config, model: VEModel, batches_per_epoch: int | None) -> ClassifierObjective:
+    return ClassifierObjective(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
 
 
 def build_train_data(cfg: Config, rank: int, world_size: int) -> LoaderSource:

@@ -4,7 +4,7 @@ the answer from the fused question-image states.
 - **Model** (:class:`VQAModel`): the pretrained backbone encodes the image and the question and fuses
   them; an :class:`~softmask.models.answer_decoder.AnswerDecoder` initialised from the fusion layers
   decodes ``[CLS] answer [SEP]``.
-- **Training** (:class:`VQATask`): every distinct human answer of a question is a target; its loss is
+- **Training** (:class:`VQAObjective`): every distinct human answer of a question is a target; its loss is
   the decoder's summed token NLL weighted by the answer's share of the human answers (count / total;
   ALBEF gives a Visual Genome question's single answer the weight :data:`VG_ANSWER_WEIGHT`), summed
   per question and averaged over questions. With ``distill.alpha > 0`` the targets are mixed with a
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softmask.config import Config, ConfigError
+from softmask.config import ANSWER_RANKINGS, Config, ConfigError
 from softmask.data.annotations import AnnotationError, Field, _read_json, _type_name, load_records
 from softmask.data.dataset import TaskDataset, eval_loader, train_loader
 from softmask.data.text import load_tokenizer, open_tokenizer, tokenize
@@ -46,9 +46,9 @@ from softmask.eval.vqa_official import question_accuracy
 from softmask.models.answer_decoder import AnswerDecoder, build_answer_decoder, token_log_probs
 from softmask.models.key_maps import Ignore, bert_rule
 from softmask.tasks.finetune import TaskModel
+from softmask.tasks.momentum import DistilledObjective
 from softmask.train import dist
 from softmask.train.loop import inference_autocast
-from softmask.train.momentum import DistilledTask
 from softmask.train.schedule import alpha_warmup_steps
 
 log = logging.getLogger("softmask")
@@ -263,8 +263,8 @@ def rank_answers(decoder, states: torch.Tensor, states_mask: torch.Tensor, answe
         best (B,) the index of the chosen answer; shortlist (B, k) answer indices; scores (B, k) their
         scores under ``ranking``.
     """
-    if ranking not in ("albef", "sequence"):
-        raise ValueError(f"ranking must be 'albef' or 'sequence', got {ranking!r}")
+    if ranking not in ANSWER_RANKINGS:
+        raise ValueError(f"ranking must be {' or '.join(map(repr, ANSWER_RANKINGS))}, got {ranking!r}")
     b, device = states.shape[0], states.device
     answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
     k = min(k, answer_ids.shape[0])
@@ -344,7 +344,7 @@ class VQAModel(TaskModel):
         return best
 
 
-class VQATask(DistilledTask):
+class VQAObjective(DistilledObjective):
     """The weighted answer NLL (with optional momentum distillation) around a :class:`VQAModel`."""
 
     def __init__(self, cfg: Config, model: VQAModel, alpha_warmup_steps: int):
@@ -399,8 +399,8 @@ def build_model(cfg: Config) -> VQAModel:
     return model
 
 
-def build_task(cfg: Config, model: VQAModel, batches_per_epoch: int | None) -> VQATask:
-    return VQATask(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
+def build_objective(cfg: Config, model: VQAModel, batches_per_epoch: int | None) -> VQAObjective:
+    return VQAObjective(cfg, model, alpha_warmup_steps(cfg, batches_per_epoch))
 
 
 def build_train_data(cfg: Config, rank: int, world_size: int):
@@ -478,6 +478,6 @@ def evaluate(cfg: Config, model: VQAModel, split: str, out_dir: Path | None) -> 
     return metrics
 
 
-__all__ = ["AnswerList", "VQAModel", "VQATask", "answer_weights", "build_model", "build_task", "build_train_data",
-           "evaluate", "flatten_answers", "rank_answers", "read_answer_list", "sequence_nll", "vqa_metrics",
-           "weighted_question_loss"]
+__all__ = ["AnswerList", "VQAModel", "VQAObjective", "answer_weights", "build_model", "build_objective",
+           "build_train_data", "evaluate", "flatten_answers", "rank_answers", "read_answer_list", "sequence_nll",
+           "vqa_metrics", "weighted_question_loss"]

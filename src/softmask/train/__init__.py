@@ -1,2 +1,2 @@
-"""The one training loop shared by every task, and its parts: schedule, distributed helpers,
+"""The one training loop shared by every training command, and its parts: schedule, distributed helpers,
 checkpoints and logging."""

@@ -1,7 +1,8 @@
-"""Training checkpoints: atomic writes, keep-last-K, ``resume: auto|PATH``, RNG state capture.
+"""Writing training checkpoints: atomic writes, keep-last-K, ``resume: auto|PATH``, RNG state capture.
 
 A checkpoint is one ``torch.save`` file ``checkpoints/step_{N:08d}.pt`` holding only tensors and
-plain containers, so it loads with ``torch.load(weights_only=True)``.
+plain containers, so it loads with ``torch.load(weights_only=True)``. Its name, place and entries, and
+reading one, are :mod:`softmask.runs`'.
 """
 
 from __future__ import annotations
@@ -9,37 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from softmask.checkpoint_files import CheckpointError, read_torch_file
+from softmask.checkpoint_files import CheckpointError
 from softmask.config import ConfigError
+from softmask.runs import checkpoint_dir, checkpoint_path, list_checkpoints, load_checkpoint
 
 log = logging.getLogger("softmask")
-
-CHECKPOINT_DIR = "checkpoints"
-_NAME = re.compile(r"step_(\d{8})\.pt$")
-
-
-def checkpoint_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / CHECKPOINT_DIR
-
-
-def checkpoint_path(output_dir: str | Path, step: int) -> Path:
-    """Where the checkpoint of ``step`` goes: ``OUTPUT_DIR/checkpoints/step_{step:08d}.pt``."""
-    return checkpoint_dir(output_dir) / f"step_{step:08d}.pt"
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Checkpoints of a run, oldest first."""
-    folder = checkpoint_dir(output_dir)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if _NAME.search(p.name))
-
 
 def save_checkpoint(state: dict, output_dir: str | Path, step: int, keep_last: int) -> Path:
     """Write ``state`` atomically (temporary file, fsync, rename) and delete all but the newest
@@ -75,26 +55,6 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     if not path.is_file():
         raise ConfigError(f"resume: checkpoint not found: {path}")
     return path
-
-
-TRAINING_ENTRIES = ("task", "optimizer", "state")
-
-
-def load_checkpoint(path: str | Path, entries: tuple[str, ...] = TRAINING_ENTRIES) -> dict:
-    """A training checkpoint written by :func:`save_checkpoint`, checked for the ``entries`` the caller
-    needs (all three to resume; ``("task",)`` to read the model).
-
-    Raises:
-        CheckpointError: one line, when the file is not one (not a torch.save file, damaged, or
-            lacking one of ``entries``).
-    """
-    what = f"a softmask training checkpoint ({CHECKPOINT_DIR}/step_*.pt of a run)"
-    ckpt = read_torch_file(path, what)
-    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in entries):
-        keys = ", ".join(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: not a checkpoint of a softmask training run (expected {what} with "
-                              f"{'/'.join(entries)} entries; it holds {keys[:80] or 'nothing'})")
-    return ckpt
 
 
 def load_resume_checkpoint(resume: str, output_dir: str | Path) -> tuple[Path, dict] | None:

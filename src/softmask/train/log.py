@@ -12,7 +12,7 @@ from tqdm import tqdm
 log = logging.getLogger("softmask")
 
 
-# The losses a log line shows (those a task reports): pretraining's, then pretrain-vision's.
+# The losses a log line shows (those an objective reports): pretraining's, then pretrain-vision's.
 LOGGED_LOSSES = ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_objects", "loss_presence", "loss_position",
                  "loss_label")
 

@@ -1,12 +1,17 @@
-"""The one training loop shared by pretraining and every fine-tuning task.
+"""The one training loop shared by pretraining, pretrain-vision and every fine-tuning task.
 
-A task is an ``nn.Module`` whose ``forward(batch, step, micro)`` returns a dict with the total
-``loss`` (with gradient) and detached scalars to log, and which holds the model to export as
-``task.model``; a task with a momentum model defines ``momentum_update()``, which the loop calls once
-after every optimiser step. Data comes from a :class:`DataSource`. The loop owns: the optimiser and schedule,
-gradient accumulation and clipping, autocast, DDP, non-finite-loss handling, logging, atomic
-checkpoints and exact resume (model, momentum model, queues, optimiser, step, RNG states, data
-position).
+It trains an *objective*: an ``nn.Module`` whose ``forward(batch, step, micro)`` returns a dict with the
+total ``loss`` (with gradient) and detached scalars to log, and which holds the model to export as
+``objective.model``; an objective with a momentum model defines ``momentum_update()``, which the loop
+calls once after every optimiser step. Data comes from a :class:`DataSource`. The loop owns: the
+optimiser and schedule, gradient accumulation and clipping, autocast, DDP, non-finite-loss handling,
+logging, atomic checkpoints and exact resume (model, momentum model, queues, optimiser, step, RNG
+states, data position).
+
+Read :func:`train`, then :class:`_Loop` top to bottom: :meth:`~_Loop.run` goes through the epochs,
+:meth:`~_Loop.epoch` through the batches, each a :meth:`~_Loop.micro_step`; every ``train.grad_accum``
+of them end in an :meth:`~_Loop.optimiser_step`, after which the loop may :meth:`~_Loop.log`,
+:meth:`~_Loop.save` and stop at the step boundary (:meth:`~_Loop.stop_here`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -25,16 +30,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from softmask.config import Config, save_config
+from softmask.runs import OBJECTIVE_KEY, RUN_CONFIG, RUN_MODEL_DIR, checkpoint_path, list_checkpoints
 from softmask.train import dist
 from softmask.train.bad_samples import BadDataError, BadSampleMonitor
-from softmask.train.checkpoint import (
-    checkpoint_path,
-    list_checkpoints,
-    load_resume_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from softmask.train.checkpoint import load_resume_checkpoint, rng_state, save_checkpoint, set_rng_state
 from softmask.train.log import RunLogger
 from softmask.train.schedule import lr_at, make_optimizer, total_steps_for
 from softmask.train.stop import Interrupted, StopRequest, signal_name
@@ -65,7 +64,7 @@ class TrainState:
 
 
 def _batch_size(batch: dict) -> int:
-    """Samples in a batch (0 for a task batch whose every sample was bad: it holds no tensor)."""
+    """Samples in a batch (0 for a task's batch whose every sample was bad: it holds no tensor)."""
     return next((v.shape[0] for v in batch.values() if torch.is_tensor(v)), 0)
 
 
@@ -138,7 +137,7 @@ def _no_buffer_sync() -> dict:
 
 
 def _momentum_update(module: nn.Module) -> None:
-    """The task's momentum (EMA) step, if it has one: once per optimiser step, right after it, never for
+    """The objective's momentum (EMA) step, if it has one: once per optimiser step, right after it, never for
     a dropped step (so with ``train.grad_accum=k`` the momentum model still moves once per step)."""
     update = getattr(_unwrap(module), "momentum_update", None)
     if callable(update):
@@ -149,179 +148,262 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
-def train(cfg: Config, task: nn.Module, data: DataSource, info: dist.DistInfo) -> TrainState:
-    """Run (or resume) training to ``total_steps``; returns the final state."""
-    out = Path(cfg.output_dir)
-    total_steps = total_steps_for(cfg, data.batches_per_epoch)
-    task.to(info.device)
-    optimizer = make_optimizer(task, cfg.train)
-    scaler = torch.amp.GradScaler(enabled=cfg.train.precision == "fp16")
-    state = TrainState()
+def _wrap(objective: nn.Module, info: dist.DistInfo) -> nn.Module:
+    """The objective as the loop calls it: DDP-wrapped with several processes, itself with one."""
+    if info.world_size == 1:
+        return objective
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(objective, device_ids=ids, **_no_buffer_sync())
 
-    resumed = load_resume_checkpoint(cfg.resume, out)
-    if resumed is not None:
-        resume_path, ckpt = resumed
-        task.load_state_dict(ckpt["task"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = TrainState(**ckpt["state"])
-        set_rng_state(ckpt["rng"][info.rank if info.rank < len(ckpt["rng"]) else 0])
-        log.info(f"resumed from {resume_path} at step {state.step} (epoch {state.epoch}, "
-                 f"batch {state.batch_in_epoch})")
+
+@dataclass
+class _Accumulation:
+    """What the micro-batches of the current optimiser step have gathered: how many ran (``micro``), the
+    sums of their outputs divided by ``train.grad_accum`` (tensors: no device sync per micro-batch), and
+    whether a step is under way (from a micro-batch's forward until the optimiser step or its skip: not a
+    step boundary). ``pairs`` counts the pairs of every rank since the last log line."""
+
+    micro: int = 0
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    in_step: bool = False
+    pairs: int = 0
+    since: float = field(default_factory=time.perf_counter)
+
+
+def train(cfg: Config, objective: nn.Module, data: DataSource, info: dist.DistInfo) -> TrainState:
+    """Run (or resume) training to ``total_steps``; returns the final state. The main process then saves
+    the model (``output_dir/model``, with the tokenizer's vocabulary when the model reads text)."""
+    loop = _Loop(cfg, objective, data, info)
+    loop.run()
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        model = objective.model
+        model.save_pretrained(loop.out / RUN_MODEL_DIR)
+        if hasattr(model.config, "text"):  # a model that reads text: its folder records the tokenizer
+            from softmask.data.text import save_vocab
 
-    module = task
-    if info.world_size > 1:
-        ids = [info.device.index] if info.device.type == "cuda" else None
-        module = DistributedDataParallel(task, device_ids=ids, **_no_buffer_sync())
+            save_vocab(cfg.data.tokenizer, loop.out / RUN_MODEL_DIR)
+    dist.barrier()
+    return loop.state
 
-    logger = RunLogger(out, info.is_main, total_steps, state.step)
-    monitor = BadSampleMonitor(cfg.data.max_bad_share, cfg.data.bad_sample_window, _bad_data_hint(cfg))
-    stop = StopRequest()
-    saved_at = -1
-    in_step = False
 
-    def checkpoint() -> Path:
-        nonlocal saved_at
+class _Loop:
+    """One call of :func:`train`: the objective (``module``: DDP-wrapped with several processes), its
+    optimiser and gradient scaler, the :class:`TrainState`, the accumulation of the current step, the
+    run's logger, bad-sample monitor and stop request. Built, it has resumed (when ``resume`` says so)
+    and written the run's ``config.yaml``."""
+
+    def __init__(self, cfg: Config, objective: nn.Module, data: DataSource, info: dist.DistInfo):
+        self.cfg, self.data, self.info = cfg, data, info
+        self.out = Path(cfg.output_dir)
+        self.total_steps = total_steps_for(cfg, data.batches_per_epoch)
+        objective.to(info.device)
+        self.objective = objective
+        self.optimizer = make_optimizer(objective, cfg.train)
+        self.scaler = torch.amp.GradScaler(enabled=cfg.train.precision == "fp16")
+        self.state = self._resume()
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / RUN_CONFIG)
+        self.module = _wrap(objective, info)
+        self.logger = RunLogger(self.out, info.is_main, self.total_steps, self.state.step)
+        self.monitor = BadSampleMonitor(cfg.data.max_bad_share, cfg.data.bad_sample_window, _bad_data_hint(cfg))
+        self.stop = StopRequest()
+        self.saved_at = -1  # the step of the last checkpoint this call wrote
+        self.acc = _Accumulation()
+
+    def _resume(self) -> TrainState:
+        """The state to start from: a fresh one, or the checkpoint ``resume`` names, loaded into the
+        objective, optimiser, scaler and this rank's random number generators."""
+        resumed = load_resume_checkpoint(self.cfg.resume, self.out)
+        if resumed is None:
+            return TrainState()
+        path, ckpt = resumed
+        self.objective.load_state_dict(ckpt[OBJECTIVE_KEY])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        state = TrainState(**ckpt["state"])
+        rank = self.info.rank
+        set_rng_state(ckpt["rng"][rank if rank < len(ckpt["rng"]) else 0])
+        log.info(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+        return state
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.total_steps
+
+    # ---- the loop, top down ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Epochs until ``total_steps``; Ctrl-C/SIGTERM stop at a step boundary with a checkpoint."""
+        self.module.train()
+        if self.state.step == 0:
+            # ALBEF updates the momentum model at the start of every forward, so its first step starts with an
+            # EMA of two identical models (a no-op up to rounding); doing it here keeps every step's momentum
+            # weights bit for bit ALBEF's, while the loop's update after each step moves them once per step.
+            _momentum_update(self.module)
+        self.stop.install()
+        try:
+            while not self.done:
+                self.epoch()
+        except BadDataError as exc:
+            raise TrainingError(str(exc)) from None
+        except Exception as exc:
+            self._stopped_by_the_data(exc)
+        finally:
+            self.stop.restore()
+            self.monitor.summary()
+            self.logger.close()
+
+    def epoch(self) -> None:
+        """The batches of epoch ``state.epoch`` from ``state.batch_in_epoch`` on (synced across ranks), until
+        the epoch or the run ends; then the next epoch starts at its first batch."""
+        state = self.state
+        seen, resumed_at = 0, state.batch_in_epoch  # > 0 when resuming mid-epoch (or at its very end)
+        batches = self.data.batches(state.epoch, state.batch_in_epoch)
+        for batch, skipped in _synced(batches, self.info.device, self.monitor):
+            seen += 1
+            state.batch_in_epoch += 1
+            state.skipped_samples += skipped
+            if batch is None:  # every sample of some rank's batch was bad
+                continue
+            self.micro_step(batch)
+            if self.acc.micro < self.cfg.train.grad_accum:
+                continue
+            stepped, stopping = self.optimiser_step()
+            if not stepped:  # a non-finite loss: the step was skipped
+                continue
+            self.log()
+            self.save()
+            if self.done:
+                return
+            if stopping:  # a step boundary: the state a regular checkpoint holds
+                self.stop_here(self.stop.signum or signal.SIGTERM)  # (no signum: another rank was told)
+        if seen == 0 and resumed_at == 0:
+            raise TrainingError(f"epoch {state.epoch} produced no batches: is the training data empty?")
+        self.monitor.end_epoch()
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        self.acc.micro, self.acc.sums = 0, {}
+        self.optimizer.zero_grad(set_to_none=True)  # an incomplete accumulation does not carry over
+
+    def micro_step(self, batch: dict) -> None:
+        """Forward and backward of one micro-batch (autocast, loss scaled by 1 / ``grad_accum``, gradients
+        synced across ranks only on the last micro-batch of a step), at the learning rate of the step."""
+        cfg, acc, state = self.cfg, self.acc, self.state
+        accum = cfg.train.grad_accum
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(state.step, cfg.train, self.total_steps) * group.get("lr_scale", 1.0)
+        last_micro = acc.micro == accum - 1
+        sync = self.module.no_sync() if isinstance(self.module, DistributedDataParallel) and not last_micro \
+            else contextlib.nullcontext()
+        acc.in_step = True
+        with sync, _autocast(cfg.train.precision, self.info.device):
+            outputs = self.module(batch, state.step, acc.micro)
+            loss = outputs["loss"] / accum
+        with sync:
+            self.scaler.scale(loss).backward()
+        for key, value in outputs.items():
+            part = value.detach().float() / accum
+            acc.sums[key] = acc.sums[key] + part if key in acc.sums else part
+        acc.pairs += _batch_size(batch) * self.info.world_size
+        acc.micro += 1
+
+    def optimiser_step(self) -> tuple[bool, bool]:
+        """After the step's last micro-batch: the step's one sync (is the loss finite on every rank, has any
+        rank been told to stop?), then clipping, the optimiser and momentum steps. Returns (whether the
+        step was taken, whether a rank was told to stop); a step with a non-finite loss is skipped, and
+        ``train.max_nonfinite`` of them in a row raise :class:`TrainingError` after a checkpoint."""
+        cfg, state, info, acc = self.cfg, self.state, self.info, self.acc
+        acc.micro = 0
+        flags = torch.stack([torch.isfinite(acc.sums["loss"]).to(info.device, torch.float64),
+                             torch.tensor(float(self.stop.requested), dtype=torch.float64, device=info.device)])
+        finite_ranks, stopping_ranks = dist.all_reduce_sum(flags).tolist()
+        if finite_ranks < info.world_size:
+            self.optimizer.zero_grad(set_to_none=True)
+            state.nonfinite_steps += 1
+            state.nonfinite_in_a_row += 1
+            log.warning(f"step {state.step}: non-finite loss, step skipped ({state.nonfinite_in_a_row} in a row)")
+            acc.sums, acc.in_step = {}, False
+            if state.nonfinite_in_a_row >= cfg.train.max_nonfinite:
+                self.checkpoint()
+                raise TrainingError(
+                    f"{state.nonfinite_in_a_row} consecutive non-finite losses (train.max_nonfinite); "
+                    f"the last good state is saved in {self.out / 'checkpoints'}")
+            return False, stopping_ranks > 0
+        state.nonfinite_in_a_row = 0
+        scaler, optimizer = self.scaler, self.optimizer
+        if cfg.train.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.train.clip_grad)
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if scaler.get_scale() >= scale:  # fp16: a lowered scale means the step was skipped (inf grads)
+            _momentum_update(self.module)
+        state.step += 1
+        acc.in_step = False
+        self.logger.step()
+        return True, stopping_ranks > 0
+
+    def log(self) -> None:
+        """Every ``train.log_every`` steps and at the last: the step's outputs averaged over ranks, the
+        learning rate, pairs per second since the last log line and the data counters."""
+        cfg, state, acc, info = self.cfg, self.state, self.acc, self.info
+        if state.step % cfg.train.log_every == 0 or state.step == self.total_steps:
+            elapsed = time.perf_counter() - acc.since
+            metrics = {k: _reduce(float(v), info.device) / info.world_size for k, v in acc.sums.items()}
+            self.logger.record({"step": state.step, **metrics, "epoch": state.epoch,
+                                "lr": self.optimizer.param_groups[0]["lr"], "pairs_per_s": acc.pairs / elapsed,
+                                "skipped_samples": state.skipped_samples, "nonfinite_steps": state.nonfinite_steps})
+            acc.pairs, acc.since = 0, time.perf_counter()
+        acc.sums = {}
+
+    def save(self) -> None:
+        """A checkpoint every ``train.save_every`` steps and at the last."""
+        step = self.state.step
+        if step % self.cfg.train.save_every == 0 or step == self.total_steps:
+            self.checkpoint()
+
+    def checkpoint(self) -> Path:
+        """Save the whole training state of this step (every rank's RNG states gathered; the main process
+        writes) and return its path."""
+        info = self.info
         rngs = [rng_state()]
         if dist.is_distributed():
             rngs = [None] * info.world_size
             torch.distributed.all_gather_object(rngs, rng_state())
         if info.is_main:
-            payload = {"task": _unwrap(module).state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict(), "state": asdict(state), "rng": rngs}
-            path = save_checkpoint(payload, out, state.step, cfg.train.keep_last)
+            payload = {OBJECTIVE_KEY: self.objective.state_dict(), "optimizer": self.optimizer.state_dict(),
+                       "scaler": self.scaler.state_dict(), "state": asdict(self.state), "rng": rngs}
+            path = save_checkpoint(payload, self.out, self.state.step, self.cfg.train.keep_last)
             log.info(f"saved {path}")
-        saved_at = state.step
+        self.saved_at = self.state.step
         dist.barrier()
-        return checkpoint_path(out, state.step)
+        return checkpoint_path(self.out, self.state.step)
 
-    def stop_here(signum: int) -> None:
+    # ---- stopping on a signal ------------------------------------------------------------------------
+
+    def stop_here(self, signum: int) -> None:
         """Save the state at this step boundary (unless just saved) and raise Interrupted."""
-        path = checkpoint() if saved_at != state.step else checkpoint_path(out, state.step)
-        raise Interrupted(f"stopped by {signal_name(signum)} at step {state.step} of {total_steps}; saved {path}",
+        step = self.state.step
+        path = self.checkpoint() if self.saved_at != step else checkpoint_path(self.out, step)
+        raise Interrupted(f"stopped by {signal_name(signum)} at step {step} of {self.total_steps}; saved {path}",
                           signum)
 
-    accum = cfg.train.grad_accum
-    sums: dict[str, torch.Tensor] = {}
-    micro, pairs, last_log = 0, 0, time.perf_counter()
-    module.train()
-    if state.step == 0:
-        # ALBEF updates the momentum model at the start of every forward, so its first step starts with an
-        # EMA of two identical models (a no-op up to rounding); doing it here keeps every step's momentum
-        # weights bit for bit ALBEF's, while the loop's update after each step moves them once per step.
-        _momentum_update(module)
-    stop.install()
-    try:
-        while state.step < total_steps:
-            seen, resumed_at = 0, state.batch_in_epoch  # > 0 when resuming mid-epoch (or at its very end)
-            for batch, skipped in _synced(data.batches(state.epoch, state.batch_in_epoch), info.device, monitor):
-                seen += 1
-                state.batch_in_epoch += 1
-                state.skipped_samples += skipped
-                if batch is None:  # every sample of some rank's batch was bad
-                    continue
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(state.step, cfg.train, total_steps) * group.get("lr_scale", 1.0)
-                last_micro = micro == accum - 1
-                sync = module.no_sync() if isinstance(module, DistributedDataParallel) and not last_micro \
-                    else contextlib.nullcontext()
-                in_step = True  # from here until the optimiser step (or its skip), not a step boundary
-                with sync, _autocast(cfg.train.precision, info.device):
-                    outputs = module(batch, state.step, micro)
-                    loss = outputs["loss"] / accum
-                with sync:
-                    scaler.scale(loss).backward()
-                for key, value in outputs.items():  # kept as tensors: no device sync per micro-step
-                    part = value.detach().float() / accum
-                    sums[key] = sums[key] + part if key in sums else part
-                pairs += _batch_size(batch) * info.world_size
-                micro += 1
-                if micro < accum:
-                    continue
-                micro = 0
-                # The step's one sync: is the loss finite on every rank, and has any rank been told to stop?
-                flags = torch.stack([torch.isfinite(sums["loss"]).to(info.device, torch.float64),
-                                     torch.tensor(float(stop.requested), dtype=torch.float64, device=info.device)])
-                finite_ranks, stopping_ranks = dist.all_reduce_sum(flags).tolist()
-                if finite_ranks < info.world_size:
-                    optimizer.zero_grad(set_to_none=True)
-                    state.nonfinite_steps += 1
-                    state.nonfinite_in_a_row += 1
-                    log.warning(f"step {state.step}: non-finite loss, step skipped "
-                                f"({state.nonfinite_in_a_row} in a row)")
-                    sums, in_step = {}, False
-                    if state.nonfinite_in_a_row >= cfg.train.max_nonfinite:
-                        checkpoint()
-                        raise TrainingError(
-                            f"{state.nonfinite_in_a_row} consecutive non-finite losses (train.max_nonfinite); "
-                            f"the last good state is saved in {out / 'checkpoints'}")
-                    continue
-                state.nonfinite_in_a_row = 0
-                if cfg.train.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.train.clip_grad)
-                scale = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if scaler.get_scale() >= scale:  # fp16: a lowered scale means the step was skipped (inf grads)
-                    _momentum_update(module)
-                state.step += 1
-                in_step = False
-                logger.step()
-                if state.step % cfg.train.log_every == 0 or state.step == total_steps:
-                    elapsed = time.perf_counter() - last_log
-                    metrics = {k: _reduce(float(v), info.device) / info.world_size for k, v in sums.items()}
-                    logger.record({"step": state.step, **metrics, "epoch": state.epoch,
-                                   "lr": optimizer.param_groups[0]["lr"], "pairs_per_s": pairs / elapsed,
-                                   "skipped_samples": state.skipped_samples,
-                                   "nonfinite_steps": state.nonfinite_steps})
-                    pairs, last_log = 0, time.perf_counter()
-                sums = {}
-                if state.step % cfg.train.save_every == 0 or state.step == total_steps:
-                    checkpoint()
-                if state.step >= total_steps:
-                    break
-                if stopping_ranks > 0:  # a step boundary: the state a regular checkpoint holds
-                    stop_here(stop.signum or signal.SIGTERM)  # (no signum: another rank was told)
-            if state.step >= total_steps:
-                break
-            if seen == 0 and resumed_at == 0:
-                raise TrainingError(f"epoch {state.epoch} produced no batches: is the training data empty?")
-            monitor.end_epoch()
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            micro, sums = 0, {}
-            optimizer.zero_grad(set_to_none=True)  # an incomplete accumulation does not carry over
-    except BadDataError as exc:
-        raise TrainingError(str(exc)) from None
-    except Exception as exc:
-        # A SIGTERM to every process of the job (as some clusters send) also ends the DataLoader workers,
-        # and PyTorch then raises in this process: between steps the state is still exact, so save it;
-        # inside a step it is not, so say where the run can continue from.
+    def _stopped_by_the_data(self, exc: Exception) -> None:
+        """Re-raise ``exc``, unless a signal stopped the data: a SIGTERM to every process of the job (as
+        some clusters send) also ends the DataLoader workers, and PyTorch then raises in this process.
+        Between steps the state is still exact, so it is saved; inside a step it is not, so the message
+        says where the run can continue from."""
+        stop = self.stop
         if not stop.requested or isinstance(exc, (Interrupted, TrainingError)):
-            raise
+            raise exc
         log.info(f"the data stopped with the signal ({type(exc).__name__}: {str(exc).strip()[:200]})")
-        if micro == 0 and not in_step:
-            stop_here(stop.signum)
-        found = list_checkpoints(out)
+        if self.acc.micro == 0 and not self.acc.in_step:
+            self.stop_here(stop.signum)
+        found = list_checkpoints(self.out)
         last = found[-1] if found else "the start"
-        raise Interrupted(f"stopped by {signal_name(stop.signum)} inside step {state.step + 1} of {total_steps}, "
-                          f"which the data workers did not live to finish: nothing was saved; resume=auto "
-                          f"continues from {last}", stop.signum) from None
-    finally:
-        stop.restore()
-        monitor.summary()
-        logger.close()
-    if info.is_main:
-        model = _unwrap(module).model
-        model.save_pretrained(out / "model")
-        if hasattr(model.config, "text"):  # a model that reads text: its folder records the tokenizer
-            from softmask.data.text import save_vocab
-
-            save_vocab(cfg.data.tokenizer, out / "model")
-    dist.barrier()
-    return state
+        raise Interrupted(f"stopped by {signal_name(stop.signum)} inside step {self.state.step + 1} of "
+                          f"{self.total_steps}, which the data workers did not live to finish: nothing was saved; "
+                          f"resume=auto continues from {last}", stop.signum) from None

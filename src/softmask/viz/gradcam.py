@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from softmask.eval.word_gradcam import SOURCES, word_gradcam
+from softmask.eval.word_gradcam import word_gradcam
 
 log = logging.getLogger("softmask")
 
@@ -220,10 +220,10 @@ def prepare_image(path: str | Path, image_size: int, max_pixels: int = DEFAULT_M
 
 
 def _check_inputs(source: str, image_path: str | Path) -> None:
-    from softmask.config import ConfigError
+    from softmask.config import MAP_SOURCES, ConfigError, describe_choices
 
-    if source not in SOURCES:
-        raise ConfigError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
+    if source not in MAP_SOURCES:
+        raise ConfigError(f"--source must be {describe_choices(MAP_SOURCES)}, got '{source}'")
     if not Path(image_path).is_file():
         raise FileNotFoundError(f"image not found: {image_path}")
 
@@ -232,7 +232,8 @@ def load_for_gradcam(checkpoints: Sequence[str | Path], labels: Sequence[str] | 
                      ) -> list[tuple[str, torch.nn.Module, object, str]]:
     """Load each model with :func:`softmask.inference.load_model`: (label, model, run config or None,
     tokenizer source) per checkpoint, for :func:`draw_gradcam` (labels default to the paths as given)."""
-    from softmask.inference import load_model, tokenizer_source
+    from softmask.inference import load_model
+    from softmask.runs import tokenizer_source
 
     names = list(labels) if labels is not None else [str(path) for path in checkpoints]
     return [(name, *load_model(path), tokenizer_source(path)) for name, path in zip(names, checkpoints, strict=True)]

@@ -10,7 +10,7 @@ formats. Everything is a pure function of the seed.
 
 Modules: :mod:`~softmask.world.vocab` (attributes and words), :mod:`~softmask.world.scene` (sampling,
 occlusion, relations, saliency), :mod:`~softmask.world.render` (numpy drawing), :mod:`~softmask.world.language`
-(phrases, references, truth), :mod:`~softmask.world.captions`, :mod:`~softmask.world.tasks` (VQA, VE,
+(phrases, references, truth), :mod:`~softmask.world.captions`, :mod:`~softmask.world.task_items` (VQA, VE,
 minimal edits), :mod:`~softmask.world.pairs` (NLVR, text assignment), :mod:`~softmask.world.generate`.
 """
 

@@ -9,7 +9,7 @@ Layout of ``out_dir`` (image paths in every file are relative to it, so ``data.i
 - ``annotations/vqa_{split}.json``: ``{"question_id", "question", "answer": [10], "image", "dataset":
   "vqa", "type", "query"}``; ``answer_list.json``: every possible answer.
 - ``annotations/ve_{split}.json``: ``{"image", "sentence", "label", "claim"}`` (labels: see
-  :mod:`softmask.world.tasks`).
+  :mod:`softmask.world.task_items`).
 - ``annotations/nlvr_{split}.json``: ``{"images": [left, right], "sentence", "label": "True"|"False",
   "claim"}``; ``nlvr_ta.json``: train pairs ``{"images", "sentence", "label": 0|1|2}``.
 - ``annotations/minimal_edits.json``: test images only, see :func:`tasks.minimal_edit_items`.
@@ -42,7 +42,7 @@ from softmask.world.scene import (
     make_scene,
     world_random,
 )
-from softmask.world.tasks import minimal_edit_items, ve_items, vqa_items
+from softmask.world.task_items import minimal_edit_items, ve_items, vqa_items
 from softmask.world.vocab import SHAPES
 
 FORMAT_VERSION = 1

@@ -1,4 +1,4 @@
-"""The base of every task trained with a momentum (EMA) teacher, as ALBEF trains them all."""
+"""The base of every objective trained with a momentum (EMA) teacher, as ALBEF trains them all."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from softmask.objectives.distill import ema_update, momentum_copy
 from softmask.train.schedule import ramped_alpha
 
 
-class DistilledTask(nn.Module):
+class DistilledObjective(nn.Module):
     """``cfg``, the trained ``model``, its frozen momentum copy (None with ``momentum=False``) and the
     distillation ramp. The training loop calls :meth:`momentum_update` once after every optimiser step
     (never inside ``forward``: with gradient accumulation that would move it once per micro-batch).
