@@ -42,8 +42,11 @@ VARIANTS = {
     "soft_masks_only": ["method=albef", "softmask.soft_masks=true"],
     "focal_itc_only": ["method=albef", "itc.gamma=2.0"],
     "augmentation_only": ["method=albef", "softmask.text_masking=true", "softmask.image_distortion=true"],
+    # The readings of the soft masks (docs/method.md): where they are applied and which ITM pairs they enter.
+    "softmask_patch_embeddings": ["method=softmask", "softmask.apply_to=patch_embeddings"],
     # Not in the paper: soft-masked images also as ITM negatives (docs/results.md, the ITM shortcut).
     "softmask_masked_negatives": ["method=softmask", "softmask.masked_negatives=true"],
+    "softmask_masked_all": ["method=softmask", "softmask.masked_pairs=all"],
 }
 DEFAULT_VARIANTS = ("albef", "softmask", "soft_masks_only", "focal_itc_only", "augmentation_only")
 # The metrics of the table, in order (keys of `softmask evaluate world`).
@@ -55,6 +58,9 @@ TABLE_KEYS = ("tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "r_mean", "itc_tr1", "
               "itm_heldout", *(f"itm_attr_{a}" for a in EDIT_ATTRIBUTES), "itc_all", "itc_salient", "itc_secondary",
               "itc_heldout", *(f"itc_attr_{a}" for a in EDIT_ATTRIBUTES), "pointing_all", "pointing_salient",
               "pointing_secondary", "energy_all", "energy_salient", "energy_secondary",
+              "itm_shortcut", "itm_mismatched_masked", "itm_mismatched", "itm_masked_own",
+              *(f"mlm_{g}_{c}" for g in ("colour", "shape", "size", "pattern", "relation")
+                for c in ("right", "shuffled", "gap")),
               *(f"train_{k}" for k in TRAIN_KEYS))
 # Keys the study sets for every run itself (from its options).
 OWNED_KEYS = ("world", "seed", "output_dir", "train.max_steps", "method", "resume")

@@ -103,6 +103,7 @@ PARTS = ("loss_itc", "loss_itm", "loss_mlm")
     ("softmask.mask_source=attention", ("softmask.soft_masks=true",), {"loss_itm"}),
     ("softmask.apply_to=patch_embeddings", ("softmask.soft_masks=true",), {"loss_itm"}),
     ("softmask.masked_negatives=true", ("softmask.soft_masks=true",), {"loss_itm"}),
+    ("softmask.masked_pairs=all", ("softmask.soft_masks=true",), {"loss_itm"}),
     ("itc.focal=positive", ("itc.gamma=1",), {"loss_itc"}),  # from step 1, when alpha > 0 gives soft targets
 ])
 def test_each_switch_alone_changes_the_losses_it_acts_on_and_no_other(switch, base, changed):
@@ -126,6 +127,45 @@ def test_masked_negatives_pair_each_masked_image_with_its_negative_caption():
     assert masked["loss_itm_soft"] != plain["loss_itm_soft"]
     with pytest.raises(ConfigError, match="masked_negatives needs softmask.soft_masks"):
         load_config(TINY, ["method=albef", "softmask.masked_negatives=true"])
+    # masked_negatives is masked_pairs=negative_captions: the same pairs, the same losses
+    same = _losses("method=albef", "softmask.soft_masks=true", "softmask.masked_pairs=negative_captions", steps=1)[0]
+    assert same == masked
+    assert load_config(TINY, ["method=softmask"]).softmask.masked_pairs == "positives"
+    with pytest.raises(ConfigError, match="set only masked_pairs"):
+        load_config(TINY, ["method=softmask", "softmask.masked_negatives=true", "softmask.masked_pairs=all"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("apply_to", ["features", "patch_embeddings"])
+def test_masked_pairs_all_mirrors_every_ordinary_pair_with_its_image_masked_by_its_own_caption(apply_to,
+                                                                                             monkeypatch):
+    from softmask.objectives.softmask import apply_soft_mask
+    from softmask.tasks import pretrain as module
+
+    base = ("method=albef", "softmask.soft_masks=true", f"softmask.apply_to={apply_to}")
+    captions = _losses(*base, "softmask.masked_pairs=negative_captions", steps=1)[0]
+    seen = {}
+    real = module.PretrainObjective._masked_negative_images
+
+    def spy(self, s, soft, negatives):
+        rows, images = real(self, s, soft, negatives)
+        seen.update(rows=rows, images=images, soft=soft, negatives=negatives, s=s)
+        return rows, images
+
+    monkeypatch.setattr(module.PretrainObjective, "_masked_negative_images", spy)
+    every = _losses(*base, "softmask.masked_pairs=all", steps=1)[0]
+    b = 6  # every caption has a word and a hard negative: b more pairs, all labelled no match
+    assert every["itm_pairs"] == captions["itm_pairs"] + b and seen["rows"].all()
+    assert every["loss_itm"] != captions["loss_itm"] and np.isfinite(every["loss"])
+    # Each caption's negative image carries that image's own mask (as its own soft-masked positive did).
+    soft, negatives, s = seen["soft"], seen["negatives"], seen["s"]
+    index = negatives.image_index
+    assert (index != torch.arange(b)).all()  # never the caption's own image
+    if apply_to == "features":
+        assert torch.equal(seen["images"], apply_soft_mask(s.image_embeds[index], soft.weights[index]))
+        assert torch.equal(seen["images"][0], soft.images[int(index[0])])  # = that image's masked positive
+    else:
+        assert torch.allclose(seen["images"], soft.images[index], atol=1e-5)
 
 
 def _reference_gradcam(model, pixels, ids, mask, layer):

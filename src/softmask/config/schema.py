@@ -36,6 +36,7 @@ FocalTerms = Literal["all", "positive"]  # itc.focal
 NegativesFrom = Literal["global", "local"]  # itm.negatives
 MapSource = Literal["gradcam", "attention"]  # softmask.mask_source; `softmask gradcam --source`, explore
 SoftMaskTarget = Literal["features", "patch_embeddings"]  # softmask.apply_to
+MaskedPairs = Literal["positives", "negative_captions", "all"]  # softmask.masked_pairs
 FinetuneTask = Literal["retrieval", "ve", "vqa", "nlvr2"]  # `softmask finetune/evaluate TASK`
 NotSet = Literal[""]
 NLVR2Stage = Literal["text_assignment", "finetune"]  # finetune.stage
@@ -385,10 +386,14 @@ class SoftMaskConfig:
     """The paper's text-driven soft masks and multi-modal augmentation. Switches left at None follow
     ``method`` (albef: all off; softmask: all on); a value given here wins."""
 
-    soft_masks: bool | None = None  # soft-masked images of each pair as extra ITM positives
-    # Ours, not the paper's (off = the paper): also pair each soft-masked image with its hard-negative
-    # caption as an ITM negative, so that a masked image carries no "match" label by itself.
-    masked_negatives: bool = False
+    soft_masks: bool | None = None  # soft-masked images of each pair as extra ITM pairs
+    # Which ITM pairs the soft-masked images enter; None: "negative_captions" with masked_negatives, else the
+    # method's. "positives" (the paper, as we read it): each masked image with its own caption, a match.
+    # "negative_captions" (ours): also with its hard-negative caption, no match. "all" (ours): every ordinary
+    # pair again with its image soft-masked by a word of that image's own caption (its caption, its
+    # hard-negative caption, and each caption's hard-negative image), so that masking says nothing of the label.
+    masked_pairs: MaskedPairs | None = None
+    masked_negatives: bool = False  # the older switch for masked_pairs=negative_captions
     layer: int | None = None  # fusion layer (0-based) whose cross-attention makes the maps; None = the 3rd
     mask_source: MapSource = "gradcam"  # gradcam | attention (the supplement's Table 9 ablation)
     apply_to: SoftMaskTarget = "features"  # features (image encoder output) | patch_embeddings (re-encode)
@@ -400,7 +405,7 @@ class SoftMaskConfig:
 
     def validate(self, key: str) -> None:
         _check_choices(self, key)
-        for name in ("soft_masks", "text_masking", "image_distortion", "layer"):
+        for name in ("soft_masks", "text_masking", "image_distortion", "layer", "masked_pairs"):
             if getattr(self, name) is None:
                 raise ConfigError(f"{key}.{name} is not resolved (Config.resolve sets it from method)")
         if not 0 < self.ratio < 1:
@@ -494,8 +499,10 @@ class ImagePretrainConfig:
 
 # What `method` sets; any switch given explicitly in the config wins.
 METHOD_DEFAULTS = {
-    "albef": {"soft_masks": False, "text_masking": False, "image_distortion": False, "gamma": 0.0},
-    "softmask": {"soft_masks": True, "text_masking": True, "image_distortion": True, "gamma": 2.0},
+    "albef": {"soft_masks": False, "text_masking": False, "image_distortion": False, "gamma": 0.0,
+              "masked_pairs": "positives"},
+    "softmask": {"soft_masks": True, "text_masking": True, "image_distortion": True, "gamma": 2.0,
+                 "masked_pairs": "positives"},
 }
 
 
@@ -532,6 +539,9 @@ class Config:
                     setattr(self.softmask, name, defaults[name])
             if self.itc.gamma is None:
                 self.itc.gamma = defaults["gamma"]
+            if self.softmask.masked_pairs is None:
+                self.softmask.masked_pairs = ("negative_captions" if self.softmask.masked_negatives
+                                              else defaults["masked_pairs"])
         if self.softmask.layer is None:
             self.softmask.layer = default_gradcam_layer(self.model.text.num_fusion_layers)
         return self
@@ -576,6 +586,9 @@ class Config:
         if self.softmask.masked_negatives and not self.softmask.soft_masks:
             raise ConfigError("softmask.masked_negatives needs softmask.soft_masks (method=softmask or "
                               "softmask.soft_masks=true): it pairs the soft-masked images with negatives")
+        if self.softmask.masked_negatives and self.softmask.masked_pairs != "negative_captions":
+            raise ConfigError(f"softmask.masked_negatives=true is softmask.masked_pairs=negative_captions, but "
+                              f"masked_pairs is '{self.softmask.masked_pairs}': set only masked_pairs")
         if (self.softmask.soft_masks and self.softmask.mask_source == "gradcam"
                 and self.softmask.layer == fusion - 1 and self.model.fused_pooling == "cls"):
             raise ConfigError(

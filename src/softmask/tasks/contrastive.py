@@ -111,12 +111,15 @@ class HardNegatives:
     """One hard negative per row (see :meth:`ContrastiveObjective.hard_negatives`): ``text`` (B, T, D) and
     ``mask`` (B, T) a negative caption for each image, ``image`` (B, 1 + N, Dv) a negative image for each
     caption, ``valid`` (B,) bool (False for a row without any allowed negative; its negatives are then
-    meaningless)."""
+    meaningless); ``image_index`` (B,) long, the negative image's row in the batch it was drawn from (this
+    process's with ``local``, else the global batch in rank order)."""
 
     text: torch.Tensor
     mask: torch.Tensor
     image: torch.Tensor
     valid: torch.Tensor
+    image_index: torch.Tensor
+    local: bool
 
     def missing(self) -> torch.Tensor:
         """How many rows have no negative (a detached float scalar, for the log)."""
@@ -347,7 +350,7 @@ class ContrastiveObjective(DistilledObjective):
             image_pool = dist.all_gather_with_grad(s.image_embeds)
             text_pool = dist.all_gather_with_grad(s.text_embeds)
             mask_pool = bank.mask_all
-        return HardNegatives(text_pool[neg_text], mask_pool[neg_text], image_pool[neg_image], valid)
+        return HardNegatives(text_pool[neg_text], mask_pool[neg_text], image_pool[neg_image], valid, neg_image, local)
 
     @staticmethod
     def itm_pairs(s: ContrastiveStep, negatives: HardNegatives, positive_logits: torch.Tensor | None = None

@@ -82,11 +82,13 @@ def warn_if_text_features_collapsed(text_feat: torch.Tensor, pooling: str,
 @dataclass
 class SoftMasked:
     """The soft-masked images of one step: ``images`` (S, 1 + N, Dv) image tokens for the S pairs that had an
-    eligible word, ``rows`` (B,) bool those pairs, ``weight_fraction`` the mean share of image weight the
-    masks take away (a detached scalar, 0 without any)."""
+    eligible word, ``rows`` (B,) bool those pairs, ``weights`` (B, N) every pair's soft mask (detached; read
+    only where ``rows``), ``weight_fraction`` the mean share of image weight the masks take away (a detached
+    scalar, 0 without any)."""
 
     images: torch.Tensor
     rows: torch.Tensor
+    weights: torch.Tensor
     weight_fraction: torch.Tensor
 
 
@@ -188,17 +190,41 @@ class PretrainObjective(ContrastiveObjective):
 
     def _itm_pairs(self, s: ContrastiveStep, positives: Positives, negatives: HardNegatives) -> list[PairBlock]:
         """Every pair ITM scores in a pretraining step, in fusion order: the ordinary pairs (the positives
-        already scored by their own fusion pass), then with soft masks each soft-masked image with its
-        caption (a match) and, with ``softmask.masked_negatives``, with its hard-negative caption (no match)."""
+        already scored by their own fusion pass), then with soft masks (``softmask.masked_pairs``) each
+        soft-masked image with its caption (a match); with "negative_captions" or "all" also with its
+        hard-negative caption (no match); with "all" also each caption with its hard-negative image, that
+        image soft-masked by a word of its own caption (no match)."""
         blocks = self.itm_pairs(s, negatives, positive_logits=positives.logits)
-        soft = positives.soft
-        if soft is not None:
-            blocks.append(PairBlock("soft", True, s.text_embeds[soft.rows], s.mask[soft.rows], soft.images))
-            if self.cfg.softmask.masked_negatives:
-                both = soft.rows & negatives.valid
-                blocks.append(PairBlock("soft", False, negatives.text[both], negatives.mask[both],
-                                        soft.images[negatives.valid[soft.rows]]))
+        soft, which = positives.soft, self.cfg.softmask.masked_pairs
+        if soft is None:
+            return blocks
+        blocks.append(PairBlock("soft", True, s.text_embeds[soft.rows], s.mask[soft.rows], soft.images))
+        if which in ("negative_captions", "all"):
+            both = soft.rows & negatives.valid
+            blocks.append(PairBlock("soft", False, negatives.text[both], negatives.mask[both],
+                                    soft.images[negatives.valid[soft.rows]]))
+        if which == "all":
+            rows, images = self._masked_negative_images(s, soft, negatives)
+            blocks.append(PairBlock("soft", False, s.text_embeds[rows], s.mask[rows], images))
         return blocks
+
+    def _masked_negative_images(self, s: ContrastiveStep, soft: SoftMasked, negatives: HardNegatives
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each caption's hard-negative image soft-masked with that image's own mask (made from a word of its
+        own caption, as its own soft-masked positive was): the (B,) bool of the captions whose negative is
+        valid and had a word, and those images' tokens (n, 1 + N, Dv). The masks of the batch the negatives
+        were drawn from (the global one across processes) are gathered; they carry no gradient."""
+        weights, has_word, pixels = soft.weights, soft.rows, s.images
+        if not negatives.local:
+            weights, has_word = dist.all_gather(weights), dist.all_gather(has_word.to(weights.dtype)) > 0.5
+            if self.cfg.softmask.apply_to == "patch_embeddings":
+                pixels = dist.all_gather(pixels)
+        index = negatives.image_index
+        rows = negatives.valid & has_word[index]
+        chosen = index[rows]
+        if self.cfg.softmask.apply_to == "features":
+            return rows, apply_soft_mask(negatives.image[rows], weights[chosen])
+        return rows, self.model.encode_image(pixels[chosen], patch_scale=weights[chosen])
 
     def _positives(self, s: ContrastiveStep) -> Positives:
         """The fusion pass of the positive pairs (ITM positives, MLM, and Grad-CAM for the soft masks)."""
@@ -264,7 +290,7 @@ class PretrainObjective(ContrastiveObjective):
             images = apply_soft_mask(s.image_embeds[has_word], soft[has_word])
         else:
             images = self.model.encode_image(s.images[has_word], patch_scale=soft[has_word])
-        return SoftMasked(images, has_word, weight_fraction)
+        return SoftMasked(images, has_word, soft, weight_fraction)
 
 
 # --------------------------------------------------------------------------------------------------
