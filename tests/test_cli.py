@@ -108,7 +108,7 @@ def test_demo_budgets_and_bad_settings_are_checked_before_any_work(tmp_path, cap
     assert set(BUDGETS) == {"default", "full"} and set(BUDGETS["default"]) == set(BUDGETS["full"])
     # full: the recipe of the study in docs/results.md
     assert {k: BUDGETS["full"][k] for k in ("steps", "batch_size", "vision_steps", "eval_k", "grounding_captions")} \
-        == {"steps": 600, "batch_size": 32, "vision_steps": 700, "eval_k": 16, "grounding_captions": 500}
+        == {"steps": 600, "batch_size": 28, "vision_steps": 700, "eval_k": 16, "grounding_captions": 500}
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         main(["-q", "demo", "--out", str(out), "--budget", "huge"])
     assert "invalid choice: 'huge'" in capsys.readouterr().err
