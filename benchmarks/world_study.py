@@ -42,11 +42,12 @@ VARIANTS = {
     "soft_masks_only": ["method=albef", "softmask.soft_masks=true"],
     "focal_itc_only": ["method=albef", "itc.gamma=2.0"],
     "augmentation_only": ["method=albef", "softmask.text_masking=true", "softmask.image_distortion=true"],
-    # The readings of the soft masks (docs/method.md): where they are applied and which ITM pairs they enter.
-    "softmask_patch_embeddings": ["method=softmask", "softmask.apply_to=patch_embeddings"],
-    # Not in the paper: soft-masked images also as ITM negatives (docs/results.md, the ITM shortcut).
-    "softmask_masked_negatives": ["method=softmask", "softmask.masked_negatives=true"],
-    "softmask_masked_all": ["method=softmask", "softmask.masked_pairs=all"],
+    # The readings of the soft masks (docs/method.md): which ITM pairs they enter (the default, "all", is
+    # `softmask` above) and where they are applied.
+    "softmask_masked_positives": ["method=softmask", "softmask.masked_pairs=positives"],
+    "softmask_patch_embeddings": ["method=softmask", "softmask.masked_pairs=positives",
+                                  "softmask.apply_to=patch_embeddings"],
+    "softmask_masked_negatives": ["method=softmask", "softmask.masked_pairs=negative_captions"],
 }
 DEFAULT_VARIANTS = ("albef", "softmask", "soft_masks_only", "focal_itc_only", "augmentation_only")
 # The metrics of the table, in order (keys of `softmask evaluate world`).

@@ -118,7 +118,7 @@ def test_each_switch_alone_changes_the_losses_it_acts_on_and_no_other(switch, ba
 
 @pytest.mark.slow
 def test_masked_negatives_pair_each_masked_image_with_its_negative_caption():
-    plain = _losses("method=albef", "softmask.soft_masks=true", steps=1)[0]
+    plain = _losses("method=albef", "softmask.soft_masks=true", "softmask.masked_pairs=positives", steps=1)[0]
     masked = _losses("method=albef", "softmask.soft_masks=true", "softmask.masked_negatives=true", steps=1)[0]
     b = 6  # every caption has an eligible word, and every row a hard negative (6 distinct captions)
     assert plain["itm_pairs"] == b + 2 * b + b and masked["itm_pairs"] == plain["itm_pairs"] + b
@@ -130,7 +130,10 @@ def test_masked_negatives_pair_each_masked_image_with_its_negative_caption():
     # masked_negatives is masked_pairs=negative_captions: the same pairs, the same losses
     same = _losses("method=albef", "softmask.soft_masks=true", "softmask.masked_pairs=negative_captions", steps=1)[0]
     assert same == masked
-    assert load_config(TINY, ["method=softmask"]).softmask.masked_pairs == "positives"
+    # The default reading is "all" (docs/method.md); masked_negatives alone still means negative_captions.
+    assert load_config(TINY, ["method=softmask"]).softmask.masked_pairs == "all"
+    assert load_config(TINY, ["method=softmask", "softmask.masked_negatives=true"]).softmask.masked_pairs \
+        == "negative_captions"
     with pytest.raises(ConfigError, match="set only masked_pairs"):
         load_config(TINY, ["method=softmask", "softmask.masked_negatives=true", "softmask.masked_pairs=all"])
 

@@ -388,10 +388,11 @@ class SoftMaskConfig:
 
     soft_masks: bool | None = None  # soft-masked images of each pair as extra ITM pairs
     # Which ITM pairs the soft-masked images enter; None: "negative_captions" with masked_negatives, else the
-    # method's. "positives" (the paper, as we read it): each masked image with its own caption, a match.
-    # "negative_captions" (ours): also with its hard-negative caption, no match. "all" (ours): every ordinary
-    # pair again with its image soft-masked by a word of that image's own caption (its caption, its
-    # hard-negative caption, and each caption's hard-negative image), so that masking says nothing of the label.
+    # method's ("all"). "all" (ours, the default: docs/method.md says why): every ordinary pair again with its
+    # image soft-masked by a word of that image's own caption (its caption, its hard-negative caption, and
+    # each caption's hard-negative image), so that masking says nothing of the label. "positives" (the
+    # paper, as we read it): each masked image with its own caption, a match; a matching head learns
+    # "masked means match" from it. "negative_captions" (ours): also with its hard-negative caption, no match.
     masked_pairs: MaskedPairs | None = None
     masked_negatives: bool = False  # the older switch for masked_pairs=negative_captions
     layer: int | None = None  # fusion layer (0-based) whose cross-attention makes the maps; None = the 3rd
@@ -500,9 +501,9 @@ class ImagePretrainConfig:
 # What `method` sets; any switch given explicitly in the config wins.
 METHOD_DEFAULTS = {
     "albef": {"soft_masks": False, "text_masking": False, "image_distortion": False, "gamma": 0.0,
-              "masked_pairs": "positives"},
+              "masked_pairs": "all"},
     "softmask": {"soft_masks": True, "text_masking": True, "image_distortion": True, "gamma": 2.0,
-                 "masked_pairs": "positives"},
+                 "masked_pairs": "all"},
 }
 
 
