@@ -154,6 +154,10 @@ def test_itm_prior_is_the_entropy_of_the_share_of_positives():
 
     assert itm_prior(0.0) == pytest.approx(0.6365, abs=1e-4)  # 1 positive, 2 negatives per image
     assert itm_prior(1.0) == pytest.approx(0.6931, abs=1e-4)  # + 1 soft-masked positive: half are positives
+    assert itm_prior(1.0, "positives") == itm_prior(1.0)
+    # + a masked positive and a masked negative: 2 of 5 are positives
+    assert itm_prior(1.0, "negative_captions") == pytest.approx(0.6730, abs=1e-4)
+    assert itm_prior(1.0, "all") == pytest.approx(itm_prior(0.0))  # every pair mirrored: still 1 in 3
 
 
 def test_the_itm_panel_shows_softmask_ordinary_pairs_against_their_own_prior(tmp_path):

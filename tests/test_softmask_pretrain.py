@@ -103,7 +103,7 @@ PARTS = ("loss_itc", "loss_itm", "loss_mlm")
     ("softmask.mask_source=attention", ("softmask.soft_masks=true",), {"loss_itm"}),
     ("softmask.apply_to=patch_embeddings", ("softmask.soft_masks=true",), {"loss_itm"}),
     ("softmask.masked_negatives=true", ("softmask.soft_masks=true",), {"loss_itm"}),
-    ("softmask.masked_pairs=all", ("softmask.soft_masks=true",), {"loss_itm"}),
+    ("softmask.masked_pairs=positives", ("softmask.soft_masks=true",), {"loss_itm"}),  # the default is "all"
     ("itc.focal=positive", ("itc.gamma=1",), {"loss_itc"}),  # from step 1, when alpha > 0 gives soft targets
 ])
 def test_each_switch_alone_changes_the_losses_it_acts_on_and_no_other(switch, base, changed):

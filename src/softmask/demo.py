@@ -24,6 +24,7 @@ from pathlib import Path
 
 from softmask.config import ConfigError, load_config, override_key
 from softmask.config.files import packaged_config
+from softmask.runs import run_config
 from softmask.side_by_side import run_side_by_side, softmask_command, threads_per_process
 from softmask.train.loop import TrainingError
 from softmask.train.stop import Interrupted
@@ -98,25 +99,33 @@ def attribute_table(vision: dict[str, float], metrics: dict[str, dict[str, float
     return lines
 
 
-def itm_prior(soft_share: float = 0.0) -> float:
+def itm_prior(soft_share: float = 0.0, masked_pairs: str = "positives") -> float:
     """The ITM loss of a head that only knows how often pairs match: entropy (nats) of the share of
     positives. Per image ALBEF fuses 1 positive and 2 hard negatives (1/3 positive, 0.6365); soft masks add
-    ``soft_share`` soft-masked positives per image."""
-    p = (1.0 + soft_share) / (3.0 + soft_share)
+    ``soft_share`` soft-masked pairs per image and pair: with ``masked_pairs`` "positives" only the masked
+    positive, with "negative_captions" also a masked negative, with "all" a masked copy of all three."""
+    extra_negatives = {"positives": 0.0, "negative_captions": 1.0, "all": 2.0}[masked_pairs] * soft_share
+    p = (1.0 + soft_share) / (3.0 + soft_share + extra_negatives)
     return float(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
+
+
+def _masked_pairs(run: Path) -> str:
+    """The ITM pairs a run's soft-masked images entered (``softmask.masked_pairs`` of its saved config)."""
+    return run_config(run).softmask.masked_pairs if (run / "config.yaml").exists() else "positives"
 
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def itm_extra_lines(name: str, rows: list[dict]) -> list[tuple[str, list[int], list[float], str]]:
+def itm_extra_lines(name: str, rows: list[dict], masked_pairs: str = "positives"
+                    ) -> list[tuple[str, list[int], list[float], str]]:
     """What the ITM panel draws for a run besides its loss: ``(label, steps, values, linestyle)``, with no
     steps for a horizontal line. Always the run's prior (:func:`itm_prior`, dashed); for a run with soft
     masks (it logs ``loss_itm_pairs``) also the loss on its ordinary pairs (dotted), whose prior is ALBEF's:
     its total falls under its own prior through the soft-masked pairs alone."""
     shares = [r.get("soft_mask_share", 0.0) for r in rows]
-    prior = itm_prior(sum(shares) / max(1, len(shares)))
+    prior = itm_prior(sum(shares) / max(1, len(shares)), masked_pairs)
     lines = [(f"{name}: prior {prior:.3f}", [], [prior], "--")]
     if rows and all("loss_itm_pairs" in r for r in rows):
         lines.append((f"{name}: ordinary pairs (prior {itm_prior(0.0):.3f})", [r["step"] for r in rows],
@@ -137,7 +146,7 @@ def plot_losses(runs: dict[str, Path], out: Path) -> Path:
             rows = _rows(run / "metrics.jsonl")
             line, = ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
             if key == "loss_itm":
-                for label, steps, values, style in itm_extra_lines(name, rows):
+                for label, steps, values, style in itm_extra_lines(name, rows, _masked_pairs(run)):
                     if steps:
                         ax.plot(steps, values, color=line.get_color(), linestyle=style, linewidth=1, label=label)
                     else:
@@ -236,7 +245,7 @@ def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures:
     for key, label in REPORT_KEYS:
         if all(key in m for m in metrics.values()):
             lines.append(f"| {label} | " + " | ".join(f"{metrics[name][key]:.1f}" for name in runs) + " |")
-    finals = {name: _final_losses(run / "metrics.jsonl") for name, run in runs.items()}
+    finals = {name: _final_losses(run) for name, run in runs.items()}
     lines.append("| ITM training loss (last logged steps) | " + " | ".join(
         f"{finals[name]['loss_itm']:.3f} (prior {finals[name]['prior']:.3f})" for name in runs) + " |")
     lines += ["", f"Chance: minimal edits 50; retrieval R@1 {100 / max(1, test_images):.2f}, R@10 "
@@ -276,12 +285,13 @@ def _budget_words(settings: dict) -> str:
     return f"Budget `{budget}` ({what})" + (f", changed: {changed}" if changed else "")
 
 
-def _final_losses(path: Path, last: int = 3) -> dict[str, float]:
-    """Mean of the last ``last`` logged values of loss_itm (and of loss_itm_soft, the soft-masked pairs'
-    part, where logged) and the run's ITM prior."""
-    rows = _rows(path)[-last:]
+def _final_losses(run: Path, last: int = 3) -> dict[str, float]:
+    """Mean of the last ``last`` logged values of a run's loss_itm (and of loss_itm_soft, the soft-masked
+    pairs' part, where logged) and the run's ITM prior."""
+    rows = _rows(run / "metrics.jsonl")[-last:]
     share = sum(r.get("soft_mask_share", 0.0) for r in rows) / max(1, len(rows))
-    out = {"loss_itm": sum(r["loss_itm"] for r in rows) / max(1, len(rows)), "prior": itm_prior(share)}
+    out = {"loss_itm": sum(r["loss_itm"] for r in rows) / max(1, len(rows)),
+           "prior": itm_prior(share, _masked_pairs(run))}
     for key in ("loss_itm_soft", "loss_itm_pairs"):
         if rows and all(key in r for r in rows):
             out[key] = sum(r[key] for r in rows) / len(rows)
@@ -306,7 +316,7 @@ def _itm_verdicts(runs: dict[str, Path], metrics: dict[str, dict[str, float]]) -
     evaluation: a soft-masked image with a wrong caption, its match probability minus the plain image's)."""
     lines = []
     for name, run in runs.items():
-        final = _final_losses(run / "metrics.jsonl")
+        final = _final_losses(run)
         loss, prior = final["loss_itm"], final["prior"]
         which = "training loss"
         if "loss_itm_pairs" in final:
