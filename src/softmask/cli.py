@@ -395,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         return f"{ours}" + (f"; {full} with --budget full" if full != ours else "")
 
     demo.add_argument("--budget", choices=list(BUDGETS), default="default",
-                      help="default: about 15 min on 2 cores; full: the study's recipe in docs/results.md, seed 0 "
-                      "(about 17 min: more image-encoder steps, 32 pairs per step, a larger evaluation)")
+                      help="default: about 19 min on 2 cores; full: the recipe of docs/results.md, seed 0 "
+                      "(about 28 min: twice the vision-language steps, a larger evaluation)")
     for option, key, what in (
             ("--images", "images", "world size"), ("--size", "size", "image side in pixels"),
             ("--steps", "steps", "training steps per method"), ("--batch-size", "batch_size", "pairs per step"),
