@@ -6,10 +6,26 @@ list), converts the result into the dataclasses with type checks, and validates 
 error is a :class:`ConfigError` whose message names the dotted key (and the file), raised before any
 model or data work starts.
 
-The schema (the dataclasses and their checks) is :mod:`softmask.config.schema`; reading files and
+The schema (the dataclasses and their checks) is :mod:`softmask.config.schema`, the choices its settings
+take :mod:`softmask.config.choices`; reading files and
 overrides is :mod:`softmask.config.parse`. Everything is importable from ``softmask.config``.
 """
 
+from softmask.config.choices import (
+    ANSWER_RANKINGS,
+    BAD_SAMPLE_POLICIES,
+    EVAL_SPLITS,
+    FINETUNE_TASKS,
+    FOCAL_TERMS,
+    MAP_SOURCES,
+    METHODS,
+    RANDAUG_OPERATIONS,
+    RETRIEVAL_SCORES,
+    TEXT_POOLING,
+    VQA_RULES,
+    choices,
+    describe_choices,
+)
 from softmask.config.parse import (
     apply_override,
     config_from_dict,
@@ -24,18 +40,7 @@ from softmask.config.parse import (
     to_dict,
 )
 from softmask.config.schema import (
-    ANSWER_RANKINGS,
-    BAD_SAMPLE_POLICIES,
-    EVAL_SPLITS,
-    FINETUNE_TASKS,
-    FOCAL_TERMS,
-    MAP_SOURCES,
     METHOD_DEFAULTS,
-    METHODS,
-    RANDAUG_OPERATIONS,
-    RETRIEVAL_SCORES,
-    TEXT_POOLING,
-    VQA_RULES,
     WORLD_FILES,
     AugmentConfig,
     Config,
@@ -51,9 +56,7 @@ from softmask.config.schema import (
     TextConfig,
     TrainConfig,
     VisionConfig,
-    choices,
     default_gradcam_layer,
-    describe_choices,
 )
 
 __all__ = [

@@ -1,6 +1,5 @@
-"""The config schema: one dataclass per section, and every set of choices a setting takes, declared once
-as a ``Literal`` type (:func:`choices` lists one; the command line's ``choices`` and the evaluators
-use them too).
+"""The config schema: one dataclass per section, annotated with the ``Literal`` choices of
+:mod:`softmask.config.choices` where a setting takes one of a set of values.
 
 A config is built in two steps: :meth:`Config.resolve` fills in what depends on other settings (the
 files of a ``world`` folder, the switches ``method`` sets, the Grad-CAM layer), then :meth:`Config.validate`
@@ -15,64 +14,38 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+from softmask.config.choices import (
+    EVAL_SPLITS,
+    FINETUNE_TASKS,
+    RANDAUG_OPERATIONS,
+    AnswerRanking,
+    BadSamplePolicy,
+    EvalSplit,
+    FinetuneTask,
+    FocalTerms,
+    InitLayers,
+    MapSource,
+    MaskedPairs,
+    Method,
+    NegativesFrom,
+    NLVR2Stage,
+    NotSet,
+    Pooling,
+    Precision,
+    RandAugOperation,
+    RetrievalScore,
+    SoftMaskTarget,
+    VisionStem,
+    VQARules,
+    choices,
+    describe_choices,
+)
 
 
 class ConfigError(ValueError):
     """A config file, override or value is wrong; the message names the key."""
-
-
-# --------------------------------------------------------------------------------------------------
-# The choices
-# --------------------------------------------------------------------------------------------------
-
-Method = Literal["albef", "softmask"]
-VisionStem = Literal["patch", "conv"]  # model.vision.stem
-InitLayers = Literal["all", "first"]  # model.text.init_layers
-Pooling = Literal["cls", "mean"]  # model.text_pooling, model.fused_pooling
-BadSamplePolicy = Literal["skip", "raise"]  # data.on_bad_sample
-Precision = Literal["fp32", "bf16", "fp16"]  # train.precision
-FocalTerms = Literal["all", "positive"]  # itc.focal
-NegativesFrom = Literal["global", "local"]  # itm.negatives
-MapSource = Literal["gradcam", "attention"]  # softmask.mask_source; `softmask gradcam --source`, explore
-SoftMaskTarget = Literal["features", "patch_embeddings"]  # softmask.apply_to
-MaskedPairs = Literal["positives", "negative_captions", "all"]  # softmask.masked_pairs
-FinetuneTask = Literal["retrieval", "ve", "vqa", "nlvr2"]  # `softmask finetune/evaluate TASK`
-NotSet = Literal[""]
-NLVR2Stage = Literal["text_assignment", "finetune"]  # finetune.stage
-RetrievalScore = Literal["itm", "itm+itc"]  # finetune.score
-AnswerRanking = Literal["albef", "sequence"]  # finetune.answer_ranking (VQA)
-# finetune.vqa_rules and `softmask score vqa --rules`: the official VQA evaluator's versions (the first: the default)
-VQARules = Literal["2021", "2017"]
-EvalSplit = Literal["val", "test"]  # finetune.eval_splits, `softmask evaluate --split`
-# ALBEF's RandAugment operations, by name (softmask.data.transforms implements them in this order).
-RandAugOperation = Literal["identity", "auto_contrast", "equalize", "brightness", "sharpness", "shear_x", "shear_y",
-                           "translate_x", "translate_y", "rotate"]
-
-
-def choices(tp: Any) -> tuple[str, ...]:
-    """The values a ``Literal`` type (or a union of them) allows, in their declared order."""
-    if typing.get_origin(tp) is Literal:
-        return typing.get_args(tp)
-    return tuple(value for part in typing.get_args(tp) for value in choices(part))
-
-
-def describe_choices(values: tuple[str, ...]) -> str:
-    """``one of a, b, c`` for a message (the empty choice, "not set", left out)."""
-    return "one of " + ", ".join(value for value in values if value)
-
-
-METHODS = choices(Method)
-FINETUNE_TASKS = choices(FinetuneTask)
-TEXT_POOLING = choices(Pooling)
-RANDAUG_OPERATIONS = choices(RandAugOperation)
-MAP_SOURCES = choices(MapSource)
-VQA_RULES = choices(VQARules)
-ANSWER_RANKINGS = choices(AnswerRanking)
-RETRIEVAL_SCORES = choices(RetrievalScore)
-FOCAL_TERMS = choices(FocalTerms)
-EVAL_SPLITS = choices(EvalSplit)
-BAD_SAMPLE_POLICIES = choices(BadSamplePolicy)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from softmask.config import AugmentConfig, ConfigError
-from softmask.config.schema import RANDAUG_OPERATIONS
+from softmask.config.choices import RANDAUG_OPERATIONS
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from softmask.config.schema import FOCAL_TERMS, describe_choices
+from softmask.config.choices import FOCAL_TERMS, describe_choices
 
 
 def float32_log_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
