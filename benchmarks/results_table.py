@@ -3,6 +3,10 @@
 one row per metric of a named row set.
 
     python benchmarks/results_table.py STUDY.json [--rows headline] [--variants albef,softmask,...]
+        [--paired albef]
+
+``--paired BASELINE`` adds, for every other variant, its mean paired difference from BASELINE over the
+seeds both ran (the same seed trains both on the same world and encoder) with a 95 % Student's t interval.
 
 README.md and docs/results.md show its output, each table under an HTML comment holding the command
 that made it (``<!-- results-table: python benchmarks/results_table.py ... -->``); the test of the
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
+import statistics
 from pathlib import Path
 
 NAMES = {"albef": "ALBEF", "softmask": "SoftMask", "soft_masks_only": "soft masks only",
@@ -64,6 +70,27 @@ ROWS = {
         (("itc_attr_colour",), "minimal edits by ITC: colour"),
         (("itc_attr_shape",), "... shape"),
     ],
+    # The paper's question: does a method use more than the most salient object and attribute?
+    "question": [
+        (ITM_PAIRS, "ITM training loss, ordinary pairs"),
+        (("itm_shortcut",), "`itm_shortcut`"),
+        (("itm_salient",), "minimal edits by ITM, salient object"),
+        (("itm_secondary",), "... secondary object"),
+        (("itc_salient",), "minimal edits by ITC, salient object"),
+        (("itc_secondary",), "... secondary object"),
+        *((("itm_attr_" + a,), ("ITM edits: " if a == "colour" else "... ") + a)
+          for a in ("colour", "shape", "size", "pattern", "relation")),
+        *((("itc_attr_" + a,), ("ITC edits: " if a == "colour" else "... ") + a)
+          for a in ("colour", "shape", "size", "pattern", "relation")),
+        (("pointing_salient",), "pointing game, salient objects"),
+        (("pointing_secondary",), "... secondary objects"),
+        (("tr1",), "text R@1 re-ranked by ITM"),
+        (("itc_tr1",), "text R@1, ITC alone"),
+        (("ir1",), "image R@1 re-ranked by ITM"),
+        (("itc_ir1",), "image R@1, ITC alone"),
+        *((("mlm_" + a + "_gap",), ("MLM own minus shuffled image: " if a == "colour" else "... ") + a)
+          for a in ("colour", "shape", "size", "pattern", "relation")),
+    ],
     "retrieval": [
         (("tr1",), "text R@1, re-ranked by ITM"),
         (("itc_tr1",), "text R@1, ITC alone"),
@@ -88,20 +115,45 @@ def cell(summary: dict, keys: tuple[str, ...] | None) -> str:
     return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def table(study: dict, rows: str = "headline", variants: list[str] | None = None) -> str:
-    """The markdown table of ``study`` (a parsed results file) for the row set ``rows``."""
+def paired_difference(baseline: dict[str, dict], other: dict[str, dict], keys: tuple[str, ...] | None) -> str:
+    """``mean [low, high]``: ``other - baseline`` over the seeds both ran (per-run metrics keyed by seed), with
+    its 95 % Student's t interval (n - 1 degrees of freedom); the mean alone for one seed, - for none."""
+    from scipy import stats
+
+    key = next((k for k in keys or () if any(k in m for m in baseline.values())), None)
+    diffs = [other[s][key] - baseline[s][key] for s in baseline if key and s in other and key in baseline[s]
+             and key in other[s]]
+    if not diffs:
+        return "-"
+    digits = 3 if key.startswith("train_") else 1
+    mean = statistics.fmean(diffs)
+    if len(diffs) == 1:
+        return f"{mean:.{digits}f}"
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return f"{mean:.{digits}f} [{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
+
+
+def table(study: dict, rows: str = "headline", variants: list[str] | None = None, paired: str = "") -> str:
+    """The markdown table of ``study`` (a parsed results file) for the row set ``rows``; with ``paired`` (a
+    variant), one more column per other variant: its paired difference from ``paired``."""
     summary = study["summary"]
     variants = variants or list(summary)
-    missing = [v for v in variants if v not in summary]
+    missing = [v for v in [*variants, *([paired] if paired else [])] if v not in summary]
     if missing:
         raise ValueError(f"variants not in this study: {', '.join(missing)} (it has {', '.join(summary)})")
+    if paired:
+        variants = [paired, *(v for v in variants if v != paired)]
+    others = variants[1:] if paired else []
     seeds = {v: max(n for _, _, n in summary[v].values()) for v in variants}
     same = len(set(seeds.values())) == 1
     corner = f"%, mean ± std over {seeds[variants[0]]} seeds" if same else "%, mean ± std over seeds"
     header = [NAMES.get(v, v) + ("" if same else f" (n={seeds[v]})") for v in variants]
-    lines = [f"| {corner} | " + " | ".join(header) + " |", "|---" * (len(variants) + 1) + "|"]
+    header += [f"{NAMES.get(v, v)} - {NAMES.get(paired, paired)}, 95 % interval" for v in others]
+    lines = [f"| {corner} | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for keys, label in ROWS[rows]:
-        lines.append(f"| {label} | " + " | ".join(cell(summary[v], keys) for v in variants) + " |")
+        cells = [cell(summary[v], keys) for v in variants]
+        cells += [paired_difference(study["runs"][paired], study["runs"][v], keys) for v in others]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -110,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("study", help="a results file (docs/results/*.json)")
     parser.add_argument("--rows", choices=list(ROWS), default="headline", help="which metrics (default headline)")
     parser.add_argument("--variants", default="", help="comma-separated variants in order (default: all)")
+    parser.add_argument("--paired", default="", metavar="BASELINE",
+                        help="add each other variant's paired difference from this one, with its 95 %% interval")
     return parser.parse_args(argv)
 
 
@@ -118,13 +172,13 @@ def table_of_command(command: str, root: Path) -> str:
     words = shlex.split(command)
     args = parse_args(words[words.index("benchmarks/results_table.py") + 1:])
     study = json.loads((root / args.study).read_text())
-    return table(study, args.rows, [v for v in args.variants.split(",") if v] or None)
+    return table(study, args.rows, [v for v in args.variants.split(",") if v] or None, args.paired)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     study = json.loads(Path(args.study).read_text())
-    print(table(study, args.rows, [v for v in args.variants.split(",") if v] or None))
+    print(table(study, args.rows, [v for v in args.variants.split(",") if v] or None, args.paired))
     return 0
 
 

@@ -2,10 +2,12 @@
 
     python benchmarks/world_study.py --out runs/study [--world DIR | --images 10000 --size 64]
         [--config configs/pretrain/world.yaml] [--variants albef,softmask,...] [--seeds 0,1,2]
-        [--steps N | --budget-s SECONDS] [--parallel P] [--k 16] [key=value ...]
+        [--steps N | --budget-s SECONDS] [--parallel P] [--k 16] [--grounding-captions 500]
+        [--mlm-captions 600] [--shortcut-pairs 200] [key=value ...]
 
 Every (variant, seed) pretrains with `softmask pretrain` in its own process (P at a time, sharing the
-machine), then `softmask evaluate world` scores it on the world's test split. With ``--budget-s``
+machine), then `softmask evaluate world` scores it on the world's test split (``--k`` and the three counts
+are its options of the same names). With ``--budget-s``
 the number of steps is chosen first: all runs go for ``--calibrate-steps`` steps side by side, and the
 slowest run's step time sets the steps that fit the budget (the same for every run). Writes
 ``OUT/study.json`` (settings, per-run metrics, mean and sample standard deviation per variant) and
@@ -151,7 +153,7 @@ def training_settings(settings: dict) -> dict:
     """What must agree for two studies' runs to be comparable: everything but seeds, variants and logging."""
     overrides = [o for o in settings["overrides"] if o.split("=", 1)[0] not in LOGGING_KEYS]
     return {"config": Path(settings["config"]).name, "world": settings["world"], "steps": settings["steps"],
-            "k": settings["k"], "overrides": overrides}
+            "k": settings["k"], "evaluation": settings.get("evaluation"), "overrides": overrides}
 
 
 def merge_studies(paths: list[Path]) -> tuple[dict, dict[str, dict[str, dict]]]:
@@ -229,6 +231,12 @@ def main() -> int:
     parser.add_argument("--calibrate-steps", type=int, default=40)
     parser.add_argument("--parallel", type=int, default=0, help="runs at a time (default: all)")
     parser.add_argument("--k", type=int, default=16, help="retrieval candidates re-ranked by ITM")
+    parser.add_argument("--grounding-captions", type=int, default=500, help="test captions the grounding "
+                        "metrics score (`softmask evaluate world`'s option)")
+    parser.add_argument("--mlm-captions", type=int, default=600, help="test captions per word group for what "
+                        "the fusion reads")
+    parser.add_argument("--shortcut-pairs", type=int, default=200, help="mismatched pairs that score the ITM "
+                        "shortcut")
     parser.add_argument("--merge", nargs="+", default=[], metavar="STUDY_JSON",
                         help="instead of training: combine these study.json files (same settings) into OUT")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
@@ -251,6 +259,9 @@ def main() -> int:
     if owned:
         parser.error(f"{owned[0]}: the study sets {override_key(owned[0])} itself (--world, --seeds, --steps, "
                      "--variants, --out)")
+    for name in ("k", "grounding_captions", "mlm_captions", "shortcut_pairs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -272,7 +283,9 @@ def main() -> int:
                            "--max-objects", str(args.max_objects))
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
     settings = {"config": args.config, "world": args.world, "variants": {v: VARIANTS[v] for v in variants},
-                "seeds": seeds, "overrides": args.overrides, "parallel": args.parallel, "k": args.k}
+                "seeds": seeds, "overrides": args.overrides, "parallel": args.parallel, "k": args.k,
+                "evaluation": {"grounding_captions": args.grounding_captions, "mlm_captions": args.mlm_captions,
+                               "shortcut_pairs": args.shortcut_pairs}}
     steps = args.steps
     if args.budget_s:
         steps, settings["calibration"] = calibrate(args, runs, env)
@@ -285,7 +298,10 @@ def main() -> int:
         run_dir = out / f"{variant}_s{seed}"
         if code == 0:
             evals.append((softmask_command("evaluate", "world", "--checkpoint", str(run_dir), "--world", args.world,
-                                       "--k", str(args.k), "--json", str(run_dir / "eval_world.json")),
+                                       "--k", str(args.k), "--grounding-captions", str(args.grounding_captions),
+                                       "--mlm-captions", str(args.mlm_captions),
+                                       "--shortcut-pairs", str(args.shortcut_pairs),
+                                       "--json", str(run_dir / "eval_world.json")),
                           run_dir / "eval.log"))
     run_side_by_side(evals, args.parallel, env, cwd=ROOT)
     per_run: dict[str, dict[str, dict]] = {}

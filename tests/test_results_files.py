@@ -71,3 +71,18 @@ def test_readme_and_the_results_page_show_generated_tables():
 def test_shown_table_equals_its_command_output(where, command, shown):
     expected = load_benchmark("results_table.py").table_of_command(command, ROOT)
     assert shown == expected, f"{where}: the table differs from `{command}`; paste its output"
+
+
+def test_paired_differences_use_only_the_seeds_both_variants_ran():
+    results_table = load_benchmark("results_table.py")
+    runs = {"albef": {"0": {"tr1": 1.0}, "1": {"tr1": 2.0}, "2": {"tr1": 4.0}, "3": {"tr1": 50.0}},
+            "softmask": {"0": {"tr1": 2.0}, "1": {"tr1": 4.0}, "2": {"tr1": 5.0}}}
+    # differences 1, 2, 1 (seed 3 has no pair): mean 1.33, std 0.577, t(0.975, 2 df) = 4.303, half-width 1.43
+    assert results_table.paired_difference(runs["albef"], runs["softmask"], ("tr1",)) == "1.3 [-0.1, 2.8]"
+    assert results_table.paired_difference(runs["albef"], {"0": {"tr1": 3.0}}, ("tr1",)) == "2.0"  # one pair
+    assert results_table.paired_difference(runs["albef"], runs["softmask"], ("itm_all",)) == "-"
+    study = {"summary": load_benchmark("world_study.py").summarise(runs), "runs": runs}
+    text = results_table.table(study, "retrieval", ["softmask"], paired="albef")
+    header = "| %, mean ± std over seeds | ALBEF (n=4) | SoftMask (n=3) | SoftMask - ALBEF, 95 % interval |"
+    assert text.splitlines()[0] == header
+    assert "| text R@1, re-ranked by ITM | 14.2 ± 23.9 | 3.7 ± 1.5 | 1.3 [-0.1, 2.8] |" in text

@@ -34,11 +34,13 @@ def test_a_tiny_study_runs_end_to_end(tmp_path):
     out = tmp_path / "study"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "world_study.py"), "--out", str(out), "--world",
            str(tmp_path / "world"), "--config", str(ROOT / "configs" / "pretrain" / "tiny.yaml"),
-           "--variants", "albef", "--seeds", "0", "--steps", "2", "--k", "2", "train.batch_size=4"]
+           "--variants", "albef", "--seeds", "0", "--steps", "2", "--k", "2", "--grounding-captions", "3",
+           "--mlm-captions", "4", "--shortcut-pairs", "5", "train.batch_size=4"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads((out / "study.json").read_text())
     assert result["settings"]["steps"] == 2 and result["settings"]["failed_runs"] == []
+    assert result["settings"]["evaluation"] == {"grounding_captions": 3, "mlm_captions": 4, "shortcut_pairs": 5}
     metrics = result["runs"]["albef"]["0"]
     assert {"tr1", "ir1", "r_mean", "itm_all", "pointing_all"} <= set(metrics)
     assert result["summary"]["albef"]["tr1"][2] == 1
@@ -47,8 +49,9 @@ def test_a_tiny_study_runs_end_to_end(tmp_path):
     assert "| tr1 |" in (out / "study.md").read_text()
 
 
-def write_fake_study(path: Path, runs: dict, overrides=("train.lr_peak=1e-3", "train.log_every=50"), steps=600):
-    settings = {"config": "/somewhere/configs/pretrain/tiny.yaml", "world": "/w", "variants":
+def write_fake_study(path: Path, runs: dict, overrides=("train.lr_peak=1e-3", "train.log_every=50"), steps=600,
+                     evaluation=None):
+    settings = {"evaluation": evaluation, "config": "/somewhere/configs/pretrain/tiny.yaml", "world": "/w", "variants":
                 {v: world_study.VARIANTS[v] for v in runs}, "seeds": sorted({int(s) for r in runs.values() for s in r}),
                 "overrides": list(overrides), "parallel": 2, "k": 16, "steps": steps, "failed_runs": []}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,11 +81,13 @@ def test_merging_studies_pools_seeds_and_variants(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"overrides": ("train.lr_peak=3e-4",)}, "overrides"),
     ({"steps": 1200}, "steps"),
+    ({"evaluation": {"grounding_captions": 300, "mlm_captions": 300, "shortcut_pairs": 200}}, "evaluation"),
     ({"runs": {"albef": {"0": {"tr1": 9.0}}}}, "albef seed 0 is also in an earlier study"),
 ])
 def test_merging_refuses_studies_that_differ_or_overlap(tmp_path, change, message):
     a = write_fake_study(tmp_path / "a.json", {"albef": {"0": {"tr1": 2.0}}})
-    kwargs = {"overrides": change.get("overrides", ("train.lr_peak=1e-3",)), "steps": change.get("steps", 600)}
+    kwargs = {"overrides": change.get("overrides", ("train.lr_peak=1e-3",)), "steps": change.get("steps", 600),
+              "evaluation": change.get("evaluation")}
     b = write_fake_study(tmp_path / "b.json", change.get("runs", {"albef": {"1": {"tr1": 2.0}}}), **kwargs)
     with pytest.raises(ValueError, match=message) as err:
         world_study.merge_studies([a, b])
