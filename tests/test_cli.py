@@ -160,6 +160,16 @@ def test_itm_prior_is_the_entropy_of_the_share_of_positives():
     assert itm_prior(1.0, "all") == pytest.approx(itm_prior(0.0))  # every pair mirrored: still 1 in 3
 
 
+def test_the_itm_verdict_tells_a_head_that_learned_from_one_that_barely_left_its_prior():
+    from softmask.demo import itm_verdict
+
+    prior = 0.637
+    assert itm_verdict(0.338, prior) == "learned"  # ALBEF, world recipe, 600 steps
+    assert itm_verdict(0.616, prior) == "barely left its prior"  # SoftMask's default at 300 steps
+    assert itm_verdict(0.63, prior) == "did not learn"
+    assert itm_verdict(0.70, prior) == "did not learn"
+
+
 def test_the_itm_panel_shows_softmask_ordinary_pairs_against_their_own_prior(tmp_path):
     from softmask.demo import itm_extra_lines, plot_losses
 

@@ -298,14 +298,23 @@ def _final_losses(run: Path, last: int = 3) -> dict[str, float]:
     return out
 
 
-# A training ITM loss this far under the prior counts as "learned" in the report's first lines.
-ITM_LEARNED_MARGIN = 0.02
+# How far under its prior a training ITM loss must be for the report's first lines to call ITM "learned"
+# (ALBEF at the world recipe: 0.15 under after 300 steps, 0.28 after 600) or to say it "barely left its
+# prior" (SoftMask's default after 300 steps: 0.02 under, and re-ranking by it lowers R@1; docs/results.md).
+ITM_LEARNED_MARGIN = 0.10
+ITM_BARELY_MARGIN = 0.02
 # A soft-masked pairs' loss under this is the shortcut (docs/results.md: ~0.001-0.01 when it happens).
 ITM_SHORTCUT_LOSS = 0.1
-
-
 # An itm_shortcut above this: a soft-masked image alone makes ITM say "match" (the issue's bar for none: 0.1).
 ITM_SHORTCUT_BAR = 0.1
+
+
+def itm_verdict(loss: float, prior: float) -> str:
+    """"learned", "barely left its prior" or "did not learn": how far the training ITM ``loss`` lies under
+    its ``prior`` (:data:`ITM_LEARNED_MARGIN`, :data:`ITM_BARELY_MARGIN`)."""
+    if loss < prior - ITM_LEARNED_MARGIN:
+        return "learned"
+    return "barely left its prior" if loss < prior - ITM_BARELY_MARGIN else "did not learn"
 
 
 def _itm_verdicts(runs: dict[str, Path], metrics: dict[str, dict[str, float]]) -> list[str]:
@@ -321,9 +330,7 @@ def _itm_verdicts(runs: dict[str, Path], metrics: dict[str, dict[str, float]]) -
         which = "training loss"
         if "loss_itm_pairs" in final:
             loss, prior, which = final["loss_itm_pairs"], itm_prior(0.0), "training loss on ordinary pairs"
-        learned = loss < prior - ITM_LEARNED_MARGIN
-        line = (f"- **ITM {'learned' if learned else 'did not learn'}** ({name}): {which} {loss:.3f} against "
-                f"its prior {prior:.3f}")
+        line = f"- **ITM {itm_verdict(loss, prior)}** ({name}): {which} {loss:.3f} against its prior {prior:.3f}"
         if "loss_itm_soft" in final:
             soft = final["loss_itm_soft"]
             reading = ("near 0: the head tells masked images apart rather than pairs; "
