@@ -48,7 +48,7 @@ def test_loss_falls(world, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch; the last batch of an epoch (16 pairs in batches of 4)
-def test_resume_equals_uninterrupted(world, tmp_path, stop_at):
+def test_resume_equals_uninterrupted(world, tmp_path, stop_at, caplog):
     common = ("train.batch_size=4", "train.max_steps=6", f"train.save_every={stop_at}", "train.keep_last=5")
     full = tmp_path / "full"
     pretrain(load_config(TINY, overrides(world, full, *common)))
@@ -58,7 +58,9 @@ def test_resume_equals_uninterrupted(world, tmp_path, stop_at):
     for ckpt in list_checkpoints(part):
         if not ckpt.name.endswith(f"{stop_at:08d}.pt"):
             ckpt.unlink()
+    caplog.set_level("INFO", logger="softmask")
     pretrain(load_config(TINY, overrides(world, part, *common, "resume=auto")))
+    assert "resumed from" in caplog.text and "saved with another config" not in caplog.text
     assert [m["loss"] for m in metrics(part)] == [m["loss"] for m in metrics(full)]
     a = load_checkpoint(list_checkpoints(full)[-1])["task"]
     b = load_checkpoint(list_checkpoints(part)[-1])["task"]
@@ -272,3 +274,31 @@ def test_easy_negatives_then_hard_ones_and_the_temperature_floor_of_the_draw(wor
     seen.clear()
     pretrain(load_config(TINY, overrides(world, tmp_path / "albef", "train.batch_size=8", "train.max_steps=1")))
     assert seen[0][0].abs().max() > 2.0  # without the options (ALBEF): the learned temperature, 0.07
+
+
+def test_a_resumed_run_is_told_what_it_now_trains_differently():
+    from softmask.config import to_dict
+    from softmask.train.checkpoint import config_changes
+
+    now = to_dict(load_config(TINY, ["method=softmask", "train.max_steps=20"]))
+    saved = to_dict(load_config(TINY, ["method=softmask", "train.max_steps=10", "itc.gamma=1.0"]))
+    del saved["softmask"]["masked_pairs"]  # a run saved before the option existed
+    training, length = config_changes(saved, now)
+    assert training == ["itc.gamma: 1.0 -> 2.0", "softmask.masked_pairs: 'positives' -> 'all' (not in the saved "
+                        "config: the value before the option existed)"]
+    assert length == ["train.max_steps: 10 -> 20"]
+    assert config_changes(now, now) == ([], [])
+    albef = to_dict(load_config(TINY, ["method=albef"]))
+    older = {**albef, "softmask": {k: v for k, v in albef["softmask"].items() if k != "masked_pairs"}}
+    assert config_changes(older, albef) == ([], [])  # no soft masks: the masked pairs change nothing
+
+
+@pytest.mark.slow
+def test_resuming_with_another_config_warns_before_the_saved_one_is_overwritten(world, tmp_path, caplog):
+    pretrain(load_config(TINY, overrides(world, tmp_path, "train.batch_size=4", "train.max_steps=2")))
+    caplog.set_level("INFO", logger="softmask")
+    pretrain(load_config(TINY, overrides(world, tmp_path, "train.batch_size=4", "train.max_steps=3",
+                                         "itm.weight=2.0", "resume=auto")))
+    assert "which was saved with another config" in caplog.text and "itm.weight: 1.0 -> 2.0" in caplog.text
+    assert "resuming with train.max_steps: 2 -> 3" in caplog.text
+    assert load_config(tmp_path / "config.yaml").itm.weight == 2.0  # the run's config now says what it continued with

@@ -21,6 +21,43 @@ from softmask.runs import checkpoint_dir, checkpoint_path, list_checkpoints, loa
 
 log = logging.getLogger("softmask")
 
+# Options added after runs were saved without them: the value such a run trained with. Resuming it with
+# today's default would silently switch it (e.g. SoftMask's masked pairs were "positives" before the option).
+EARLIER_VALUES = {"softmask.masked_pairs": "positives"}
+# What a resumed run may change without changing what it trains: how long it runs, what it logs and saves,
+# where it is and the initial weights (the checkpoint replaces them).
+BOOKKEEPING_KEYS = ("output_dir", "train.max_steps", "train.epochs", "train.log_every", "train.save_every",
+                    "train.keep_last", "data.num_workers", "model.init", "model.vision.init", "model.text.init")
+
+
+def _flat(mapping: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """How a resumed run's config ``now`` differs from the ``saved`` one it started with (both as written
+    to ``config.yaml``): ``(changes to what it trains, changes to how long it runs or what it logs)``, each
+    ``"key: old -> new"``. A key the saved config lacks counts with the value of :data:`EARLIER_VALUES` (when
+    soft masks are on), or not at all (an option added later whose default keeps what the run did)."""
+    old, new = _flat(saved), _flat(now)
+    training, length = [], []
+    earlier = EARLIER_VALUES if new.get("softmask.soft_masks") else {}  # without soft masks they change nothing
+    for key in new:
+        if key == "resume":  # the resumed run says resume, the one it continues did not
+            continue
+        before = old.get(key, earlier.get(key, new[key]))
+        if before != new[key]:
+            note = " (not in the saved config: the value before the option existed)" if key not in old else ""
+            (length if key in BOOKKEEPING_KEYS else training).append(f"{key}: {before!r} -> {new[key]!r}{note}")
+    return training, length
+
+
 def save_checkpoint(state: dict, output_dir: str | Path, step: int, keep_last: int) -> Path:
     """Write ``state`` atomically (temporary file, fsync, rename) and delete all but the newest
     ``keep_last`` checkpoints."""

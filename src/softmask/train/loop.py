@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from softmask.config import Config, save_config
+from softmask.config import Config, read_yaml, save_config, to_dict
 from softmask.runs import OBJECTIVE_KEY, RUN_CONFIG, RUN_MODEL_DIR, checkpoint_path, list_checkpoints
 from softmask.train import dist
 from softmask.train.bad_samples import BadDataError, BadSampleMonitor
-from softmask.train.checkpoint import load_resume_checkpoint, rng_state, save_checkpoint, set_rng_state
+from softmask.train.checkpoint import config_changes, load_resume_checkpoint, rng_state, save_checkpoint, set_rng_state
 from softmask.train.log import RunLogger
 from softmask.train.schedule import lr_at, make_optimizer, total_steps_for
 from softmask.train.stop import Interrupted, StopRequest, signal_name
@@ -218,6 +218,7 @@ class _Loop:
         if resumed is None:
             return TrainState()
         path, ckpt = resumed
+        self._report_config_changes(path.parent.parent / RUN_CONFIG)
         self.objective.load_state_dict(ckpt[OBJECTIVE_KEY])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -226,6 +227,20 @@ class _Loop:
         set_rng_state(ckpt["rng"][rank if rank < len(ckpt["rng"]) else 0])
         log.info(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
         return state
+
+    def _report_config_changes(self, saved_path: Path) -> None:
+        """Warn when the resumed run now trains differently from the config it was saved with (its
+        ``config.yaml``, about to be overwritten); say what changed in its length or logging."""
+        if not saved_path.is_file():
+            return
+        saved = read_yaml(saved_path)
+        training, length = config_changes(saved, to_dict(self.cfg))
+        if training:
+            log.warning(f"resuming {saved_path.parent}, which was saved with another config; it continues with "
+                        f"the new values: {'; '.join(training)}. To continue as it started, set the old values "
+                        "as overrides.")
+        if length:
+            log.info(f"resuming with {'; '.join(length)}")
 
     @property
     def done(self) -> bool:
