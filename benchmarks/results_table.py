@@ -102,6 +102,11 @@ ROWS = {
 }
 
 
+def digits(key: str) -> int:
+    """Decimals a metric is shown with: losses 3, ``itm_shortcut`` (a difference of probabilities) 2, % 1."""
+    return 3 if key.startswith("train_") else 2 if key == "itm_shortcut" else 1
+
+
 def cell(summary: dict, keys: tuple[str, ...] | None) -> str:
     """``mean ± std`` of the first of ``keys`` in a variant's summary (losses to 0.001, % to 0.1; the value
     alone for one seed), - when the variant has none of them, "not measured" for no keys."""
@@ -111,8 +116,8 @@ def cell(summary: dict, keys: tuple[str, ...] | None) -> str:
     if key is None:
         return "-"
     mean, std, n = summary[key]
-    digits = 3 if key.startswith("train_") else 1
-    return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    d = digits(key)
+    return f"{mean:.{d}f}" if n == 1 else f"{mean:.{d}f} ± {std:.{d}f}"
 
 
 def paired_difference(baseline: dict[str, dict], other: dict[str, dict], keys: tuple[str, ...] | None) -> str:
@@ -125,12 +130,12 @@ def paired_difference(baseline: dict[str, dict], other: dict[str, dict], keys: t
              and key in other[s]]
     if not diffs:
         return "-"
-    digits = 3 if key.startswith("train_") else 1
+    d = digits(key)
     mean = statistics.fmean(diffs)
     if len(diffs) == 1:
-        return f"{mean:.{digits}f}"
+        return f"{mean:.{d}f}"
     half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return f"{mean:.{digits}f} [{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
+    return f"{mean:.{d}f} [{mean - half:.{d}f}, {mean + half:.{d}f}]"
 
 
 def table(study: dict, rows: str = "headline", variants: list[str] | None = None, paired: str = "") -> str:
@@ -146,7 +151,9 @@ def table(study: dict, rows: str = "headline", variants: list[str] | None = None
     others = variants[1:] if paired else []
     seeds = {v: max(n for _, _, n in summary[v].values()) for v in variants}
     same = len(set(seeds.values())) == 1
-    corner = f"%, mean ± std over {seeds[variants[0]]} seeds" if same else "%, mean ± std over seeds"
+    n = seeds[variants[0]]
+    corner = (f"%, mean ± std over {n} seeds" if n > 1 else "%, seed " + next(iter(study["runs"][variants[0]]))
+              ) if same else "%, mean ± std over seeds"
     header = [NAMES.get(v, v) + ("" if same else f" (n={seeds[v]})") for v in variants]
     header += [f"{NAMES.get(v, v)} - {NAMES.get(paired, paired)}, 95 % interval" for v in others]
     lines = [f"| {corner} | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
