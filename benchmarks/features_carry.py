@@ -15,7 +15,14 @@ Three places, each a linear probe (softmax regression on a random half, scored o
 3. ``fused_<attribute>_own`` / ``_shuffled``: the fusion encoder's output at the caption's shape word, for
    the test captions that name the object's shape but not the probed attribute (so the text cannot carry
    it), with the caption's own image and with a random other one; ``fused_<attribute>_n`` items. Own well
-   above shuffled: the fusion brings that attribute of the named object from the image into the caption.
+   above shuffled: the fusion brings that attribute of the named object from the image into the caption;
+4. ``edit_probe_<attribute>`` against ``edit_head_<attribute>``: the world's minimal edits (a true caption
+   and the same caption with one attribute or relation changed, on the same image). ITM's match logit (what
+   it ranks by) is linear in the fused summary it reads (``fused_summary``), so its head rejects an edit
+   when the head's direction separates the two summaries; ``edit_probe`` is a fresh linear probe of their difference
+   (random sign, trained on half the edits, scored on the other half), ``edit_head`` the trained head on
+   the same edits. A probe far above the head: the fused summary tells the edit apart, but ITM's training
+   never asked it to (its negatives rarely differ in that attribute alone).
 
 Printed as one JSON line per model. Chance: shape 16.7, colour 12.5, size and pattern 33.3 (each a little
 higher for a probe that learns the values' frequencies).
@@ -150,12 +157,51 @@ def fused_probes(model, enc: WorldEncoder, items: list[dict], seed: int = 0) -> 
     return out
 
 
+@torch.no_grad()
+def fused_summaries(model, enc: WorldEncoder, images: list[str], captions: list[str], batch_size: int = 128
+                    ) -> torch.Tensor:
+    """(M, D): what ITM's head reads (:meth:`fused_summary`) for each (image, caption) pair."""
+    out = []
+    for start in range(0, len(captions), batch_size):
+        ids, mask = enc.text(captions[start:start + batch_size])
+        fused = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(enc.pixels(
+            images[start:start + batch_size])))
+        out.append(model.fused_summary(fused, mask))
+    return torch.cat(out)
+
+
+def edit_probes(model, enc: WorldEncoder, edits: list[dict], per_attribute: int = 600, seed: int = 0
+                ) -> dict[str, float | None]:
+    """``edit_probe_<attribute>``, ``edit_head_<attribute>`` (%) and ``edit_<attribute>_n`` for the first
+    ``per_attribute`` minimal edits of each attribute (see the module docstring)."""
+    gen = torch.Generator().manual_seed(seed)
+    pairs: dict[str, list[tuple[str, str, str]]] = {}
+    for item in edits:
+        for distractor in item["distractors"]:
+            chosen = pairs.setdefault(distractor["attribute"], [])
+            if len(chosen) < per_attribute:
+                chosen.append((item["image"], item["caption"], distractor["caption"]))
+    head = model.itm_head.weight[1]  # the match logit's direction (ITM ranks by the match logit)
+    out: dict[str, float | None] = {}
+    for attribute, chosen in pairs.items():
+        images = [image for image, _, _ in chosen]
+        true = fused_summaries(model, enc, images, [caption for _, caption, _ in chosen])
+        edited = fused_summaries(model, enc, images, [caption for _, _, caption in chosen])
+        difference = true - edited  # (M, D)
+        sign = torch.randint(0, 2, (len(chosen),), generator=gen)  # one orientation per edit: no pair in both halves
+        out[f"edit_probe_{attribute}"] = _probe(difference * (2 * sign[:, None] - 1), sign, 2, seed)
+        out[f"edit_head_{attribute}"] = round(100.0 * float((difference @ head > 0).float().mean()), 1)
+        out[f"edit_{attribute}_n"] = len(chosen)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", required=True, help="a folder written by `softmask world`")
     parser.add_argument("--checkpoint", action="append", default=[], help="a `softmask pretrain` run (repeatable)")
     parser.add_argument("--encoder", default="", help="a `softmask pretrain-vision` model folder (RUN/model)")
     parser.add_argument("--max-items", type=int, default=6000, help="shape words probed in the fused tokens")
+    parser.add_argument("--edits", type=int, default=600, help="minimal edits per attribute")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.encoder:
@@ -165,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if not annotations.is_file():
         parser.error(f"--world {world}: no annotations/objects.json (not a folder written by `softmask world`)")
     items = shape_word_items(json.loads(annotations.read_text()))
+    edits = json.loads((world / "annotations" / "minimal_edits.json").read_text())
     items = random.Random(args.seed).sample(items, min(args.max_items, len(items)))
     data = {}
 
@@ -188,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         visual = model.visual_encoder
         enc = WorldEncoder(model, world, tokenizer_source(checkpoint))
         print(json.dumps({"model": checkpoint, **image_probes(visual, objects(visual.cfg.image_size)),
-                          **fused_probes(model, enc, items, args.seed)}), flush=True)
+                          **fused_probes(model, enc, items, args.seed),
+                          **edit_probes(model, enc, edits, args.edits, args.seed)}), flush=True)
     return 0
 
 

@@ -54,6 +54,20 @@ def test_probes_cover_every_place_and_count_only_captions_silent_on_the_attribut
         for condition in ("own", "shuffled"):
             value = fused[f"fused_{attribute}_{condition}"]
             assert value is None if n < 4 else 0.0 <= value <= 100.0, (attribute, n, value)
+    edits = json.loads((world / "annotations" / "minimal_edits.json").read_text())
+    edit = carry.edit_probes(model, WorldEncoder(model, world), edits, per_attribute=8)
+    assert {k[len("edit_probe_"):] for k in edit if k.startswith("edit_probe_")} <= {
+        "colour", "shape", "size", "pattern", "relation"}
+    for attribute in ("colour", "shape", "size", "pattern"):
+        assert edit[f"edit_{attribute}_n"] == 8 and 0.0 <= edit[f"edit_probe_{attribute}"] <= 100.0
+    # The head's share is ITM's own minimal-edit test: the match logit of the true caption above the edit's.
+    from softmask.eval.world import minimal_edit_accuracy
+
+    chosen = [dict(item, distractors=[d for d in item["distractors"] if d["attribute"] == "colour"])
+              for item in edits]
+    chosen = [item for item in chosen if item["distractors"]][:8]
+    assert edit["edit_head_colour"] == pytest.approx(minimal_edit_accuracy(model, WorldEncoder(model, world),
+                                                                           chosen)["itm_all"], abs=0.06)
     from softmask.world.objects import world_objects
 
     image = carry.image_probes(model.visual_encoder, world_objects(world, "test", 64))
