@@ -158,6 +158,11 @@ def test_itm_prior_is_the_entropy_of_the_share_of_positives():
     # + a masked positive and a masked negative: 2 of 5 are positives
     assert itm_prior(1.0, "negative_captions") == pytest.approx(0.6730, abs=1e-4)
     assert itm_prior(1.0, "all") == pytest.approx(itm_prior(0.0))  # every pair mirrored: still 1 in 3
+    # masked_loss "added": the ordinary pairs' prior plus the soft-masked pairs' own
+    assert itm_prior(1.0, "all", "added") == pytest.approx(2 * itm_prior(0.0))
+    assert itm_prior(1.0, "positives", "added") == pytest.approx(itm_prior(0.0))  # all masked pairs match
+    assert itm_prior(1.0, "negative_captions", "added") == pytest.approx(itm_prior(0.0) + 0.6931, abs=1e-4)
+    assert itm_prior(0.0, "all", "added") == pytest.approx(itm_prior(0.0))  # no soft-masked pair
 
 
 def test_the_itm_verdict_tells_a_head_that_learned_from_one_that_barely_left_its_prior():

@@ -104,6 +104,7 @@ PARTS = ("loss_itc", "loss_itm", "loss_mlm")
     ("softmask.apply_to=patch_embeddings", ("softmask.soft_masks=true",), {"loss_itm"}),
     ("softmask.masked_negatives=true", ("softmask.soft_masks=true",), {"loss_itm"}),
     ("softmask.masked_pairs=positives", ("softmask.soft_masks=true",), {"loss_itm"}),  # the default is "all"
+    ("softmask.masked_loss=added", ("softmask.soft_masks=true",), {"loss_itm"}),
     ("itc.focal=positive", ("itc.gamma=1",), {"loss_itc"}),  # from step 1, when alpha > 0 gives soft targets
 ])
 def test_each_switch_alone_changes_the_losses_it_acts_on_and_no_other(switch, base, changed):
@@ -169,6 +170,24 @@ def test_masked_pairs_all_mirrors_every_ordinary_pair_with_its_image_masked_by_i
         assert torch.equal(seen["images"][0], soft.images[int(index[0])])  # = that image's masked positive
     else:
         assert torch.allclose(seen["images"], soft.images[index], atol=1e-5)
+
+
+@pytest.mark.parametrize("masked_pairs", ["positives", "all"])
+def test_masked_loss_pools_every_itm_pair_or_adds_the_two_kinds_means(masked_pairs):
+    base = ("method=albef", "softmask.soft_masks=true", f"softmask.masked_pairs={masked_pairs}")
+    pooled = _losses(*base, steps=1)[0]
+    added = _losses(*base, "softmask.masked_loss=added", steps=1)[0]
+    ordinary = 3 * 6  # each of the 6 captions: its positive and two hard negatives
+    masked = pooled["itm_pairs"] - ordinary
+    assert masked == (6 if masked_pairs == "positives" else ordinary)
+    # The same pairs and logits; only how their cross-entropies are averaged differs.
+    assert added["loss_itm_pairs"] == pooled["loss_itm_pairs"] and added["loss_itm_soft"] == pooled["loss_itm_soft"]
+    assert pooled["loss_itm"] == pytest.approx(
+        (ordinary * pooled["loss_itm_pairs"] + masked * pooled["loss_itm_soft"]) / pooled["itm_pairs"], rel=1e-5)
+    assert added["loss_itm"] == pytest.approx(added["loss_itm_pairs"] + added["loss_itm_soft"], rel=1e-5)
+    assert load_config(TINY, ["method=softmask"]).softmask.masked_loss == "pooled"
+    with pytest.raises(ConfigError, match="masked_loss must be"):
+        load_config(TINY, ["method=softmask", "softmask.masked_loss=mean"])
 
 
 def _reference_gradcam(model, pixels, ids, mask, layer):

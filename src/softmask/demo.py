@@ -99,33 +99,44 @@ def attribute_table(vision: dict[str, float], metrics: dict[str, dict[str, float
     return lines
 
 
-def itm_prior(soft_share: float = 0.0, masked_pairs: str = "positives") -> float:
+def _entropy(p: float) -> float:
+    return 0.0 if p in (0.0, 1.0) else float(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
+
+
+def itm_prior(soft_share: float = 0.0, masked_pairs: str = "positives", masked_loss: str = "pooled") -> float:
     """The ITM loss of a head that only knows how often pairs match: entropy (nats) of the share of
     positives. Per image ALBEF fuses 1 positive and 2 hard negatives (1/3 positive, 0.6365); soft masks add
     ``soft_share`` soft-masked pairs per image and pair: with ``masked_pairs`` "positives" only the masked
-    positive, with "negative_captions" also a masked negative, with "all" a masked copy of all three."""
-    extra_negatives = {"positives": 0.0, "negative_captions": 1.0, "all": 2.0}[masked_pairs] * soft_share
-    p = (1.0 + soft_share) / (3.0 + soft_share + extra_negatives)
-    return float(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
+    positive, with "negative_captions" also a masked negative, with "all" a masked copy of all three. With
+    ``masked_loss`` "added" the loss is the ordinary pairs' mean plus the soft-masked pairs' mean, so the
+    prior is the sum of the two kinds' priors."""
+    masked_negatives = {"positives": 0.0, "negative_captions": 1.0, "all": 2.0}[masked_pairs]
+    if masked_loss == "added":
+        return _entropy(1.0 / 3.0) + (_entropy(1.0 / (1.0 + masked_negatives)) if soft_share > 0 else 0.0)
+    return _entropy((1.0 + soft_share) / (3.0 + soft_share + masked_negatives * soft_share))
 
 
-def _masked_pairs(run: Path) -> str:
-    """The ITM pairs a run's soft-masked images entered (``softmask.masked_pairs`` of its saved config)."""
-    return run_config(run).softmask.masked_pairs if (run / "config.yaml").exists() else "positives"
+def _soft_mask_reading(run: Path) -> tuple[str, str]:
+    """``(softmask.masked_pairs, softmask.masked_loss)`` of a run's saved config: which ITM pairs its
+    soft-masked images entered and how their loss was weighed."""
+    if not (run / "config.yaml").exists():
+        return "positives", "pooled"
+    sm = run_config(run).softmask
+    return sm.masked_pairs, sm.masked_loss
 
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def itm_extra_lines(name: str, rows: list[dict], masked_pairs: str = "positives"
+def itm_extra_lines(name: str, rows: list[dict], reading: tuple[str, str] = ("positives", "pooled")
                     ) -> list[tuple[str, list[int], list[float], str]]:
     """What the ITM panel draws for a run besides its loss: ``(label, steps, values, linestyle)``, with no
     steps for a horizontal line. Always the run's prior (:func:`itm_prior`, dashed); for a run with soft
     masks (it logs ``loss_itm_pairs``) also the loss on its ordinary pairs (dotted), whose prior is ALBEF's:
     its total falls under its own prior through the soft-masked pairs alone."""
     shares = [r.get("soft_mask_share", 0.0) for r in rows]
-    prior = itm_prior(sum(shares) / max(1, len(shares)), masked_pairs)
+    prior = itm_prior(sum(shares) / max(1, len(shares)), *reading)
     lines = [(f"{name}: prior {prior:.3f}", [], [prior], "--")]
     if rows and all("loss_itm_pairs" in r for r in rows):
         lines.append((f"{name}: ordinary pairs (prior {itm_prior(0.0):.3f})", [r["step"] for r in rows],
@@ -146,7 +157,7 @@ def plot_losses(runs: dict[str, Path], out: Path) -> Path:
             rows = _rows(run / "metrics.jsonl")
             line, = ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
             if key == "loss_itm":
-                for label, steps, values, style in itm_extra_lines(name, rows, _masked_pairs(run)):
+                for label, steps, values, style in itm_extra_lines(name, rows, _soft_mask_reading(run)):
                     if steps:
                         ax.plot(steps, values, color=line.get_color(), linestyle=style, linewidth=1, label=label)
                     else:
@@ -291,7 +302,7 @@ def _final_losses(run: Path, last: int = 3) -> dict[str, float]:
     rows = _rows(run / "metrics.jsonl")[-last:]
     share = sum(r.get("soft_mask_share", 0.0) for r in rows) / max(1, len(rows))
     out = {"loss_itm": sum(r["loss_itm"] for r in rows) / max(1, len(rows)),
-           "prior": itm_prior(share, _masked_pairs(run))}
+           "prior": itm_prior(share, *_soft_mask_reading(run))}
     for key in ("loss_itm_soft", "loss_itm_pairs"):
         if rows and all(key in r for r in rows):
             out[key] = sum(r[key] for r in rows) / len(rows)

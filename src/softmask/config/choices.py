@@ -18,6 +18,7 @@ NegativesFrom = Literal["global", "local"]  # itm.negatives
 MapSource = Literal["gradcam", "attention"]  # softmask.mask_source; `softmask gradcam --source`, explore
 SoftMaskTarget = Literal["features", "patch_embeddings"]  # softmask.apply_to
 MaskedPairs = Literal["positives", "negative_captions", "all"]  # softmask.masked_pairs
+MaskedLoss = Literal["pooled", "added"]  # softmask.masked_loss
 FinetuneTask = Literal["retrieval", "ve", "vqa", "nlvr2"]  # `softmask finetune/evaluate TASK`
 NotSet = Literal[""]
 NLVR2Stage = Literal["text_assignment", "finetune"]  # finetune.stage

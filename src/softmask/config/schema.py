@@ -27,6 +27,7 @@ from softmask.config.choices import (
     FocalTerms,
     InitLayers,
     MapSource,
+    MaskedLoss,
     MaskedPairs,
     Method,
     NegativesFrom,
@@ -368,6 +369,11 @@ class SoftMaskConfig:
     # "masked means match" from it. "negative_captions" (ours): also with its hard-negative caption, no match.
     masked_pairs: MaskedPairs | None = None
     masked_negatives: bool = False  # the older switch for masked_pairs=negative_captions
+    # How ITM's loss weighs the soft-masked pairs (ours): "pooled" (one mean over every ITM pair, ordinary and
+    # soft-masked: the more masked pairs, the less each ordinary pair weighs; with "all" half of ALBEF's
+    # weight) or "added" (the ordinary pairs' mean, weighted as ALBEF's ITM alone, plus the soft-masked
+    # pairs' mean).
+    masked_loss: MaskedLoss = "pooled"
     layer: int | None = None  # fusion layer (0-based) whose cross-attention makes the maps; None = the 3rd
     mask_source: MapSource = "gradcam"  # gradcam | attention (the supplement's Table 9 ablation)
     apply_to: SoftMaskTarget = "features"  # features (image encoder output) | patch_embeddings (re-encode)

@@ -363,9 +363,10 @@ class ContrastiveObjective(DistilledObjective):
                 PairBlock("pairs", False, s.text_embeds[valid], s.mask[valid], negatives.image[valid]),
                 PairBlock("pairs", False, negatives.text[valid], negatives.mask[valid], s.image_embeds[valid])]
 
-    def score_pairs(self, blocks: list[PairBlock]) -> ITMScores:
+    def score_pairs(self, blocks: list[PairBlock], by_kind: bool = False) -> ITMScores:
         """ITM cross-entropy over every pair of ``blocks``: the blocks not scored yet in one fusion pass,
-        the labels 1 for matches and 0 for the rest (:func:`~softmask.objectives.itm.itm_labels`)."""
+        the labels 1 for matches and 0 for the rest (:func:`~softmask.objectives.itm.itm_labels`). The loss
+        is the mean over all pairs, or with ``by_kind`` the sum of the means of each kind of block."""
         model = self.model
         pending = [block for block in blocks if block.logits is None]
         fused_logits: list[torch.Tensor] = []
@@ -379,5 +380,14 @@ class ContrastiveObjective(DistilledObjective):
         device = logits.device
         labels = torch.cat([itm_labels(len(block), 0, device) if block.match else itm_labels(0, len(block), device)
                             for block in blocks])
-        loss = dist.global_mean(itm_loss(logits, labels), len(labels), device, dist.world_size())
+        if not by_kind:
+            loss = dist.global_mean(itm_loss(logits, labels), len(labels), device, dist.world_size())
+            return ITMScores(loss, logits, labels, blocks)
+        kinds = [block.kind for block in blocks for _ in range(len(block))]
+        loss = logits.sum() * 0.0  # a kind with no pairs on this rank still joins the gradient's reduction
+        for kind in dict.fromkeys(block.kind for block in blocks):
+            rows = torch.tensor([k == kind for k in kinds], device=device)
+            count = int(rows.sum())
+            mean = itm_loss(logits[rows], labels[rows]) if count else logits.sum() * 0.0
+            loss = loss + dist.global_mean(mean, count, device, dist.world_size())
         return ITMScores(loss, logits, labels, blocks)

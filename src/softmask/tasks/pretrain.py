@@ -170,7 +170,8 @@ class PretrainObjective(ContrastiveObjective):
             self._check_text_features(s.ids, s.mask)
         positives = self._positives(s)
         negatives = self.hard_negatives(s)
-        itm = self.score_pairs(self._itm_pairs(s, positives, negatives))
+        itm = self.score_pairs(self._itm_pairs(s, positives, negatives),
+                               by_kind=self.cfg.softmask.masked_loss == "added")
         loss_mlm = self._mlm_loss(s, positives.fused)
         logs = {"itm_missing_negatives": negatives.missing()}
         soft = positives.soft
