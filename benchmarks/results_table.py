@@ -122,19 +122,25 @@ def cell(summary: dict, keys: tuple[str, ...] | None) -> str:
 
 def paired_difference(baseline: dict[str, dict], other: dict[str, dict], keys: tuple[str, ...] | None) -> str:
     """``mean [low, high]``: ``other - baseline`` over the seeds both ran (per-run metrics keyed by seed), with
-    its 95 % Student's t interval (n - 1 degrees of freedom); the mean alone for one seed, - for none."""
+    its 95 % Student's t interval (n - 1 degrees of freedom); the mean alone for one seed, - for none. Each
+    run's value is its first of ``keys`` (as :func:`cell` shows it): e.g. a SoftMask run's ordinary-pair
+    ITM loss against ALBEF's ITM loss, which has no other pairs."""
     from scipy import stats
 
-    key = next((k for k in keys or () if any(k in m for m in baseline.values())), None)
-    diffs = [other[s][key] - baseline[s][key] for s in baseline if key and s in other and key in baseline[s]
-             and key in other[s]]
+    def value(metrics: dict) -> tuple[str, float] | None:
+        key = next((k for k in keys or () if k in metrics), None)
+        return None if key is None else (key, metrics[key])
+
+    pairs = [(value(baseline[s]), value(other[s])) for s in baseline if s in other]
+    diffs = [(b[0], o[1] - b[1]) for b, o in pairs if b is not None and o is not None]
     if not diffs:
         return "-"
-    d = digits(key)
-    mean = statistics.fmean(diffs)
-    if len(diffs) == 1:
+    d = digits(diffs[0][0])
+    values = [diff for _, diff in diffs]
+    mean = statistics.fmean(values)
+    if len(values) == 1:
         return f"{mean:.{d}f}"
-    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return f"{mean:.{d}f} [{mean - half:.{d}f}, {mean + half:.{d}f}]"
 
 

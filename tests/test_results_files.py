@@ -86,3 +86,11 @@ def test_paired_differences_use_only_the_seeds_both_variants_ran():
     header = "| %, mean ± std over seeds | ALBEF (n=4) | SoftMask (n=3) | SoftMask - ALBEF, 95 % interval |"
     assert text.splitlines()[0] == header
     assert "| text R@1, re-ranked by ITM | 14.2 ± 23.9 | 3.7 ± 1.5 | 1.3 [-0.1, 2.8] |" in text
+
+
+def test_a_paired_difference_takes_each_runs_own_first_key():
+    results_table = load_benchmark("results_table.py")
+    keys = ("train_loss_itm_pairs", "train_loss_itm")  # SoftMask logs its ordinary pairs apart; ALBEF has no other
+    albef = {"0": {"train_loss_itm": 0.349}}
+    softmask = {"0": {"train_loss_itm_pairs": 0.482, "train_loss_itm": 0.492}}
+    assert results_table.paired_difference(albef, softmask, keys) == "0.133"
