@@ -27,7 +27,8 @@ NAMES = {"albef": "ALBEF", "softmask": "SoftMask", "soft_masks_only": "soft mask
          "focal_itc_only": "focal ITC only", "augmentation_only": "augmentation only",
          "softmask_masked_negatives": "SoftMask + masked negatives (ours)",
          "softmask_patch_embeddings": "SoftMask, masks on the patch embeddings",
-         "softmask_masked_positives": "SoftMask, masked positives only (the paper, as we read it)"}
+         "softmask_masked_positives": "SoftMask, masked positives only (the paper, as we read it)",
+         "softmask_added": "SoftMask, masked_loss added", "softmask_without_masks": "SoftMask without soft masks"}
 # Each row: the metric keys tried in order (the first a variant has is shown) and the row's label; no keys
 # (None) is a row that says no variant has such a number. "Ordinary pairs" (an image with its caption and
 # hard negatives) are all of ITM's pairs without soft masks.
