@@ -226,6 +226,7 @@ def encoder_on_world(vision_run: Path, world: Path) -> dict[str, float]:
 def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures: list[Path], settings: dict,
             commands: list[list[str]], test_images: int, seconds: float, vision: dict[str, float]) -> Path:
     """``OUT/report.md``: the settings, the metrics side by side, the figures and the exact commands."""
+    finals = {name: _final_losses(run) for name, run in runs.items()}
     lines = [
         "# softmask demo", "",
         f"The paper's recipe in miniature. An image encoder (a ViT) is first pretrained alone on a world of "
@@ -238,7 +239,7 @@ def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures:
         f"that world's test split ({test_images} images, never trained on): retrieval re-ranks ITC's top "
         f"{settings['eval_k']} of every query by ITM, grounding scores the first {settings['grounding_captions']} "
         f"captions. {_budget_words(settings)}; total time {seconds / 60:.1f} min.", "",
-        *_itm_verdicts(runs, metrics), "",
+        *_itm_verdicts(finals, metrics), "",
         "## What each part sees, per attribute", "",
         "The image encoder's accuracy on this world's test objects (relation: a linear probe on two objects' "
         "features); what each model's fusion reads from the image (MLM restores a masked word of that group with "
@@ -256,7 +257,6 @@ def _report(out: Path, runs: dict[str, Path], metrics: dict[str, dict], figures:
     for key, label in REPORT_KEYS:
         if all(key in m for m in metrics.values()):
             lines.append(f"| {label} | " + " | ".join(f"{metrics[name][key]:.1f}" for name in runs) + " |")
-    finals = {name: _final_losses(run) for name, run in runs.items()}
     lines.append("| ITM training loss (last logged steps) | " + " | ".join(
         f"{finals[name]['loss_itm']:.3f} (prior {finals[name]['prior']:.3f})" for name in runs) + " |")
     lines += ["", f"Chance: minimal edits 50; retrieval R@1 {100 / max(1, test_images):.2f}, R@10 "
@@ -328,15 +328,15 @@ def itm_verdict(loss: float, prior: float) -> str:
     return "barely left its prior" if loss < prior - ITM_BARELY_MARGIN else "did not learn"
 
 
-def _itm_verdicts(runs: dict[str, Path], metrics: dict[str, dict[str, float]]) -> list[str]:
-    """One line per run: did ITM leave its prior on ordinary pairs (positives and hard negatives; the
-    training loss of the last logged steps)? With soft masks the total also holds the soft-masked
-    positives, which a head can learn apart from any pair (docs/results.md), so the verdict reads the
-    ordinary pairs' loss against ALBEF's prior. Then whether it has the shortcut (``itm_shortcut`` of the
-    evaluation: a soft-masked image with a wrong caption, its match probability minus the plain image's)."""
+def _itm_verdicts(finals: dict[str, dict[str, float]], metrics: dict[str, dict[str, float]]) -> list[str]:
+    """One line per run (``finals``: each run's :func:`_final_losses`): did ITM leave its prior on ordinary
+    pairs (positives and hard negatives; the training loss of the last logged steps)? With soft masks the
+    total also holds the soft-masked pairs, which a head can learn apart from any pair (docs/results.md),
+    so the verdict reads the ordinary pairs' loss against ALBEF's prior. Then whether it has the shortcut
+    (``itm_shortcut`` of the evaluation: a soft-masked image with a wrong caption, its match probability
+    minus the plain image's)."""
     lines = []
-    for name, run in runs.items():
-        final = _final_losses(run)
+    for name, final in finals.items():
         loss, prior = final["loss_itm"], final["prior"]
         which = "training loss"
         if "loss_itm_pairs" in final:
