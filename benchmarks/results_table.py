@@ -36,7 +36,7 @@ ITM_PAIRS = ("train_loss_itm_pairs", "train_loss_itm")
 ROWS = {
     "headline": [
         (ITM_PAIRS, "ITM training loss on ordinary pairs (prior 0.637; lower = learned)"),
-        (("tr1",), "text R@1, ITC's top 16 re-ranked by ITM (chance 0.125)"),
+        (("tr1",), "text R@1, ITC's top {k} re-ranked by ITM (chance 0.125)"),
         (("ir1",), "image R@1, re-ranked (chance 0.125)"),
         (("itm_all",), "minimal edits rejected by ITM (chance 50)"),
         (("itm_attr_colour",), "... colour edits"),
@@ -165,6 +165,7 @@ def table(study: dict, rows: str = "headline", variants: list[str] | None = None
     header += [f"{NAMES.get(v, v)} - {NAMES.get(paired, paired)}, 95 % interval" for v in others]
     lines = [f"| {corner} | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for keys, label in ROWS[rows]:
+        label = label.format(k=study.get("settings", {}).get("k", "k"))  # "{k}": the candidates re-ranked
         cells = [cell(summary[v], keys) for v in variants]
         cells += [paired_difference(study["runs"][paired], study["runs"][v], keys) for v in others]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
