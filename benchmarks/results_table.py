@@ -128,6 +128,9 @@ def paired_difference(baseline: dict[str, dict], other: dict[str, dict], keys: t
     ITM loss against ALBEF's ITM loss, which has no other pairs."""
     from scipy import stats
 
+    if keys is None:
+        return "not measured"
+
     def value(metrics: dict) -> tuple[str, float] | None:
         key = next((k for k in keys or () if k in metrics), None)
         return None if key is None else (key, metrics[key])
