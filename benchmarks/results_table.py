@@ -196,7 +196,10 @@ def table_of_command(command: str, root: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     study = json.loads(Path(args.study).read_text())
-    print(table(study, args.rows, [v for v in args.variants.split(",") if v] or None, args.paired))
+    try:
+        print(table(study, args.rows, [v for v in args.variants.split(",") if v] or None, args.paired))
+    except ValueError as err:  # a variant the study does not hold
+        raise SystemExit(f"results_table.py: {args.study}: {err}") from None
     return 0
 
 
