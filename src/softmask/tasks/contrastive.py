@@ -156,15 +156,18 @@ class ITMScores:
 
     def of(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The detached logits (m, 2) and labels (m,) of the blocks of ``kind``, in block order."""
-        spans, start = [], 0
-        for block in self.blocks:
-            if block.kind == kind:
-                spans.append(slice(start, start + len(block)))
-            start += len(block)
-        logits = self.logits.detach()
-        if len(spans) == 1:
-            return logits[spans[0]], self.labels[spans[0]]
-        return torch.cat([logits[s] for s in spans]), torch.cat([self.labels[s] for s in spans])
+        rows = rows_of_kind(self.blocks, kind, self.labels.device)
+        return self.logits.detach()[rows], self.labels[rows]
+
+
+def rows_of_kind(blocks: list[PairBlock], kind: str, device: torch.device) -> torch.Tensor:
+    """(m,) the indices of the pairs of ``blocks`` (concatenated in order) that belong to blocks of ``kind``."""
+    spans, start = [], 0
+    for block in blocks:
+        if block.kind == kind:
+            spans.append(torch.arange(start, start + len(block), device=device))
+        start += len(block)
+    return torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long, device=device)
 
 
 class ContrastiveObjective(DistilledObjective):
@@ -383,11 +386,10 @@ class ContrastiveObjective(DistilledObjective):
         if not by_kind:
             loss = dist.global_mean(itm_loss(logits, labels), len(labels), device, dist.world_size())
             return ITMScores(loss, logits, labels, blocks)
-        kinds = [block.kind for block in blocks for _ in range(len(block))]
-        loss = logits.sum() * 0.0  # a kind with no pairs on this rank still joins the gradient's reduction
+        loss = 0.0
         for kind in dict.fromkeys(block.kind for block in blocks):
-            rows = torch.tensor([k == kind for k in kinds], device=device)
-            count = int(rows.sum())
-            mean = itm_loss(logits[rows], labels[rows]) if count else logits.sum() * 0.0
-            loss = loss + dist.global_mean(mean, count, device, dist.world_size())
+            rows = rows_of_kind(blocks, kind, device)
+            # A kind with no pairs on this rank still joins the reduction (a zero that keeps the graph).
+            mean = itm_loss(logits[rows], labels[rows]) if len(rows) else logits.sum() * 0.0
+            loss = loss + dist.global_mean(mean, len(rows), device, dist.world_size())
         return ITMScores(loss, logits, labels, blocks)
