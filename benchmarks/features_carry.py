@@ -120,21 +120,25 @@ def shape_word_items(scenes: list[dict]) -> list[dict]:
     return items
 
 
+def fused_batches(model, enc: WorldEncoder, images: list[str], captions: list[str], batch_size: int = 128):
+    """Each chunk of ``(image, caption)`` pairs fused: yields ``(ids (b, T), mask (b, T), fused (b, T, D))``."""
+    for start in range(0, len(captions), batch_size):
+        ids, mask = enc.text(captions[start:start + batch_size])
+        image = model.encode_image(enc.pixels(images[start:start + batch_size]))
+        yield ids, mask, model.fuse(model.encode_text(ids, mask), mask, image)
+
+
 @torch.no_grad()
-def fused_word_features(model, enc: WorldEncoder, items: list[dict], images: list[str], batch_size: int = 128
-                        ) -> torch.Tensor:
+def fused_word_features(model, enc: WorldEncoder, items: list[dict], images: list[str]) -> torch.Tensor:
     """(M, D): the fusion encoder's output at each item's shape word (its first occurrence), the caption
     fused with ``images[i]`` (its own image, or another)."""
     vocab = enc.tokenizer.wordpiece.get_vocab()
-    features = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        ids, mask = enc.text([item["caption"] for item in chunk])
-        words = torch.tensor([vocab[item["word"]] for item in chunk])
-        positions = (ids == words[:, None]).int().argmax(1)
-        fused = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(enc.pixels(
-            images[start:start + batch_size])))
-        features.append(fused[torch.arange(len(chunk)), positions])
+    words = torch.tensor([vocab[item["word"]] for item in items])
+    features, start = [], 0
+    for ids, _, fused in fused_batches(model, enc, images, [item["caption"] for item in items]):
+        positions = (ids == words[start:start + len(ids), None]).int().argmax(1)
+        features.append(fused[torch.arange(len(ids)), positions])
+        start += len(ids)
     return torch.cat(features)
 
 
@@ -158,16 +162,10 @@ def fused_probes(model, enc: WorldEncoder, items: list[dict], seed: int = 0) -> 
 
 
 @torch.no_grad()
-def fused_summaries(model, enc: WorldEncoder, images: list[str], captions: list[str], batch_size: int = 128
-                    ) -> torch.Tensor:
-    """(M, D): what ITM's head reads (:meth:`fused_summary`) for each (image, caption) pair."""
-    out = []
-    for start in range(0, len(captions), batch_size):
-        ids, mask = enc.text(captions[start:start + batch_size])
-        fused = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(enc.pixels(
-            images[start:start + batch_size])))
-        out.append(model.fused_summary(fused, mask))
-    return torch.cat(out)
+def fused_summaries(model, enc: WorldEncoder, images: list[str], captions: list[str]) -> torch.Tensor:
+    """(M, D): what ITM's head reads (``fused_summary``) for each (image, caption) pair."""
+    return torch.cat([model.fused_summary(fused, mask) for _, mask, fused in fused_batches(model, enc, images,
+                                                                                              captions)])
 
 
 def edit_probes(model, enc: WorldEncoder, edits: list[dict], per_attribute: int = 600, seed: int = 0
