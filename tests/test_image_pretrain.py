@@ -249,6 +249,14 @@ def test_pair_relations_and_a_linear_probe_by_hand():
     y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()  # linearly separable, 4 classes
     assert linear_probe_accuracy(x, y, 4) > 90.0
     assert linear_probe_accuracy(torch.randn(400, 6, generator=gen), y, 4) < 45.0  # features that carry nothing
+    # More features than training rows: many separating solutions, so where a probe starts would show. The
+    # global random state does not change the probe.
+    wide, coin = torch.randn(60, 64, generator=gen), torch.randint(0, 2, (60,), generator=gen)
+    scores = []
+    for seed in (1, 2, 3, 4):
+        torch.manual_seed(seed)
+        scores.append(linear_probe_accuracy(wide, coin, 2))
+    assert len(set(scores)) == 1, scores
 
 
 def test_colourless_images_keep_their_shapes_and_lose_their_colour_and_presence_labels():
