@@ -3,10 +3,11 @@
 one row per metric of a named row set.
 
     python benchmarks/results_table.py STUDY.json [--rows headline] [--variants albef,softmask,...]
-        [--paired albef]
+        [--paired albef] [--seeds 0,1,2]
 
 ``--paired BASELINE`` adds, for every other variant, its mean paired difference from BASELINE over the
 seeds both ran (the same seed trains both on the same world and encoder) with a 95 % Student's t interval.
+``--seeds`` keeps only those seeds' runs (e.g. to compare variants over the seeds they all ran).
 
 README.md and docs/results.md show its output, each table under an HTML comment holding the command
 that made it (``<!-- results-table: python benchmarks/results_table.py ... -->``); the test of the
@@ -17,6 +18,7 @@ run the command on the new file and paste the table under a comment with the new
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import shlex
@@ -92,6 +94,22 @@ ROWS = {
         *((("mlm_" + a + "_gap",), ("MLM own minus shuffled image: " if a == "colour" else "... ") + a)
           for a in ("colour", "shape", "size", "pattern", "relation")),
     ],
+    # The readings of the soft masks: the shortcut, whether ordinary pairs are learned, and what it buys.
+    "readings": [
+        (ITM_PAIRS, "ITM training loss, ordinary pairs (prior 0.637)"),
+        (("train_loss_itm_soft",), "ITM training loss, soft-masked pairs"),
+        (("itm_shortcut",), "`itm_shortcut`"),
+        (("itm_all",), "minimal edits by ITM, all"),
+        (("itm_secondary",), "... secondary object"),
+        (("pointing_all",), "pointing game, all"),
+        (("pointing_secondary",), "... secondary objects"),
+        (("tr1",), "text R@1 re-ranked by ITM"),
+        (("itc_tr1",), "text R@1, ITC alone"),
+        (("ir1",), "image R@1 re-ranked by ITM"),
+        (("itc_ir1",), "image R@1, ITC alone"),
+        *((("mlm_" + a + "_gap",), ("MLM own minus shuffled image: " if a == "colour" else "... ") + a)
+          for a in ("colour", "shape", "size", "pattern")),
+    ],
     "retrieval": [
         (("tr1",), "text R@1, re-ranked by ITM"),
         (("itc_tr1",), "text R@1, ITC alone"),
@@ -148,9 +166,26 @@ def paired_difference(baseline: dict[str, dict], other: dict[str, dict], keys: t
     return f"{mean:.{d}f} [{mean - half:.{d}f}, {mean + half:.{d}f}]"
 
 
-def table(study: dict, rows: str = "headline", variants: list[str] | None = None, paired: str = "") -> str:
+def only_seeds(study: dict, seeds: list[str]) -> dict:
+    """``study`` with only the runs of ``seeds`` (as the results file names them, e.g. "0") and its summary
+    recomputed from them; a variant without any of them is left out."""
+    spec = importlib.util.spec_from_file_location("world_study", Path(__file__).with_name("world_study.py"))
+    world_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(world_study)
+    runs = {variant: {s: m for s, m in per_seed.items() if s in seeds} for variant, per_seed in study["runs"].items()}
+    runs = {variant: per_seed for variant, per_seed in runs.items() if per_seed}
+    if not runs:
+        raise ValueError(f"no runs with seeds {', '.join(seeds)}")
+    return {**study, "runs": runs, "summary": world_study.summarise(runs)}
+
+
+def table(study: dict, rows: str = "headline", variants: list[str] | None = None, paired: str = "",
+          seeds: list[str] | None = None) -> str:
     """The markdown table of ``study`` (a parsed results file) for the row set ``rows``; with ``paired`` (a
-    variant), one more column per other variant: its paired difference from ``paired``."""
+    variant), one more column per other variant: its paired difference from ``paired``; with ``seeds``, only
+    those seeds' runs."""
+    if seeds:
+        study = only_seeds(study, seeds)
     summary = study["summary"]
     variants = variants or list(summary)
     missing = [v for v in [*variants, *([paired] if paired else [])] if v not in summary]
@@ -182,23 +217,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default="", help="comma-separated variants in order (default: all)")
     parser.add_argument("--paired", default="", metavar="BASELINE",
                         help="add each other variant's paired difference from this one, with its 95 %% interval")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds: only their runs (default: all)")
     return parser.parse_args(argv)
+
+
+def table_of_args(args: argparse.Namespace, study: dict) -> str:
+    """The table the parsed command line ``args`` asks of ``study``."""
+    return table(study, args.rows, [v for v in args.variants.split(",") if v] or None, args.paired,
+                 [s for s in args.seeds.split(",") if s] or None)
 
 
 def table_of_command(command: str, root: Path) -> str:
     """The table a ``python benchmarks/results_table.py ...`` command line prints, paths from ``root``."""
     words = shlex.split(command)
     args = parse_args(words[words.index("benchmarks/results_table.py") + 1:])
-    study = json.loads((root / args.study).read_text())
-    return table(study, args.rows, [v for v in args.variants.split(",") if v] or None, args.paired)
+    return table_of_args(args, json.loads((root / args.study).read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     study = json.loads(Path(args.study).read_text())
     try:
-        print(table(study, args.rows, [v for v in args.variants.split(",") if v] or None, args.paired))
-    except ValueError as err:  # a variant the study does not hold
+        print(table_of_args(args, study))
+    except ValueError as err:  # a variant or seeds the study does not hold
         raise SystemExit(f"results_table.py: {args.study}: {err}") from None
     return 0
 

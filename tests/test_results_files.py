@@ -94,3 +94,16 @@ def test_a_paired_difference_takes_each_runs_own_first_key():
     albef = {"0": {"train_loss_itm": 0.349}}
     softmask = {"0": {"train_loss_itm_pairs": 0.482, "train_loss_itm": 0.492}}
     assert results_table.paired_difference(albef, softmask, keys) == "0.133"
+
+
+def test_seeds_keep_only_those_runs_and_recompute_the_summary():
+    results_table = load_benchmark("results_table.py")
+    runs = {"albef": {"0": {"tr1": 1.0}, "1": {"tr1": 3.0}, "2": {"tr1": 50.0}},
+            "softmask": {"0": {"tr1": 2.0}, "1": {"tr1": 6.0}}, "focal_itc_only": {"2": {"tr1": 9.0}}}
+    study = {"summary": load_benchmark("world_study.py").summarise(runs), "runs": runs}
+    text = results_table.table(study, "retrieval", paired="albef", seeds=["0", "1"])
+    assert text.splitlines()[0].startswith("| %, mean ± std over 2 seeds | ALBEF | SoftMask |")  # focal: no seed 0/1
+    assert "| text R@1, re-ranked by ITM | 2.0 ± 1.4 | 4.0 ± 2.8 | 2.0 [-10.7, 14.7] |" in text
+    assert "50" not in text and study["summary"]["albef"]["tr1"][2] == 3  # the study itself is unchanged
+    with pytest.raises(ValueError, match="no runs with seeds 7"):
+        results_table.table(study, "retrieval", seeds=["7"])
