@@ -35,6 +35,14 @@ NAMES = {"albef": "ALBEF", "softmask": "SoftMask", "soft_masks_only": "soft mask
 # (None) is a row that says no variant has such a number. "Ordinary pairs" (an image with its caption and
 # hard negatives) are all of ITM's pairs without soft masks.
 ITM_PAIRS = ("train_loss_itm_pairs", "train_loss_itm")
+ATTRIBUTES = ("colour", "shape", "size", "pattern", "relation")
+
+
+def attribute_rows(key: str, label: str, attributes: tuple[str, ...] = ATTRIBUTES) -> list:
+    """One row per attribute: ``key`` with ``{a}`` for the attribute, the first labelled ``label`` + attribute,
+    the others "... attribute"."""
+    return [((key.format(a=a),), (label if i == 0 else "... ") + a) for i, a in enumerate(attributes)]
+
 ROWS = {
     "headline": [
         (ITM_PAIRS, "ITM training loss on ordinary pairs (prior 0.637; lower = learned)"),
@@ -81,18 +89,15 @@ ROWS = {
         (("itm_secondary",), "... secondary object"),
         (("itc_salient",), "minimal edits by ITC, salient object"),
         (("itc_secondary",), "... secondary object"),
-        *((("itm_attr_" + a,), ("ITM edits: " if a == "colour" else "... ") + a)
-          for a in ("colour", "shape", "size", "pattern", "relation")),
-        *((("itc_attr_" + a,), ("ITC edits: " if a == "colour" else "... ") + a)
-          for a in ("colour", "shape", "size", "pattern", "relation")),
+        *attribute_rows("itm_attr_{a}", "ITM edits: "),
+        *attribute_rows("itc_attr_{a}", "ITC edits: "),
         (("pointing_salient",), "pointing game, salient objects"),
         (("pointing_secondary",), "... secondary objects"),
         (("tr1",), "text R@1 re-ranked by ITM"),
         (("itc_tr1",), "text R@1, ITC alone"),
         (("ir1",), "image R@1 re-ranked by ITM"),
         (("itc_ir1",), "image R@1, ITC alone"),
-        *((("mlm_" + a + "_gap",), ("MLM own minus shuffled image: " if a == "colour" else "... ") + a)
-          for a in ("colour", "shape", "size", "pattern", "relation")),
+        *attribute_rows("mlm_{a}_gap", "MLM own minus shuffled image: "),
     ],
     # The readings of the soft masks: the shortcut, whether ordinary pairs are learned, and what it buys.
     "readings": [
@@ -107,8 +112,7 @@ ROWS = {
         (("itc_tr1",), "text R@1, ITC alone"),
         (("ir1",), "image R@1 re-ranked by ITM"),
         (("itc_ir1",), "image R@1, ITC alone"),
-        *((("mlm_" + a + "_gap",), ("MLM own minus shuffled image: " if a == "colour" else "... ") + a)
-          for a in ("colour", "shape", "size", "pattern")),
+        *attribute_rows("mlm_{a}_gap", "MLM own minus shuffled image: ", ATTRIBUTES[:4]),
     ],
     "retrieval": [
         (("tr1",), "text R@1, re-ranked by ITM"),
