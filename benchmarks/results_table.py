@@ -28,7 +28,8 @@ from pathlib import Path
 NAMES = {"albef": "ALBEF", "softmask": "SoftMask", "soft_masks_only": "soft masks only",
          "focal_itc_only": "focal ITC only", "augmentation_only": "augmentation only",
          "softmask_masked_negatives": "SoftMask + masked negatives (ours)",
-         "softmask_patch_embeddings": "SoftMask, masks on the patch embeddings",
+         "softmask_patch_embeddings": "SoftMask, masked positives only, on the patch embeddings",
+         "softmask_all_patch_embeddings": "SoftMask, on the patch embeddings",
          "softmask_masked_positives": "SoftMask, masked positives only (the paper, as we read it)",
          "softmask_added": "SoftMask, masked_loss added", "softmask_without_masks": "SoftMask without soft masks"}
 # Each row: the metric keys tried in order (the first a variant has is shown) and the row's label; no keys

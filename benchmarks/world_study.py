@@ -50,6 +50,7 @@ VARIANTS = {
     "softmask_patch_embeddings": ["method=softmask", "softmask.masked_pairs=positives",
                                   "softmask.apply_to=patch_embeddings"],
     "softmask_masked_negatives": ["method=softmask", "softmask.masked_pairs=negative_captions"],
+    "softmask_all_patch_embeddings": ["method=softmask", "softmask.apply_to=patch_embeddings"],
     "softmask_added": ["method=softmask", "softmask.masked_loss=added"],
     # SoftMask without its soft masks (focal ITC and the augmentation): what a reading of the masks adds to.
     "softmask_without_masks": ["method=softmask", "softmask.soft_masks=false"],
