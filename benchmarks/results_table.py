@@ -185,10 +185,10 @@ def only_seeds(study: dict, seeds: list[str]) -> dict:
 
 
 def table(study: dict, rows: str = "headline", variants: list[str] | None = None, paired: str = "",
-          seeds: list[str] | None = None) -> str:
+          seeds: list[str] | None = None, differences_only: bool = False) -> str:
     """The markdown table of ``study`` (a parsed results file) for the row set ``rows``; with ``paired`` (a
-    variant), one more column per other variant: its paired difference from ``paired``; with ``seeds``, only
-    those seeds' runs."""
+    variant), one more column per other variant: its paired difference from ``paired`` (with
+    ``differences_only``, instead of that variant's own column); with ``seeds``, only those seeds' runs."""
     if seeds:
         study = only_seeds(study, seeds)
     summary = study["summary"]
@@ -196,20 +196,23 @@ def table(study: dict, rows: str = "headline", variants: list[str] | None = None
     missing = [v for v in [*variants, *([paired] if paired else [])] if v not in summary]
     if missing:
         raise ValueError(f"variants not in this study: {', '.join(missing)} (it has {', '.join(summary)})")
+    if differences_only and not paired:
+        raise ValueError("differences only: name the baseline with --paired")
     if paired:
         variants = [paired, *(v for v in variants if v != paired)]
     others = variants[1:] if paired else []
+    shown = variants[:1] if differences_only else variants
     seeds = {v: max(n for _, _, n in summary[v].values()) for v in variants}
     same = len(set(seeds.values())) == 1
     n = seeds[variants[0]]
     corner = (f"%, mean ± std over {n} seeds" if n > 1 else "%, seed " + next(iter(study["runs"][variants[0]]))
               ) if same else "%, mean ± std over seeds"
-    header = [NAMES.get(v, v) + ("" if same else f" (n={seeds[v]})") for v in variants]
+    header = [NAMES.get(v, v) + ("" if same else f" (n={seeds[v]})") for v in shown]
     header += [f"{NAMES.get(v, v)} - {NAMES.get(paired, paired)}, 95 % interval" for v in others]
     lines = [f"| {corner} | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for keys, label in ROWS[rows]:
         label = label.format(k=study.get("settings", {}).get("k", "k"))  # "{k}": the candidates re-ranked
-        cells = [cell(summary[v], keys) for v in variants]
+        cells = [cell(summary[v], keys) for v in shown]
         cells += [paired_difference(study["runs"][paired], study["runs"][v], keys) for v in others]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -223,13 +226,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paired", default="", metavar="BASELINE",
                         help="add each other variant's paired difference from this one, with its 95 %% interval")
     parser.add_argument("--seeds", default="", help="comma-separated seeds: only their runs (default: all)")
+    parser.add_argument("--differences-only", action="store_true",
+                        help="with --paired: the baseline's column and the differences, not the other variants' own")
     return parser.parse_args(argv)
 
 
 def table_of_args(args: argparse.Namespace, study: dict) -> str:
     """The table the parsed command line ``args`` asks of ``study``."""
     return table(study, args.rows, [v for v in args.variants.split(",") if v] or None, args.paired,
-                 [s for s in args.seeds.split(",") if s] or None)
+                 [s for s in args.seeds.split(",") if s] or None, args.differences_only)
 
 
 def table_of_command(command: str, root: Path) -> str:

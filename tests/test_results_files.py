@@ -105,5 +105,10 @@ def test_seeds_keep_only_those_runs_and_recompute_the_summary():
     assert text.splitlines()[0].startswith("| %, mean ± std over 2 seeds | ALBEF | SoftMask |")  # focal: no seed 0/1
     assert "| text R@1, re-ranked by ITM | 2.0 ± 1.4 | 4.0 ± 2.8 | 2.0 [-10.7, 14.7] |" in text
     assert "50" not in text and study["summary"]["albef"]["tr1"][2] == 3  # the study itself is unchanged
+    text = results_table.table(study, "retrieval", paired="albef", seeds=["0", "1"], differences_only=True)
+    assert text.splitlines()[0] == "| %, mean ± std over 2 seeds | ALBEF | SoftMask - ALBEF, 95 % interval |"
+    assert "| text R@1, re-ranked by ITM | 2.0 ± 1.4 | 2.0 [-10.7, 14.7] |" in text
+    with pytest.raises(ValueError, match="name the baseline"):
+        results_table.table(study, "retrieval", differences_only=True)
     with pytest.raises(ValueError, match="no runs with seeds 7"):
         results_table.table(study, "retrieval", seeds=["7"])
