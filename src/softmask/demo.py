@@ -9,7 +9,7 @@
    loss of a run with soft masks), the top-5 images each model retrieves for a few captions, and Grad-CAM
    grids comparing what the two models look at.
 
-With `--budget full` the demo runs the study's recipe (docs/results.md), seed 0; the default fits 15 minutes.
+With `--budget full` the demo runs the study's recipe (docs/results.md), seed 0; the default takes about 19 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -424,7 +424,7 @@ def run_demo(out: Path, budget: str = "default", config: str | Path = CONFIG, vi
     settings before anything is computed, ``TrainingError`` naming the log when a child fails.
 
     Args:
-        budget: a key of :data:`BUDGETS` ("default" fits 15 minutes on 2 cores, "full" is the study's seed 0).
+        budget: a key of :data:`BUDGETS` ("default" takes about 19 minutes on 2 cores, "full" is the study's seed 0).
         settings: any of the budget's keys (``steps=50``, ``eval_k=4`` ...) to change that one setting.
     """
     if budget not in BUDGETS:
