@@ -9,7 +9,8 @@
    loss of a run with soft masks), the top-5 images each model retrieves for a few captions, and Grad-CAM
    grids comparing what the two models look at.
 
-With `--budget full` the demo runs the study's recipe (docs/results.md), seed 0; the default takes about 19 minutes on 2 cores.
+With `--budget full` the demo runs the study's recipe (docs/results.md), seed 0; the default takes about 19
+minutes on 2 cores.
 """
 
 from __future__ import annotations
