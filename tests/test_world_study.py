@@ -26,6 +26,14 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert "| tr1 | 2.0 ± 1.4 | 4.0 ± 0.0 |" in text and "| itm_all | 51.0 ± 1.4 | - |" in text
 
 
+@pytest.mark.parametrize("variant", list(world_study.VARIANTS))
+def test_every_variant_is_a_valid_world_recipe(variant):
+    from softmask.config import load_config
+
+    config = load_config(ROOT / "configs" / "pretrain" / "world_mini.yaml", world_study.VARIANTS[variant])
+    assert config.method == world_study.VARIANTS[variant][0].split("=")[1]
+
+
 @pytest.mark.slow
 def test_a_tiny_study_runs_end_to_end(tmp_path):
     from softmask.world import generate_world
