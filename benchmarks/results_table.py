@@ -115,6 +115,15 @@ ROWS = {
         (("itc_ir1",), "image R@1, ITC alone"),
         *attribute_rows("mlm_{a}_gap", "MLM own minus shuffled image: ", ATTRIBUTES[:4]),
     ],
+    # Whether ITM learned ordinary pairs: in training (each recipe its own, augmented batches) and on the same
+    # unaugmented test pairs for every model (the test loss's negatives come from each model's ITC).
+    "ordinary": [
+        (ITM_PAIRS, "ITM training loss, ordinary pairs (prior 0.637)"),
+        (("itm_test_loss",), "ITM loss on the test split's ordinary pairs (prior 0.637)"),
+        (("itm_test_accuracy",), "... pairs labelled right (a head at the prior: 66.7)"),
+        (("itm_shortcut",), "`itm_shortcut`"),
+        (("itm_all",), "minimal edits by ITM, all"),
+    ],
     "retrieval": [
         (("tr1",), "text R@1, re-ranked by ITM"),
         (("itc_tr1",), "text R@1, ITC alone"),
@@ -128,7 +137,7 @@ ROWS = {
 
 def digits(key: str) -> int:
     """Decimals a metric is shown with: losses 3, ``itm_shortcut`` (a difference of probabilities) 2, % 1."""
-    return 3 if key.startswith("train_") else 2 if key == "itm_shortcut" else 1
+    return 3 if key.startswith("train_") or key == "itm_test_loss" else 2 if key == "itm_shortcut" else 1
 
 
 def cell(summary: dict, keys: tuple[str, ...] | None) -> str:

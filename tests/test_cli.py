@@ -165,6 +165,22 @@ def test_itm_prior_is_the_entropy_of_the_share_of_positives():
     assert itm_prior(0.0, "all", "added") == pytest.approx(itm_prior(0.0))  # no soft-masked pair
 
 
+def test_the_report_gives_each_model_its_itm_verdict_test_loss_and_shortcut():
+    from softmask.demo import _itm_verdicts
+
+    finals = {"albef": {"loss_itm": 0.35, "prior": 0.637},
+              "softmask": {"loss_itm": 0.40, "loss_itm_pairs": 0.48, "loss_itm_soft": 0.30, "prior": 0.66}}
+    metrics = {"albef": {"itm_test_loss": 0.412, "itm_shortcut": -0.02, "itm_mismatched_masked": 0.01,
+                         "itm_mismatched": 0.03},
+               "softmask": {"itm_test_loss": 0.503, "itm_shortcut": 0.62, "itm_mismatched_masked": 0.65,
+                            "itm_mismatched": 0.03}}
+    albef, softmask = _itm_verdicts(finals, metrics)
+    assert albef.startswith("- **ITM learned** (albef): training loss 0.350")
+    assert "test split's ordinary pairs 0.412" in albef and "**No shortcut**: itm_shortcut -0.02" in albef
+    assert "training loss on ordinary pairs 0.480" in softmask and "test split's ordinary pairs 0.503" in softmask
+    assert "**Shortcut**: itm_shortcut +0.62" in softmask and "masking alone says match" in softmask
+
+
 def test_the_itm_verdict_tells_a_head_that_learned_from_one_that_barely_left_its_prior():
     from softmask.demo import itm_verdict
 

@@ -36,6 +36,7 @@ def test_world_metrics_are_complete_and_in_range(world, model):
     assert not any(key.startswith("mlm_") for key in evaluate_world(model, world, k=4, max_grounding_captions=1,
                                                                      mlm_captions=0))
     assert metrics["grounding_captions"] == 10
+    assert metrics["itm_test_loss"] > 0 and 0 <= metrics["itm_test_accuracy"] <= 100
     for key in ("tr1", "tr10", "ir1", "ir10", "r_mean"):
         assert 0.0 <= metrics[f"itc_{key}"] <= 100.0, key
 
@@ -180,3 +181,47 @@ def test_itm_shortcut_masks_as_training_does_and_measures_the_masked_minus_the_p
     monkeypatch.setattr(shortcut, "match_probability", head)
     faked = shortcut.itm_shortcut(model, enc, test, soft, layer=0, pairs=4, batch_size=3)
     assert faked["itm_shortcut"] == pytest.approx(0.85) and faked["itm_masked_own"] == pytest.approx(0.95)
+
+
+def test_itm_test_loss_pairs_each_image_with_its_caption_and_two_hard_negatives(world, model, monkeypatch):
+    import json
+    import math
+
+    from softmask.eval.itm_pairs import itm_test_loss
+    from softmask.eval.world import WorldEncoder
+
+    enc = WorldEncoder(model, world)
+    test = json.loads((world / "annotations" / "retrieval_test.json").read_text())
+    assert len(test) == 4
+    fused_inputs = []
+    fuse = model.fuse
+
+    def spy(text_embeds, mask, image_embeds, **kwargs):
+        fused_inputs.append((text_embeds, image_embeds))
+        return fuse(text_embeds, mask, image_embeds, **kwargs)
+
+    monkeypatch.setattr(model, "fuse", spy)
+    real = itm_test_loss(model, enc, test, batch_size=3)
+    assert real["itm_test_pairs"] == 3 * 3  # batches of 3 and 1: the batch of one has no negative
+    assert real["itm_test_loss"] > 0 and 0 <= real["itm_test_accuracy"] <= 100
+    (texts, images), = fused_inputs  # 3 positives, 3 captions with another image, 3 images with another caption
+    own_texts, own_images = texts[:3], images[:3]
+    assert not any(torch.equal(images[3 + i], own_images[i]) for i in range(3))
+    assert not any(torch.equal(texts[6 + i], own_texts[i]) for i in range(3))
+    assert torch.equal(texts[3:6], own_texts) and torch.equal(images[6:], own_images)
+    # A head that only knows the prior (a third of the pairs match) scores the prior's loss and labels every
+    # pair "no match" (right two times in three).
+    prior = torch.tensor([math.log(2 / 3), math.log(1 / 3)])
+    monkeypatch.setattr(model, "itm_logits", lambda fused, mask: prior.expand(len(fused), 2))
+    flat = itm_test_loss(model, enc, test, batch_size=3)
+    assert flat["itm_test_loss"] == pytest.approx(-(math.log(1 / 3) + 2 * math.log(2 / 3)) / 3, abs=1e-6)
+    assert flat["itm_test_accuracy"] == pytest.approx(200 / 3)
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        itm_test_loss(model, enc, test, batch_size=1)
+
+
+def test_world_evaluation_rejects_an_itm_batch_of_one_before_any_work(world, model):
+    from softmask.config import ConfigError
+
+    with pytest.raises(ConfigError, match="itm_batch"):
+        evaluate_world(model, world, k=4, itm_batch=1)

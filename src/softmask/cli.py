@@ -162,7 +162,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate_world(model, args.world, k=args.k, layer=args.layer, examples_out=examples,
                                  max_grounding_captions=args.grounding_captions, mlm_captions=args.mlm_captions,
                                  soft_mask=run_cfg.softmask if run_cfg is not None else None,
-                                 shortcut_pairs=args.shortcut_pairs, tokenizer=tokenizer_source(args.checkpoint))
+                                 shortcut_pairs=args.shortcut_pairs, tokenizer=tokenizer_source(args.checkpoint),
+                                 itm_batch=max(2, run_cfg.train.batch_size) if run_cfg is not None else 32)
         for key, value in metrics.items():
             print(f"{key:24s} {value:8.2f}")
         if args.json:

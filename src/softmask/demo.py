@@ -333,7 +333,8 @@ def _itm_verdicts(finals: dict[str, dict[str, float]], metrics: dict[str, dict[s
     """One line per run (``finals``: each run's :func:`_final_losses`): did ITM leave its prior on ordinary
     pairs (positives and hard negatives; the training loss of the last logged steps)? With soft masks the
     total also holds the soft-masked pairs, which a head can learn apart from any pair (docs/results.md),
-    so the verdict reads the ordinary pairs' loss against ALBEF's prior. Then whether it has the shortcut
+    so the verdict reads the ordinary pairs' loss against ALBEF's prior; the evaluation's ``itm_test_loss``
+    (the same kind of pairs for every model, unaugmented test images) follows. Then whether it has the shortcut
     (``itm_shortcut`` of the evaluation: a soft-masked image with a wrong caption, its match probability
     minus the plain image's)."""
     lines = []
@@ -349,6 +350,9 @@ def _itm_verdicts(finals: dict[str, dict[str, float]], metrics: dict[str, dict[s
                        if soft < ITM_SHORTCUT_LOSS else "")
             line += (f"; on the soft-masked pairs {soft:.3f} ({reading}all pairs {final['loss_itm']:.3f}, "
                      f"prior {final['prior']:.3f})")
+        test_loss = metrics.get(name, {}).get("itm_test_loss")
+        if test_loss is not None:  # the same kind of pairs for every model: no augmentation, no soft masks
+            line += f"; on the test split's ordinary pairs {test_loss:.3f}"
         shortcut = metrics.get(name, {}).get("itm_shortcut")
         if shortcut is not None:
             has = shortcut > ITM_SHORTCUT_BAR

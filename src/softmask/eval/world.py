@@ -1,8 +1,8 @@
 """Evaluations on a synthetic world (``softmask world``): zero-shot retrieval on its test split,
 minimal-edit accuracy (true caption vs one-attribute distractors, by ITM and by ITC), grounding of
 word Grad-CAM against the object boxes (pointing game, energy in box), what the fusion reads from
-the image (:mod:`softmask.eval.mlm_reads`), and whether ITM took the soft masks' shortcut
-(:mod:`softmask.eval.shortcut`).
+the image (:mod:`softmask.eval.mlm_reads`), whether ITM took the soft masks' shortcut
+(:mod:`softmask.eval.shortcut`), and the ITM loss of ordinary test pairs (:mod:`softmask.eval.itm_pairs`).
 
 Each metric is split by whether the object concerned is the scene's most salient one or a secondary
 one, and by whether the image holds a held-out (colour, shape) combination, since the paper's claim is
@@ -23,6 +23,7 @@ from softmask.data.images import load_image, to_tensor
 from softmask.data.text import open_tokenizer, pre_caption
 from softmask.data.transforms import EvalTransform
 from softmask.eval.grounding import energy_in_box, pointing_hit
+from softmask.eval.itm_pairs import itm_test_loss
 from softmask.eval.retrieval import compute_features, evaluate_retrieval, itm_scores, recall_at_k
 from softmask.models.vlp import VisionLanguageModel
 
@@ -148,14 +149,16 @@ def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, l
                    max_grounding_captions: int | None = 500, batch_size: int = 256,
                    examples_out: list | None = None, examples: int = 6, tokenizer: str = "",
                    mlm_captions: int = 600, soft_mask: SoftMaskConfig | None = None,
-                   shortcut_pairs: int = 200) -> dict[str, float]:
+                   shortcut_pairs: int = 200, itm_batch: int = 32) -> dict[str, float]:
     """All world metrics for one model on the world's test split (percentages). With ``examples_out`` (a
     list), :func:`retrieval_examples` of ``examples`` captions are appended to it. ``tokenizer``: the
     vocabulary the model was trained with (:func:`softmask.runs.tokenizer_source`; "" the default).
     ``mlm_captions``: captions per word group for ``mlm_<group>_right`` / ``_shuffled`` / ``_gap``
     (:func:`softmask.eval.mlm_reads.masked_word_accuracy`; 0 skips them). ``soft_mask``: the run's
     ``softmask`` section, how :func:`softmask.eval.shortcut.itm_shortcut` makes the masks (default: the
-    paper's, at the Grad-CAM layer); ``shortcut_pairs`` mismatched pairs score it (0 skips it)."""
+    paper's, at the Grad-CAM layer); ``shortcut_pairs`` mismatched pairs score it (0 skips it). ``itm_batch``:
+    the batch within which :func:`softmask.eval.itm_pairs.itm_test_loss` draws ITM's hard negatives (the
+    run's training batch size, to score ordinary pairs as in training)."""
     world = Path(world)
     fusion = model.config.text.num_fusion_layers
     if layer is not None and not 0 <= layer < fusion:  # checked before any work
@@ -168,6 +171,8 @@ def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, l
                           f"got {shortcut_pairs}")
     if mlm_captions < 0:
         raise ConfigError(f"mlm_captions (--mlm-captions) must be >= 0 (0 skips the MLM reading), got {mlm_captions}")
+    if itm_batch < 2:
+        raise ConfigError(f"itm_batch, the batch ITM's test negatives are drawn from, must be >= 2, got {itm_batch}")
     if max_grounding_captions is not None and max_grounding_captions < 1:
         raise ConfigError("max_grounding_captions (--grounding-captions), the captions grounding scores, must be "
                           f"at least 1, got {max_grounding_captions}")
@@ -186,6 +191,7 @@ def evaluate_world(model: VisionLanguageModel, world: str | Path, k: int = 16, l
     metrics.update({f"itc_{key}": value for key, value in
                     recall_at_k(retrieval.itc, retrieval.itc.T, text_to_image).items()})
     metrics.update(minimal_edit_accuracy(model, enc, _read(world, "minimal_edits.json"), batch_size))
+    metrics.update(itm_test_loss(model, enc, test, itm_batch))
     if layer is None:
         layer = default_gradcam_layer(model.config.text.num_fusion_layers)
     scenes = [s for s in _read(world, "objects.json") if s["split"] == "test"]
