@@ -1,0 +1,92 @@
+"""What a world model's text retrieval ranks first when it misses: its own caption, a caption with the same
+words as one of its own (a tie, which R@1 counts as a miss), a short caption of another image, or a long one.
+
+    python benchmarks/text_retrieval_misses.py --checkpoint RUN --world WORLD [--short 4] [--hubs 5]
+
+A world's test image has several captions, some of them short and generic ("A striped cross."), which are
+true of many images; text R@1 counts a hit only when the image's first-ranked caption is one of its own.
+For every test image, ITC ranks all test captions (as ``itc_tr1`` of ``softmask evaluate world``) and the
+first-ranked caption is put in one of four classes: ``own``, ``same_words`` (another image's caption with
+the same words as one of its own, or its own when another image has one with the same words: ITC scores
+them equally, and R@1 counts the tie against the image),
+``short_other`` (another image's caption of at most ``--short`` words) and ``long_other``. Also: the words
+per caption of the first-ranked captions against all test captions, and the ``--hubs`` captions ranked
+first for the most images ("hubs"), each with how many. Printed as JSON; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from softmask.checkpoint_files import CheckpointError
+from softmask.config import ConfigError
+from softmask.data.text import pre_caption
+from softmask.eval.retrieval import compute_features
+from softmask.eval.world import MAX_WORDS, WorldEncoder
+from softmask.inference import load_model
+from softmask.runs import tokenizer_source
+
+
+def first_ranked_classes(sim: np.ndarray, captions: list[str], text_to_image: np.ndarray,
+                         short: int) -> tuple[Counter, np.ndarray]:
+    """``(classes, top)``: the class counts of module docstring and the (I,) index of each image's first-ranked
+    caption. ``sim``: (I, C) ITC similarities; ``captions``: (C,) normalised captions."""
+    top = sim.argmax(1)
+    images_of: dict[str, set[int]] = {}
+    for c, caption in enumerate(captions):
+        images_of.setdefault(caption, set()).add(int(text_to_image[c]))
+    classes: Counter = Counter()
+    for image, caption in enumerate(top):
+        holders = images_of[captions[caption]]
+        if image in holders:  # one of its own; a tie with another image's same words when others hold it too
+            classes["own" if holders == {image} else "same_words"] += 1
+        elif len(captions[caption].split()) <= short:
+            classes["short_other"] += 1
+        else:
+            classes["long_other"] += 1
+    return classes, top
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a `softmask pretrain` run folder or checkpoint")
+    parser.add_argument("--world", required=True, help="a folder written by `softmask world`")
+    parser.add_argument("--short", type=int, default=4, help="a caption of at most this many words is short")
+    parser.add_argument("--hubs", type=int, default=5, help="the captions ranked first most often, listed")
+    args = parser.parse_args(argv)
+    test_file = Path(args.world) / "annotations" / "retrieval_test.json"
+    if not test_file.is_file():
+        parser.error(f"--world {args.world}: no annotations/retrieval_test.json (not a folder written by "
+                     "`softmask world`)")
+    try:
+        model = load_model(args.checkpoint)[0].eval()
+    except (CheckpointError, ConfigError, OSError) as err:
+        parser.error(f"--checkpoint {args.checkpoint}: {err}")
+    test = json.loads(test_file.read_text())
+    enc = WorldEncoder(model, Path(args.world), tokenizer_source(args.checkpoint))
+    captions = [pre_caption(c, MAX_WORDS) for record in test for c in record["caption"]]
+    text_to_image = np.repeat(np.arange(len(test)), [len(r["caption"]) for r in test])
+    ids, mask = enc.text([c for record in test for c in record["caption"]])
+    features = compute_features(model, enc.pixels([r["image"] for r in test]), ids, mask)
+    sim = (features.image_feat @ features.text_feat.T).cpu().numpy()
+    classes, top = first_ranked_classes(sim, captions, text_to_image, args.short)
+    words = lambda indices: round(float(np.mean([len(captions[i].split()) for i in indices])), 2)  # noqa: E731
+    hubs = Counter(captions[i] for i in top).most_common(args.hubs)
+    print(json.dumps({
+        "images": len(test), "captions": len(captions),
+        "first_ranked": {key: classes[key] for key in ("own", "same_words", "short_other", "long_other")},
+        "itc_tr1": round(100.0 * classes["own"] / len(test), 1),
+        "words_first_ranked": words(top), "words_all_captions": words(range(len(captions))),
+        "distinct_first_ranked": len(set(top.tolist())),
+        "hubs": [{"caption": caption, "images": count} for caption, count in hubs],
+    }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
