@@ -193,9 +193,11 @@ def merge_studies(paths: list[Path]) -> tuple[dict, dict[str, dict[str, dict]]]:
                 per_run.setdefault(variant, {})[seed] = metrics
         variants.update(settings["variants"])
         failed += settings.get("failed_runs", [])
-        sources.append({"study": str(path), "variants": list(settings["variants"]), "seeds": settings["seeds"],
-                        "overrides": settings["overrides"], "train_wall_s": settings.get("train_wall_s"),
-                        "total_wall_s": settings.get("total_wall_s")})
+        # A merged study brings the studies it was merged from, so that a merge of merges keeps every source.
+        sources += settings.get("merged_from") or [{
+            "study": str(path), "variants": list(settings["variants"]), "seeds": settings["seeds"],
+            "overrides": settings["overrides"], "train_wall_s": settings.get("train_wall_s"),
+            "total_wall_s": settings.get("total_wall_s")}]
     if first is None:
         raise ValueError("no studies to merge")
     order = [v for v in VARIANTS if v in per_run] + [v for v in per_run if v not in VARIANTS]

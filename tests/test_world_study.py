@@ -84,6 +84,10 @@ def test_merging_studies_pools_seeds_and_variants(tmp_path):
     merged = json.loads((tmp_path / "m" / "study.json").read_text())
     assert merged["summary"]["albef"]["tr1"] == [3.0, 1.0, 3]
     assert "| tr1 | 3.0 ± 1.0 | 1.0 ± 0.0 |" in (tmp_path / "m" / "study.md").read_text()
+    # A merged study merged again brings its own sources: none is lost.
+    c = write_fake_study(tmp_path / "c" / "study.json", {"softmask": {"1": {"tr1": 5.0}}})
+    settings, _ = world_study.merge_studies([tmp_path / "m" / "study.json", c])
+    assert [source["study"] for source in settings["merged_from"]] == [str(a), str(b), str(c)]
 
 
 @pytest.mark.parametrize("change, message", [
