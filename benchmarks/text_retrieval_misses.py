@@ -1,17 +1,19 @@
-"""What a world model's text retrieval ranks first when it misses: its own caption, a caption with the same
-words as one of its own (a tie, which R@1 counts as a miss), a short caption of another image, or a long one.
+"""What a world model's text retrieval ranks first when it misses: its own caption, a caption with the same words
+as one of its own (a tie, which R@1 counts as a miss), or another image's caption that is true of the image
+too, or false of it.
 
-    python benchmarks/text_retrieval_misses.py --checkpoint RUN --world WORLD [--short 4] [--hubs 5]
+    python benchmarks/text_retrieval_misses.py --checkpoint RUN --world WORLD [--hubs 5]
 
-A world's test image has several captions, some of them short and generic ("A striped cross."), which are
-true of many images; text R@1 counts a hit only when the image's first-ranked caption is one of its own.
-For every test image, ITC ranks all test captions (as ``itc_tr1`` of ``softmask evaluate world``) and the
-first-ranked caption is put in one of four classes: ``own``, ``same_words`` (another image's caption with
+A world's test image has several captions, some short and generic ("A striped cross."), which are true of
+many images; text R@1 counts a hit only when the image's first-ranked caption is one of its own. For every
+test image, ITC ranks all test captions (as ``itc_tr1`` of ``softmask evaluate world``) and the
+first-ranked caption is put in one of five classes: ``own``; ``same_words`` (another image's caption with
 the same words as one of its own, or its own when another image has one with the same words: ITC scores
-them equally, and R@1 counts the tie against the image),
-``short_other`` (another image's caption of at most ``--short`` words) and ``long_other``. Also: the words
-per caption of the first-ranked captions against all test captions, and the ``--hubs`` captions ranked
-first for the most images ("hubs"), each with how many. Printed as JSON; nothing is written.
+them equally, and R@1 counts the tie against the image); ``true_other`` (another image's caption whose
+objects, attributes and relations the world's annotations find in this image too); ``false_other`` (one
+they do not); ``undecided_other`` (an ambiguous reference or relation). Also: the words per caption of the
+first-ranked captions against all test captions, and the ``--hubs`` captions ranked first for the most
+images ("hubs"), each with how many. Printed as JSON; nothing is written.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +33,16 @@ from softmask.eval.retrieval import compute_features
 from softmask.eval.world import MAX_WORDS, WorldEncoder
 from softmask.inference import load_model
 from softmask.runs import tokenizer_source
+from softmask.world.pairs import caption_truth
+
+CLASSES = ("own", "same_words", "true_other", "false_other", "undecided_other")
 
 
 def first_ranked_classes(sim: np.ndarray, captions: list[str], text_to_image: np.ndarray,
-                         short: int) -> tuple[Counter, np.ndarray]:
-    """``(classes, top)``: the class counts of module docstring and the (I,) index of each image's first-ranked
-    caption. ``sim``: (I, C) ITC similarities; ``captions``: (C,) normalised captions."""
+                         true_of: Callable[[int, int], bool | None]) -> tuple[Counter, np.ndarray]:
+    """``(classes, top)``: the counts of the classes of the module docstring and the (I,) index of each
+    image's first-ranked caption. ``sim``: (I, C) ITC similarities; ``captions``: (C,) normalised captions;
+    ``true_of(caption, image)``: whether caption ``caption`` is true of image ``image`` (None: undecided)."""
     top = sim.argmax(1)
     images_of: dict[str, set[int]] = {}
     for c, caption in enumerate(captions):
@@ -45,10 +52,9 @@ def first_ranked_classes(sim: np.ndarray, captions: list[str], text_to_image: np
         holders = images_of[captions[caption]]
         if image in holders:  # one of its own; a tie with another image's same words when others hold it too
             classes["own" if holders == {image} else "same_words"] += 1
-        elif len(captions[caption].split()) <= short:
-            classes["short_other"] += 1
         else:
-            classes["long_other"] += 1
+            truth = true_of(int(caption), image)
+            classes["undecided_other" if truth is None else "true_other" if truth else "false_other"] += 1
     return classes, top
 
 
@@ -56,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a `softmask pretrain` run folder or checkpoint")
     parser.add_argument("--world", required=True, help="a folder written by `softmask world`")
-    parser.add_argument("--short", type=int, default=4, help="a caption of at most this many words is short")
     parser.add_argument("--hubs", type=int, default=5, help="the captions ranked first most often, listed")
     args = parser.parse_args(argv)
     test_file = Path(args.world) / "annotations" / "retrieval_test.json"
@@ -74,12 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     ids, mask = enc.text([c for record in test for c in record["caption"]])
     features = compute_features(model, enc.pixels([r["image"] for r in test]), ids, mask)
     sim = (features.image_feat @ features.text_feat.T).cpu().numpy()
-    classes, top = first_ranked_classes(sim, captions, text_to_image, args.short)
+    scenes = {scene["image"]: scene for scene in json.loads((Path(args.world) / "annotations" / "objects.json")
+                                                             .read_text()) if scene["split"] == "test"}
+    records = [caption for record in test for caption in scenes[record["image"]]["captions"]]
+    if [r["caption"] for r in records] != [c for record in test for c in record["caption"]]:
+        parser.error(f"--world {args.world}: objects.json's test captions differ from retrieval_test.json's")
+    classes, top = first_ranked_classes(
+        sim, captions, text_to_image, lambda c, image: caption_truth(records[c], scenes[test[image]["image"]]))
     words = lambda indices: round(float(np.mean([len(captions[i].split()) for i in indices])), 2)  # noqa: E731
     hubs = Counter(captions[i] for i in top).most_common(args.hubs)
     print(json.dumps({
         "images": len(test), "captions": len(captions),
-        "first_ranked": {key: classes[key] for key in ("own", "same_words", "short_other", "long_other")},
+        "first_ranked": {key: classes[key] for key in CLASSES},
         "itc_tr1": round(100.0 * classes["own"] / len(test), 1),
         "words_first_ranked": words(top), "words_all_captions": words(range(len(captions))),
         "distinct_first_ranked": len(set(top.tolist())),
