@@ -124,15 +124,31 @@ def test_mlm_reads_masks_one_group_word_per_caption_and_scores_it(world, model, 
     assert result["size_right"] == result["size_shuffled"] == round(100.0 * large / len(items["size"]), 1)
 
 
-def test_mlm_reads_image_names_a_wrong_world_or_checkpoint(world, tmp_path, capsys):
+@pytest.mark.parametrize("script", ["mlm_reads_image.py", "text_retrieval_misses.py"])
+def test_a_checkpoint_benchmark_names_a_wrong_world_or_checkpoint(world, tmp_path, capsys, script):
     from helpers import load_benchmark
 
-    bench = load_benchmark("mlm_reads_image.py")
+    bench = load_benchmark(script)
     for argv, message in ((["--checkpoint", str(tmp_path), "--world", str(tmp_path)], "not a folder written by"),
                           (["--checkpoint", str(tmp_path / "none"), "--world", str(world)], "--checkpoint")):
         with pytest.raises(SystemExit) as stop:
             bench.main(argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_text_retrieval_misses_classifies_every_test_image_once(world, model, monkeypatch, capsys):
+    import json
+
+    from helpers import load_benchmark
+
+    bench = load_benchmark("text_retrieval_misses.py")
+    monkeypatch.setattr(bench, "load_model", lambda path: (model, None))
+    monkeypatch.setattr(bench, "tokenizer_source", lambda path: "")
+    assert bench.main(["--checkpoint", "unused", "--world", str(world), "--hubs", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sum(out["first_ranked"].values()) == out["images"] == 4 and out["captions"] == 20
+    assert out["itc_tr1"] == pytest.approx(100.0 * out["first_ranked"]["own"] / 4)
+    assert len(out["hubs"]) <= 2 and sum(hub["images"] for hub in out["hubs"]) <= 4
 
 
 def test_itm_shortcut_masks_as_training_does_and_measures_the_masked_minus_the_plain_match(world, model, monkeypatch):
