@@ -11,9 +11,10 @@ first-ranked caption is put in one of five classes: ``own``; ``same_words`` (ano
 the same words as one of its own, or its own when another image has one with the same words: ITC scores
 them equally, and R@1 counts the tie against the image); ``true_other`` (another image's caption whose
 objects, attributes and relations the world's annotations find in this image too); ``false_other`` (one
-they do not); ``undecided_other`` (an ambiguous reference or relation). Also: the words per caption of the
-first-ranked captions against all test captions, and the ``--hubs`` captions ranked first for the most
-images ("hubs"), each with how many. Printed as JSON; nothing is written.
+they do not); ``undecided_other`` (an ambiguous reference or relation). Also: the words per caption and the
+kinds (``full``: every object; ``salient`` / ``secondary``: one object; ``relation``) of the first-ranked
+captions against those of all test captions, and the ``--hubs`` captions ranked first for the most images
+("hubs"), each with how many. Printed as JSON; nothing is written.
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         "first_ranked": {key: classes[key] for key in CLASSES},
         "itc_tr1": round(100.0 * classes["own"] / len(test), 1),
         "words_first_ranked": words(top), "words_all_captions": words(range(len(captions))),
+        "kinds_first_ranked": dict(Counter(records[c]["kind"] for c in top).most_common()),
+        "kinds_all_captions": dict(Counter(r["kind"] for r in records).most_common()),
         "distinct_first_ranked": len(set(top.tolist())),
         "hubs": [{"caption": caption, "images": count} for caption, count in hubs],
     }, indent=1))
