@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from softmask.checkpoint_files import CheckpointError
 from softmask.config import ConfigError
 from softmask.eval.mlm_reads import masked_word_accuracy
-from softmask.eval.world import WorldEncoder
-from softmask.inference import load_model
-from softmask.runs import tokenizer_source
+from softmask.inference import load_for_world
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,17 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-group", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    test = Path(args.world) / "annotations" / "retrieval_test.json"
-    if not test.is_file():
-        parser.error(f"--world {args.world}: no annotations/retrieval_test.json (not a folder written by "
-                     "`softmask world`)")
     try:
-        model = load_model(args.checkpoint)[0].eval()
-    except (CheckpointError, ConfigError, OSError) as err:
-        parser.error(f"--checkpoint {args.checkpoint}: {err}")
-    world = Path(args.world)
-    enc = WorldEncoder(model, world, tokenizer_source(args.checkpoint))
-    print(json.dumps(masked_word_accuracy(model, enc, json.loads(test.read_text()), args.per_group, args.seed)))
+        model, enc, test = load_for_world(args.checkpoint, args.world)
+    except ConfigError as err:
+        parser.error(str(err))
+    print(json.dumps(masked_word_accuracy(model, enc, test, args.per_group, args.seed)))
     return 0
 
 

@@ -27,13 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from softmask.checkpoint_files import CheckpointError
 from softmask.config import ConfigError
 from softmask.data.text import pre_caption
 from softmask.eval.retrieval import compute_features
-from softmask.eval.world import MAX_WORDS, WorldEncoder
-from softmask.inference import load_model
-from softmask.runs import tokenizer_source
+from softmask.eval.world import MAX_WORDS
+from softmask.inference import load_for_world
 from softmask.world.pairs import caption_truth
 
 CLASSES = ("own", "same_words", "true_other", "false_other", "undecided_other")
@@ -65,16 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", required=True, help="a folder written by `softmask world`")
     parser.add_argument("--hubs", type=int, default=5, help="the captions ranked first most often, listed")
     args = parser.parse_args(argv)
-    test_file = Path(args.world) / "annotations" / "retrieval_test.json"
-    if not test_file.is_file():
-        parser.error(f"--world {args.world}: no annotations/retrieval_test.json (not a folder written by "
-                     "`softmask world`)")
     try:
-        model = load_model(args.checkpoint)[0].eval()
-    except (CheckpointError, ConfigError, OSError) as err:
-        parser.error(f"--checkpoint {args.checkpoint}: {err}")
-    test = json.loads(test_file.read_text())
-    enc = WorldEncoder(model, Path(args.world), tokenizer_source(args.checkpoint))
+        model, enc, test = load_for_world(args.checkpoint, args.world)
+    except ConfigError as err:
+        parser.error(str(err))
     captions = [pre_caption(c, MAX_WORDS) for record in test for c in record["caption"]]
     text_to_image = np.repeat(np.arange(len(test)), [len(r["caption"]) for r in test])
     ids, mask = enc.text([c for record in test for c in record["caption"]])

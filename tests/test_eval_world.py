@@ -1,5 +1,7 @@
 """World evaluation end to end on a small generated world and a tiny random model."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -129,8 +131,9 @@ def test_a_checkpoint_benchmark_names_a_wrong_world_or_checkpoint(world, tmp_pat
     from helpers import load_benchmark
 
     bench = load_benchmark(script)
+    missing = tmp_path / "none"
     for argv, message in ((["--checkpoint", str(tmp_path), "--world", str(tmp_path)], "not a folder written by"),
-                          (["--checkpoint", str(tmp_path / "none"), "--world", str(world)], "--checkpoint")):
+                          (["--checkpoint", str(missing), "--world", str(world)], f"checkpoint {missing}: ")):
         with pytest.raises(SystemExit) as stop:
             bench.main(argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err
@@ -142,8 +145,11 @@ def test_text_retrieval_misses_classifies_every_test_image_once(world, model, mo
     from helpers import load_benchmark
 
     bench = load_benchmark("text_retrieval_misses.py")
-    monkeypatch.setattr(bench, "load_model", lambda path: (model, None))
-    monkeypatch.setattr(bench, "tokenizer_source", lambda path: "")
+    from softmask.eval.world import WorldEncoder
+
+    test = json.loads((world / "annotations" / "retrieval_test.json").read_text())
+    monkeypatch.setattr(bench, "load_for_world",
+                        lambda checkpoint, where: (model, WorldEncoder(model, Path(where)), test))
     assert bench.main(["--checkpoint", "unused", "--world", str(world), "--hubs", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert sum(out["first_ranked"].values()) == out["images"] == 4 and out["captions"] == 20

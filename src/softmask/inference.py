@@ -9,6 +9,7 @@
 
 Which files those are and how they are read is :mod:`softmask.runs` (also the model's tokenizer:
 :func:`softmask.runs.tokenizer_source`); building the model is :mod:`softmask.models.vlp`.
+:func:`load_for_world` adds what the scripts that read one checkpoint on a synthetic world need.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from softmask.config import Config
+from softmask.checkpoint_files import CheckpointError
+from softmask.config import Config, ConfigError
 from softmask.models.vlp import VisionLanguageModel, create_model, from_pretrained
-from softmask.runs import model_files
+from softmask.runs import model_files, tokenizer_source
 
 
 def load_model(path: str | Path, *, device: str | torch.device | None = None
@@ -50,3 +52,32 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None
     if device is not None:
         model.to(device)
     return model.eval(), cfg
+
+
+def load_for_world(checkpoint: str | Path, world: str | Path):
+    """A trained model in eval mode, its image and caption encoder on a world and the world's test records.
+
+    Args:
+        checkpoint: what :func:`load_model` accepts.
+        world: a folder written by ``softmask world``.
+
+    Returns:
+        ``(model, enc, test)``: the model, a :class:`softmask.eval.world.WorldEncoder` with the model's own
+        tokenizer, and the records of ``annotations/retrieval_test.json``.
+
+    Raises:
+        ConfigError: naming ``world`` when it has no test split, or ``checkpoint`` when it does not load.
+    """
+    import json
+
+    from softmask.eval.world import WorldEncoder
+
+    test = Path(world) / "annotations" / "retrieval_test.json"
+    if not test.is_file():
+        raise ConfigError(f"world {world}: no annotations/retrieval_test.json (not a folder written by "
+                          "`softmask world`)")
+    try:
+        model = load_model(checkpoint)[0]
+    except (CheckpointError, ConfigError, OSError) as err:
+        raise ConfigError(f"checkpoint {checkpoint}: {err}") from None
+    return model, WorldEncoder(model, Path(world), tokenizer_source(checkpoint)), json.loads(test.read_text())
