@@ -67,15 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         model, enc, test = load_for_world(args.checkpoint, args.world)
     except ConfigError as err:
         parser.error(str(err))
-    captions = [pre_caption(c, MAX_WORDS) for record in test for c in record["caption"]]
+    raw = [c for record in test for c in record["caption"]]
+    captions = [pre_caption(c, MAX_WORDS) for c in raw]
     text_to_image = np.repeat(np.arange(len(test)), [len(r["caption"]) for r in test])
-    ids, mask = enc.text([c for record in test for c in record["caption"]])
+    ids, mask = enc.text(raw)
     features = compute_features(model, enc.pixels([r["image"] for r in test]), ids, mask)
     sim = (features.image_feat @ features.text_feat.T).cpu().numpy()
     scenes = {scene["image"]: scene for scene in json.loads((Path(args.world) / "annotations" / "objects.json")
                                                              .read_text()) if scene["split"] == "test"}
     records = [caption for record in test for caption in scenes[record["image"]]["captions"]]
-    if [r["caption"] for r in records] != [c for record in test for c in record["caption"]]:
+    if [r["caption"] for r in records] != raw:
         parser.error(f"--world {args.world}: objects.json's test captions differ from retrieval_test.json's")
     classes, top = first_ranked_classes(
         sim, captions, text_to_image, lambda c, image: caption_truth(records[c], scenes[test[image]["image"]]))

@@ -14,6 +14,7 @@ Which files those are and how they are read is :mod:`softmask.runs` (also the mo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -68,8 +69,6 @@ def load_for_world(checkpoint: str | Path, world: str | Path):
     Raises:
         ConfigError: naming ``world`` when it has no test split, or ``checkpoint`` when it does not load.
     """
-    import json
-
     from softmask.eval.world import WorldEncoder
 
     test = Path(world) / "annotations" / "retrieval_test.json"
